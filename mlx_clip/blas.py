@@ -1,0 +1,123 @@
+"""Give MLX's Linux CPU build an optimized BLAS.
+
+The ``mlx-cpu`` wheel for Linux links the reference BLAS: a float32 matmul runs ~25x slower than
+the hardware allows. MLX calls the standard ``cblas_*`` symbols through lazy binding, so a BLAS
+that exports them, loaded with ``RTLD_GLOBAL`` before ``mlx.core`` is first used, takes their place
+for the whole process. This module is imported by ``mlx_clip/__init__.py`` and so runs before any
+of our code imports mlx, for the CLI, the Python API and the tests alike.
+
+Candidates, best first (each must load and export ``cblas_sgemm``):
+
+1. ``MLXCLIP_BLAS`` = path to a shared library (or ``none`` to disable the loader);
+2. ``ngsolve-openblas`` (PyPI): OpenBLAS built with DYNAMIC_ARCH, so it picks its kernels for the
+   running CPU and never executes an instruction the CPU lacks; needs the system's libgfortran5;
+3. the system's OpenBLAS (``libopenblas.so.0``, e.g. Debian's ``libopenblas0``);
+4. Intel MKL from the ``mkl`` wheel (no Fortran runtime needed; dispatches on any x86_64 CPU).
+
+``OPENBLAS_CORETYPE`` is never touched: where a machine sets it, it does so for a reason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import importlib.util
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+
+_ENV = "MLXCLIP_BLAS"
+
+
+@dataclass(frozen=True)
+class BlasChoice:
+    name: str
+    path: str | None
+    reason: str = ""
+
+
+_choice: BlasChoice | None = None
+
+
+def _try_load(path: str, deps: tuple[str, ...] = ()) -> str | None:
+    """Load `path` globally; return None on success or the reason it failed."""
+    try:
+        for dep in deps:
+            ctypes.CDLL(dep, mode=ctypes.RTLD_GLOBAL)
+        lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    except OSError as err:
+        return str(err)
+    if not hasattr(lib, "cblas_sgemm"):
+        return f"{path} does not export cblas_sgemm"
+    return None
+
+
+def _ngsolve_openblas() -> list[tuple[str, str, tuple[str, ...]]]:
+    spec = importlib.util.find_spec("ngsolve_openblas")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    paths = []
+    for folder in spec.submodule_search_locations:
+        paths += sorted(glob.glob(os.path.join(folder, "libopenblas*.so*")))
+    return [("ngsolve-openblas", p, ()) for p in paths]
+
+
+def _system_openblas() -> list[tuple[str, str, tuple[str, ...]]]:
+    names = ["libopenblas.so.0", "libopenblas.so"]
+    found = ctypes.util.find_library("openblas")
+    if found:
+        names.insert(0, found)
+    return [("system OpenBLAS", n, ()) for n in dict.fromkeys(names)]
+
+
+def _mkl() -> list[tuple[str, str, tuple[str, ...]]]:
+    out = []
+    for prefix in dict.fromkeys([sys.prefix, sys.base_prefix]):
+        libdir = os.path.join(prefix, "lib")
+        for rt in sorted(glob.glob(os.path.join(libdir, "libmkl_rt.so*"))):
+            # mkl_rt's default threading layer is Intel OpenMP; without libiomp5 in the global
+            # scope it silently falls back to one thread.
+            iomp = os.path.join(libdir, "libiomp5.so")
+            out.append(("MKL", rt, (iomp,) if os.path.exists(iomp) else ()))
+    return out
+
+
+def load_optimized_blas() -> BlasChoice:
+    """Load the best available BLAS once per process and return what was chosen."""
+    global _choice
+    if _choice is not None:
+        return _choice
+    if sys.platform != "linux":
+        _choice = BlasChoice("platform default", None, "only MLX's Linux wheel needs this")
+        return _choice
+    requested = os.environ.get(_ENV, "").strip()
+    if requested.lower() == "none":
+        _choice = BlasChoice("reference (disabled by MLXCLIP_BLAS=none)", None)
+        return _choice
+    if requested:
+        candidates = [("MLXCLIP_BLAS", requested, ())]
+    else:
+        candidates = _ngsolve_openblas() + _system_openblas() + _mkl()
+    failures = []
+    for name, path, deps in candidates:
+        error = _try_load(path, deps)
+        if error is None:
+            _choice = BlasChoice(name, path)
+            return _choice
+        failures.append(f"{name}: {error}")
+    _choice = BlasChoice("reference", None, "; ".join(failures))
+    if requested:
+        warnings.warn(f"mlxclip: {_ENV}={requested} could not be loaded ({failures[-1]}); "
+                      "MLX falls back to its reference BLAS, ~25x slower on float32 matmuls.",
+                      RuntimeWarning, stacklevel=2)
+    else:
+        warnings.warn("mlxclip: no optimized BLAS found for MLX on Linux; float32 matmuls will run "
+                      "~25x slower. Install libgfortran5 (for ngsolve-openblas) or libopenblas0, "
+                      f"or point {_ENV} at a libopenblas.so.", RuntimeWarning, stacklevel=2)
+    return _choice
+
+
+def blas_info() -> BlasChoice:
+    return load_optimized_blas()
