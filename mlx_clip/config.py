@@ -1,0 +1,206 @@
+"""CLIP architecture configs with Hugging Face field names.
+
+`CLIPConfig.from_dict` reads a real `config.json` (as `transformers.CLIPConfig.save_pretrained`
+writes it), tolerates keys it does not know and keeps them, so `to_dict` gives them back and a
+config survives a round trip through mlxclip unchanged. Every architectural choice the model
+makes comes from here; `model.py` holds no literal the config could supply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlx_clip.errors import ConfigError
+
+SUPPORTED_ACTIVATIONS = ("gelu", "quick_gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+
+
+def _split_known(cls, data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    names = {f.name for f in dataclasses.fields(cls)} - {"extras"}
+    known = {k: v for k, v in data.items() if k in names}
+    extras = {k: v for k, v in data.items() if k not in names}
+    return known, extras
+
+
+def _check_positive(owner: str, **values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{owner}.{name} must be a positive integer, got {value!r}")
+
+
+def _check_common(owner: str, cfg) -> None:
+    _check_positive(owner, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                    num_hidden_layers=cfg.num_hidden_layers,
+                    num_attention_heads=cfg.num_attention_heads)
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ConfigError(f"{owner}.hidden_size ({cfg.hidden_size}) must be a multiple of "
+                          f"num_attention_heads ({cfg.num_attention_heads})")
+    if cfg.hidden_act not in SUPPORTED_ACTIVATIONS:
+        raise ConfigError(f"{owner}.hidden_act must be one of {', '.join(SUPPORTED_ACTIVATIONS)}, "
+                          f"got {cfg.hidden_act!r}")
+    if not isinstance(cfg.layer_norm_eps, (int, float)) or cfg.layer_norm_eps <= 0:
+        raise ConfigError(f"{owner}.layer_norm_eps must be a positive number, got {cfg.layer_norm_eps!r}")
+
+
+@dataclass
+class CLIPTextConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    bos_token_id: int = 49406
+    # transformers pools the EOT state at argmax(input_ids) when eos_token_id == 2 (configs written
+    # before its PR #24773) and at the first eos_token_id otherwise; we follow the same rule.
+    eos_token_id: int = 49407
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CLIPTextConfig":
+        known, extras = _split_known(cls, data)
+        cfg = cls(**known, extras=extras)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        _check_common("text_config", self)
+        _check_positive("text_config", vocab_size=self.vocab_size,
+                        max_position_embeddings=self.max_position_embeddings)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {**self.extras, **{k: v for k, v in dataclasses.asdict(self).items() if k != "extras"}}
+        out["model_type"] = "clip_text_model"
+        return out
+
+
+@dataclass
+class CLIPVisionConfig:
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CLIPVisionConfig":
+        known, extras = _split_known(cls, data)
+        for key in ("image_size", "patch_size"):
+            value = known.get(key)
+            # transformers 5 allows [h, w]; a square pair is the same model.
+            if isinstance(value, (list, tuple)):
+                if len(value) != 2 or value[0] != value[1]:
+                    raise ConfigError(f"vision_config.{key} must be square, got {value!r}")
+                known[key] = value[0]
+        cfg = cls(**known, extras=extras)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        _check_common("vision_config", self)
+        _check_positive("vision_config", image_size=self.image_size, patch_size=self.patch_size,
+                        num_channels=self.num_channels)
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"vision_config.image_size must be a multiple of patch_size "
+                              f"({self.patch_size}), got {self.image_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {**self.extras, **{k: v for k, v in dataclasses.asdict(self).items() if k != "extras"}}
+        out["model_type"] = "clip_vision_model"
+        return out
+
+
+@dataclass
+class CLIPConfig:
+    text_config: CLIPTextConfig = field(default_factory=CLIPTextConfig)
+    vision_config: CLIPVisionConfig = field(default_factory=CLIPVisionConfig)
+    projection_dim: int = 512
+    logit_scale_init_value: float = 2.6592
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "CLIPConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        model_type = data.get("model_type")
+        if model_type is not None and model_type != "clip":
+            raise ConfigError(f"{source} is not a CLIP config (model_type={model_type!r}, expected 'clip')")
+        if model_type is None and not ("text_config" in data and "vision_config" in data):
+            raise ConfigError(f"{source} is not a CLIP config (no model_type, text_config or vision_config)")
+        known, extras = _split_known(cls, data)
+        try:
+            text = CLIPTextConfig.from_dict(known.pop("text_config", None) or {})
+            vision = CLIPVisionConfig.from_dict(known.pop("vision_config", None) or {})
+            cfg = cls(text_config=text, vision_config=vision, **known, extras=extras)
+        except TypeError as err:
+            raise ConfigError(f"{source}: {err}") from None
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+        _check_positive("config", projection_dim=cfg.projection_dim)
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "CLIPConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: file not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.extras)
+        out.update({
+            "architectures": self.extras.get("architectures", ["CLIPModel"]),
+            "model_type": "clip",
+            "projection_dim": self.projection_dim,
+            "logit_scale_init_value": self.logit_scale_init_value,
+            "text_config": self.text_config.to_dict(),
+            "vision_config": self.vision_config.to_dict(),
+        })
+        return out
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / "config.json"
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return path
+
+
+def tiny_config(**overrides: Any) -> CLIPConfig:
+    """A small CLIP for tests and the built-in demo: 2 layers, width 32-64, 32 px images."""
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                projection_dim=64, hidden_act="quick_gelu")
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=32, patch_size=8, projection_dim=64, hidden_act="quick_gelu")
+    text.update(overrides.pop("text", {}))
+    vision.update(overrides.pop("vision", {}))
+    return CLIPConfig(text_config=CLIPTextConfig(**text), vision_config=CLIPVisionConfig(**vision),
+                      projection_dim=overrides.pop("projection_dim", 64), **overrides)

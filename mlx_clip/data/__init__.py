@@ -1,0 +1,1 @@
+"""Datasets for fine-tuning and evaluation: records, class folders, batching, the built-in demo."""

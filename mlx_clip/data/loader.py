@@ -1,0 +1,338 @@
+"""Batches of (pixels, token ids) in a seeded order that is a pure function of (seed, epoch, position).
+
+Epoch `e` visits the samples in `np.random.default_rng([seed, e]).permutation(n)`; a batch is the
+next `batch_size` samples in that order that decode, so a bad file is replaced by the sample after
+it. The augmentation of a sample draws from `default_rng([seed, e, index])`. Nothing depends on
+thread timing or on what was loaded before, which is what makes `state_dict()` an exact resume
+point: a restored loader yields, bytes included, the batch the original would have yielded next.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mlx_clip.data.sample import Sample
+from mlx_clip.errors import ConfigError, DataError, ImageError
+from mlx_clip.image_processing import (
+    DEFAULT_MAX_PIXELS,
+    normalize,
+    open_image,
+    preprocess,
+    random_resized_crop,
+)
+
+Tokenize = Callable[[list[str]], np.ndarray]
+
+
+@dataclass
+class Batch:
+    pixels: np.ndarray  # (B, H, W, 3) float32, normalized
+    input_ids: np.ndarray  # (B, 77) int64
+    labels: np.ndarray | None  # (B,) int64 for class-folder data, else None
+    image_ids: np.ndarray  # (B,) int64: captions of one image share an id
+    indices: np.ndarray  # (B,) int64 positions in the sample list
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One pass over the data: which order, whether to augment and to keep a partial last batch."""
+
+    epoch: int
+    order: np.ndarray
+    augment: bool
+    drop_last: bool
+
+
+class BatchLoader:
+    """Deterministic, resumable batches with threaded decoding; bad images skipped and counted."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        *,
+        batch_size: int,
+        image_size: int,
+        tokenize: Tokenize,
+        seed: int,
+        shuffle: bool = True,
+        augment: bool = False,
+        drop_last: bool = True,
+        num_workers: int = 2,
+        max_bad_fraction: float = 0.05,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        crop_scale: tuple[float, float] = (0.9, 1.0),
+    ) -> None:
+        if len(samples) == 0:
+            raise DataError("the dataset has no samples")
+        _check_int("batch_size", batch_size, minimum=1)
+        _check_int("image_size", image_size, minimum=1)
+        _check_int("seed", seed, minimum=0)  # SeedSequence entropy must be non-negative
+        _check_int("num_workers", num_workers, minimum=0)
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ConfigError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        labelled = [s.label is not None for s in samples]
+        if any(labelled) and not all(labelled):
+            raise DataError(
+                f"{labelled.count(False)} of {len(samples)} samples have no label: "
+                "either every sample has a class label or none has"
+            )
+        self.samples = list(samples)
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.tokenize = tokenize
+        self.seed = seed
+        self.shuffle = shuffle
+        self.augment = augment
+        self.drop_last = drop_last
+        self.num_workers = num_workers
+        self.max_bad_fraction = max_bad_fraction
+        self.max_pixels = max_pixels
+        self.crop_scale = crop_scale
+        self._has_labels = all(labelled)
+        self._epoch = 0
+        self._position = 0  # next place in the current epoch's order
+        self._bad: dict[int, str] = {}  # sample index -> reason, in the order found
+        self._pool: ThreadPoolExecutor | None = None
+        self._orders: dict[int, np.ndarray] = {}
+        # Decodes started for the batch after the one just returned, so that they overlap the
+        # training step. Keyed by what determines their result, so a stale entry is never wrong.
+        self._ahead: dict[tuple[bool, int, int], Future] = {}
+
+    # ---- public API ----------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Batches in one training epoch, assuming every image decodes."""
+        n, b = len(self.samples), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def bad_files(self) -> list[tuple[str, str]]:
+        """(path, reason) for every sample that failed to decode, in the order they were met."""
+        return [(str(self.samples[i].image), reason) for i, reason in self._bad.items()]
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The sample indices of `epoch`, in visiting order."""
+        if epoch not in self._orders:
+            n = len(self.samples)
+            rng = np.random.default_rng([self.seed, epoch])
+            self._orders = {  # this epoch and the one being prefetched into are all we need
+                e: o for e, o in self._orders.items() if e >= epoch - 1
+            }
+            self._orders[epoch] = rng.permutation(n) if self.shuffle else np.arange(n)
+        return self._orders[epoch]
+
+    def next_batch(self) -> Batch:
+        """The next training batch, rolling into the next epoch when this one is used up."""
+        if self.drop_last and len(self.samples) < self.batch_size:
+            raise DataError(
+                f"the dataset has {len(self.samples)} samples, fewer than batch_size "
+                f"{self.batch_size}, so drop_last=True leaves no batch"
+            )
+        for _ in range(2):
+            batch = self._next_in_epoch()
+            if batch is not None:
+                return batch
+            self._epoch, self._position = self._epoch + 1, 0
+        # A whole fresh epoch gave no batch: every image is bad, or too few decode to fill one.
+        usable = len(self.samples) - len(self._bad)
+        raise DataError(
+            f"only {usable} of {len(self.samples)} images decode, fewer than batch_size "
+            f"{self.batch_size} (drop_last=True); bad files: {self._bad_summary()}"
+        )
+
+    def __iter__(self) -> Iterator[Batch]:
+        """The remaining training batches of the current epoch; afterwards the next epoch starts."""
+        if self._position >= len(self.samples):  # next_batch() finished this epoch exactly
+            self._epoch, self._position = self._epoch + 1, 0
+        while (batch := self._next_in_epoch()) is not None:
+            yield batch
+        self._epoch, self._position = self._epoch + 1, 0
+
+    def iter_epoch(self) -> Iterator[Batch]:
+        """One evaluation pass: dataset order, no augmentation, last partial batch kept.
+
+        It leaves the training position untouched (bad files it meets are still recorded).
+        """
+        run = _Pass(epoch=0, order=np.arange(len(self.samples)), augment=False, drop_last=False)
+        position = 0
+        while True:
+            batch, position = self._assemble(run, position)
+            if batch is None:
+                return
+            self._prefetch(run, position)
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-ready resume point: the epoch, the position in its order and the bad files."""
+        return {
+            "seed": self.seed,
+            "num_samples": len(self.samples),
+            "epoch": self._epoch,
+            "position": self._position,
+            "bad_indices": list(self._bad),
+            "bad_files": [[path, reason] for path, reason in self.bad_files],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("seed", "num_samples"):
+            mine = self.seed if key == "seed" else len(self.samples)
+            if state.get(key) != mine:
+                raise DataError(
+                    f"cannot resume the data order: saved {key} is {state.get(key)}, this loader has "
+                    f"{mine}; the dataset or seed changed since the checkpoint"
+                )
+        self._epoch = int(state["epoch"])
+        self._position = int(state["position"])
+        reasons = [reason for _, reason in state["bad_files"]]
+        self._bad = {int(i): r for i, r in zip(state["bad_indices"], reasons, strict=True)}
+        self._cancel_ahead()
+
+    def close(self) -> None:
+        self._cancel_ahead()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> BatchLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- assembling batches ---------------------------------------------------------------
+
+    def _next_in_epoch(self) -> Batch | None:
+        run = _Pass(self._epoch, self.order(self._epoch), self.augment, self.drop_last)
+        batch, position = self._assemble(run, self._position)
+        # With drop_last a short tail is skipped, so the epoch counts as finished either way.
+        self._position = position if batch is not None else len(run.order)
+        if batch is not None:
+            if position < len(run.order):
+                self._prefetch(run, position)
+            else:
+                following = self._epoch + 1
+                self._prefetch(_Pass(following, self.order(following), self.augment, self.drop_last), 0)
+        return batch
+
+    def _assemble(self, run: _Pass, position: int) -> tuple[Batch | None, int]:
+        """The first batch_size decodable samples from `position`; (None, end) when too few remain."""
+        picked: list[tuple[int, np.ndarray]] = []
+        pending: deque[tuple[int, Future | None]] = deque()
+        end = len(run.order)
+        while len(picked) < self.batch_size:
+            # Keep exactly as many decodes in flight as slots are still empty: the result never
+            # depends on timing, and nothing is decoded past the batch unless a slot failed.
+            while len(pending) < self.batch_size - len(picked) and position < end:
+                index = int(run.order[position])
+                pending.append((index, self._submit(index, run)))
+                position += 1
+            if not pending:
+                break
+            index, future = pending.popleft()
+            outcome = _result(future)
+            if isinstance(outcome, ImageError):
+                self._record_bad(index, str(outcome))
+            elif outcome is not None:
+                picked.append((index, outcome))
+        if not picked or (len(picked) < self.batch_size and run.drop_last):
+            return None, end
+        return self._batch(picked), position
+
+    def _submit(self, index: int, run: _Pass) -> Future | None:
+        if index in self._bad:
+            return None  # known bad: skip without decoding again
+        ahead = self._ahead.pop(_key(run, index), None)
+        if ahead is not None:
+            return ahead
+        if self.num_workers == 0:
+            done: Future = Future()
+            done.set_result(self._load(index, run))
+            return done
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="mlxclip-decode")
+        return self._pool.submit(self._load, index, run)
+
+    def _prefetch(self, run: _Pass, position: int) -> None:
+        """Start decoding the samples the next batch will most likely take."""
+        if self.num_workers == 0:
+            return
+        stale, self._ahead = self._ahead, {}
+        for pos in range(position, min(position + self.batch_size, len(run.order))):
+            index = int(run.order[pos])
+            if index not in self._bad:
+                key = _key(run, index)
+                self._ahead[key] = stale.pop(key, None) or self._submit(index, run)
+        for future in stale.values():
+            future.cancel()
+
+    def _cancel_ahead(self) -> None:
+        for future in self._ahead.values():
+            future.cancel()
+        self._ahead = {}
+
+    def _load(self, index: int, run: _Pass) -> np.ndarray | ImageError:
+        """Worker: decode and transform one sample. Returns its ImageError rather than raising it."""
+        try:
+            image = open_image(self.samples[index].image, max_pixels=self.max_pixels)
+        except ImageError as err:
+            return err
+        if not run.augment:
+            return preprocess(image, self.image_size)
+        rng = np.random.default_rng([self.seed, run.epoch, index])
+        crop = random_resized_crop(image, self.image_size, rng, scale=self.crop_scale)
+        return normalize(np.asarray(crop))
+
+    def _batch(self, picked: list[tuple[int, np.ndarray]]) -> Batch:
+        indices = np.array([i for i, _ in picked], dtype=np.int64)
+        chosen = [self.samples[i] for i in indices]
+        input_ids = np.asarray(self.tokenize([s.caption for s in chosen])).astype(np.int64)
+        if input_ids.shape[0] != len(chosen):
+            raise ConfigError(f"tokenize returned {input_ids.shape[0]} rows for {len(chosen)} captions")
+        labels = np.array([s.label for s in chosen], dtype=np.int64) if self._has_labels else None
+        return Batch(
+            pixels=np.stack([pixels for _, pixels in picked]),
+            input_ids=input_ids,
+            labels=labels,
+            image_ids=np.array([s.image_id for s in chosen], dtype=np.int64),
+            indices=indices,
+        )
+
+    def _record_bad(self, index: int, reason: str) -> None:
+        self._bad.setdefault(index, reason)
+        # Judged against the whole dataset, not the samples seen so far, so one bad file early on
+        # cannot stop a run whose data is 99% fine; a dataset over the limit still fails within
+        # its first epoch.
+        if len(self._bad) > self.max_bad_fraction * len(self.samples):
+            raise DataError(
+                f"{len(self._bad)} of {len(self.samples)} images could not be read, more than "
+                f"max_bad_fraction {self.max_bad_fraction:g}: {self._bad_summary()}"
+            )
+
+    def _bad_summary(self, limit: int = 3) -> str:
+        shown = "; ".join(reason for reason in list(self._bad.values())[:limit])
+        more = len(self._bad) - limit
+        return shown + (f"; and {more} more" if more > 0 else "") if shown else "none"
+
+
+def _key(run: _Pass, index: int) -> tuple[bool, int, int]:
+    # Without augmentation a sample's pixels do not depend on the epoch.
+    return (run.augment, run.epoch if run.augment else -1, index)
+
+
+def _result(future: Future | None) -> np.ndarray | ImageError | None:
+    return None if future is None else future.result()
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")

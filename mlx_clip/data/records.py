@@ -1,0 +1,461 @@
+"""Read a dataset from disk into `Sample`s: captions files, class folders, given or seeded splits.
+
+Two layouts are accepted, detected from the path:
+
+- captions: a CSV/TSV file (columns `image`/`filepath` and `caption`/`title`) or a JSONL file
+  (`{"image": ..., "caption": "..." | [...]}`), or a folder holding exactly one such file;
+  image paths are relative to the captions file's folder;
+- class folders: `ROOT/<class name>/*.{jpg,jpeg,png,webp,bmp}`; each image gets a caption made
+  from a prompt template and its class name, so classes train contrastively like captions (FLYP,
+  Goyal et al. 2022) and zero-shot evaluation uses the same prompts.
+
+A folder with `train/` and `val/` (or `validation/`) subfolders, each in one of these layouts, is a
+given split; otherwise `split_samples` makes a seeded one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mlx_clip.data.sample import Sample
+from mlx_clip.data.templates import DEFAULT_TEMPLATES, check_template, check_templates, fill
+from mlx_clip.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+CAPTION_EXTENSIONS = frozenset({".csv", ".tsv", ".jsonl", ".ndjson"})
+IMAGE_COLUMNS = ("image", "filepath")
+CAPTION_COLUMNS = ("caption", "title")
+TRAIN_DIRS = ("train",)
+VAL_DIRS = ("val", "validation")
+_SHOW = 3  # how many offending paths an error message lists before "..."
+
+
+@dataclass
+class ClassFolderDataset:
+    samples: list[Sample]
+    class_names: list[str]  # folder names, in label order
+    templates: list[str]
+    skipped: list[Path] = field(default_factory=list)  # files that are not images, never silent
+
+
+@dataclass
+class Dataset:
+    samples: list[Sample]
+    class_names: list[str] | None
+    templates: list[str] | None
+    kind: str  # "captions" | "class_folders"
+    source: Path
+    val: list[Sample] | None = None  # the given validation split (train/ + val/ folders), if any
+    skipped: list[Path] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# captions files
+
+
+def read_captions(
+    path: str | Path, *, image_column: str | None = None, caption_column: str | None = None
+) -> list[Sample]:
+    """Read a CSV/TSV/JSONL captions file; rows naming the same image share one `image_id`."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: captions file not found")
+    text = _read_text(path)
+    if not text.strip():
+        raise DataError(f"{path}: file is empty; expected a header line and one row per caption")
+    if _is_jsonl(path, text):
+        rows = _jsonl_rows(path, text, image_column, caption_column)
+    else:
+        rows = _delimited_rows(path, text, image_column, caption_column)
+    if not rows:
+        raise DataError(f"{path}: no rows after the header; expected one row per caption")
+    return _to_samples(path, rows)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+
+
+def _is_jsonl(path: Path, text: str) -> bool:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return True
+    if suffix in (".csv", ".tsv"):
+        return False
+    return text.lstrip().startswith("{")
+
+
+def _pick_column(
+    where: str, found: list[str], wanted: str | None, defaults: tuple[str, ...], role: str, what: str
+) -> str:
+    """The column (or JSON key) for `role`: the one named, else the first default present."""
+    by_lower = {name.strip().lower(): name for name in found}
+    for candidate in (wanted,) if wanted else defaults:
+        if candidate.strip().lower() in by_lower:
+            return by_lower[candidate.strip().lower()]
+    rule = f"named {wanted!r}" if wanted else "named " + " or ".join(repr(d) for d in defaults)
+    listed = ", ".join(map(repr, found)) or "none"
+    raise DataError(f"{where}: no {role} {what} {rule}; {what}s found: {listed}")
+
+
+def _sniff_delimiter(path: Path, header: str) -> str:
+    fallback = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        delimiter = csv.Sniffer().sniff(header, delimiters=",\t;|").delimiter
+    except csv.Error:
+        return fallback
+    # A one-column header sniffs as anything; only trust a delimiter the header really contains.
+    return delimiter if delimiter in header else fallback
+
+
+def _delimited_rows(
+    path: Path, text: str, image_column: str | None, caption_column: str | None
+) -> list[tuple[int, str, str]]:
+    header_line = next(line for line in text.splitlines() if line.strip())
+    delimiter = _sniff_delimiter(path, header_line)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        records = [(reader.line_num, cells) for cells in reader if any(c.strip() for c in cells)]
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num + 1}: not valid CSV/TSV ({e})") from None
+    header_at, header = records[0]
+    header = [cell.strip() for cell in header]
+    where = f"{path}:{header_at}"
+    image_key = _pick_column(where, header, image_column, IMAGE_COLUMNS, "image", "column")
+    caption_key = _pick_column(where, header, caption_column, CAPTION_COLUMNS, "caption", "column")
+    image_at, caption_at = header.index(image_key), header.index(caption_key)
+    rows = []
+    for line, cells in records[1:]:
+        if len(cells) != len(header):
+            raise DataError(
+                f"{path}:{line}: {len(cells)} fields where the header has {len(header)} "
+                f"(delimiter {delimiter!r}); quote values that contain the delimiter"
+            )
+        rows.append(_check_row(path, line, cells[image_at], cells[caption_at], image_key, caption_key))
+    return rows
+
+
+def _jsonl_rows(
+    path: Path, text: str, image_column: str | None, caption_column: str | None
+) -> list[tuple[int, str, str]]:
+    rows = []
+    for line, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line}: bad JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{line}: expected a JSON object per line, got {type(record).__name__}")
+        keys = list(record)
+        image_key = _pick_column(f"{path}:{line}", keys, image_column, IMAGE_COLUMNS, "image", "key")
+        caption_key = _pick_column(f"{path}:{line}", keys, caption_column, CAPTION_COLUMNS, "caption", "key")
+        image, captions = record[image_key], record[caption_key]
+        if not isinstance(image, str):
+            raise DataError(f"{path}:{line}: {image_key!r} must be a path string, got {image!r}")
+        if isinstance(captions, str):
+            captions = [captions]
+        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+            raise DataError(
+                f"{path}:{line}: {caption_key!r} must be a string or a non-empty list of strings, "
+                f"got {captions!r}"
+            )
+        rows.extend(_check_row(path, line, image, c, image_key, caption_key) for c in captions)
+    return rows
+
+
+def _check_row(
+    path: Path, line: int, image: str, caption: str, image_key: str, caption_key: str
+) -> tuple[int, str, str]:
+    image, caption = image.strip(), " ".join(caption.split())
+    if not image:
+        raise DataError(f"{path}:{line}: column {image_key!r} is empty; each row needs an image path")
+    if not caption:
+        raise DataError(f"{path}:{line}: column {caption_key!r} is empty for image {image!r}")
+    return line, image, caption
+
+
+def _to_samples(path: Path, rows: list[tuple[int, str, str]]) -> list[Sample]:
+    base = path.resolve().parent
+    ids: dict[Path, int] = {}
+    missing: list[str] = []
+    samples = []
+    for line, image, caption in rows:
+        file = (base / Path(image).expanduser()).resolve()
+        if file not in ids:
+            ids[file] = len(ids)
+            if not file.is_file():
+                missing.append(f"line {line}: {image}")
+        samples.append(Sample(image=file, caption=caption, image_id=ids[file]))
+    if missing:
+        shown = "; ".join(missing[:_SHOW]) + ("; ..." if len(missing) > _SHOW else "")
+        raise DataError(
+            f"{path}: {len(missing)} of {len(ids)} image(s) not found (paths are relative to {base}): {shown}"
+        )
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------
+# class folders, templates, class lists
+
+
+def _list_lines(path: Path, what: str) -> list[tuple[int, str]]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: {what} file not found")
+    lines = [(n, raw.strip()) for n, raw in enumerate(_read_text(path).splitlines(), start=1)]
+    lines = [(n, text) for n, text in lines if text and not text.startswith("#")]
+    if not lines:
+        raise DataError(f"{path}: no {what} in the file (one per line; lines starting with '#' are comments)")
+    return lines
+
+
+def load_templates(path: str | Path) -> list[str]:
+    """Prompt templates, one per line, each with one `{}`; blank lines and `#` lines skipped."""
+    return [check_template(text, f"{path}:{n}: template") for n, text in _list_lines(Path(path), "templates")]
+
+
+def load_classes(path: str | Path, root: str | Path | None = None) -> list[str]:
+    """Class names, one per line, in label order; checked against `root`'s folders when given."""
+    lines = _list_lines(Path(path), "class names")
+    seen: dict[str, int] = {}
+    for n, name in lines:
+        if name in seen:
+            raise DataError(f"{path}:{n}: class {name!r} already listed on line {seen[name]}")
+        seen[name] = n
+    names = list(seen)
+    if root is not None:
+        _check_class_list(names, _class_dirs(Path(root)), str(path), Path(root))
+    return names
+
+
+def _class_dirs(root: Path) -> list[str]:
+    if not root.is_dir():
+        raise DataError(f"{root}: folder not found")
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _check_class_list(names: list[str], folders: list[str], source: str, root: Path) -> None:
+    missing = [n for n in names if n not in folders]
+    extra = [f for f in folders if f not in names]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} listed class(es) have no folder: {', '.join(missing)}")
+        if extra:
+            parts.append(f"{len(extra)} folder(s) are not listed: {', '.join(extra)}")
+        raise DataError(f"{source} does not match the class folders in {root}: {'; '.join(parts)}")
+
+
+def read_class_folders(
+    root: str | Path,
+    *,
+    templates: list[str] | None = None,
+    classes: list[str] | None = None,
+    seed: int = 0,
+    first_image_id: int = 0,
+) -> ClassFolderDataset:
+    """One sample per image under `ROOT/<class>/`, captioned by a seeded choice of template.
+
+    `classes` fixes the label order (and must match the folders); by default it is the sorted
+    folder names.
+    """
+    root = Path(root).expanduser()
+    folders = _class_dirs(root)
+    if not folders:
+        raise DataError(
+            f"{root}: no class folders; expected ROOT/<class name>/*.jpg (one folder per class)"
+        )
+    if classes is None:
+        classes = folders
+    else:
+        _check_class_list(list(classes), folders, "the class list", root)
+    templates = check_templates(list(DEFAULT_TEMPLATES) if templates is None else templates)
+    # Top-level files (a README, a classes.txt) are not images of any class: report, don't guess.
+    skipped = sorted(p for p in root.iterdir() if not p.is_dir() and not p.name.startswith("."))
+    rng = np.random.default_rng(seed)
+    samples: list[Sample] = []
+    for label, name in enumerate(classes):
+        images, other = _class_images(root / name)
+        skipped.extend(other)
+        if not images:
+            raise DataError(
+                f"{root / name}: class folder {name!r} has no images "
+                f"({', '.join(sorted(IMAGE_EXTENSIONS))}); remove it or add images"
+            )
+        picks = rng.integers(len(templates), size=len(images))
+        for image, pick in zip(images, picks):
+            caption = fill(templates[pick], name)
+            samples.append(Sample(image, caption, label, first_image_id + len(samples)))
+    if skipped:
+        log.warning("%s: skipped %d file(s) that are not images, e.g. %s", root, len(skipped), skipped[0])
+    return ClassFolderDataset(samples, list(classes), templates, skipped)
+
+
+def _class_images(folder: Path) -> tuple[list[Path], list[Path]]:
+    images, other = [], []
+    for p in sorted(folder.iterdir(), key=lambda p: p.name):
+        if p.name.startswith("."):
+            continue
+        (images if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS else other).append(p.resolve())
+    return images, other
+
+
+# ---------------------------------------------------------------------------------------------
+# layout detection and the one entry point
+
+
+def _split_dirs(path: Path) -> tuple[Path, Path] | None:
+    names = {p.name.lower(): p for p in path.iterdir() if p.is_dir()}
+    train = next((names[n] for n in TRAIN_DIRS if n in names), None)
+    val = next((names[n] for n in VAL_DIRS if n in names), None)
+    return (train, val) if train and val else None
+
+
+def _captions_files(path: Path) -> list[Path]:
+    return sorted(
+        p for p in path.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in CAPTION_EXTENSIONS
+    )
+
+
+def _layout(path: Path) -> tuple[str, Path]:
+    """(kind, the file or folder to read) for a path that is not a given split."""
+    if path.is_file():
+        if path.suffix.lower() not in CAPTION_EXTENSIONS:
+            raise DataError(
+                f"{path}: not a captions file; expected {', '.join(sorted(CAPTION_EXTENSIONS))}"
+            )
+        return "captions", path
+    files = _captions_files(path)
+    if len(files) > 1:
+        raise DataError(f"{path}: several captions files ({', '.join(p.name for p in files)}); pass one of them")
+    if files:
+        return "captions", files[0]
+    for sub in path.iterdir():
+        if sub.is_dir() and not sub.name.startswith("."):
+            if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in sub.iterdir() if p.is_file()):
+                return "class_folders", path
+    raise DataError(
+        f"{path}: not a dataset; expected a captions file (CSV/TSV with image,caption columns, or "
+        "JSONL) or class folders ROOT/<class name>/*.jpg, optionally inside train/ and val/"
+    )
+
+
+def detect_layout(path: str | Path) -> str:
+    """`"captions"` or `"class_folders"`; a given split reports the layout of its train/ folder."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    split = _split_dirs(path) if path.is_dir() else None
+    return _layout(split[0] if split else path)[0]
+
+
+def load_dataset(
+    path: str | Path,
+    *,
+    templates: list[str] | str | Path | None = None,
+    classes: list[str] | str | Path | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    seed: int = 0,
+) -> Dataset:
+    """Read any accepted layout; `templates`/`classes` (lists or files) apply to class folders."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if isinstance(templates, (str, Path)):
+        templates = load_templates(templates)
+    if isinstance(classes, (str, Path)):
+        classes = load_classes(classes)
+    split = _split_dirs(path) if path.is_dir() else None
+    if split is None:
+        return _load_one(path, path, templates, classes, image_column, caption_column, seed)
+    train = _load_one(split[0], path, templates, classes, image_column, caption_column, seed)
+    val = _load_val(split[1], train, image_column, caption_column, seed)
+    train.val, train.skipped = val.samples, train.skipped + val.skipped
+    return train
+
+
+def _load_one(path, source, templates, classes, image_column, caption_column, seed, first_id=0) -> Dataset:
+    kind, target = _layout(path)
+    if kind == "captions":
+        samples = read_captions(target, image_column=image_column, caption_column=caption_column)
+        samples = [Sample(s.image, s.caption, s.label, s.image_id + first_id) for s in samples]
+        return Dataset(samples, None, None, kind, source)
+    data = read_class_folders(target, templates=templates, classes=classes, seed=seed, first_image_id=first_id)
+    return Dataset(data.samples, data.class_names, data.templates, kind, source, skipped=data.skipped)
+
+
+def _load_val(path: Path, train: Dataset, image_column, caption_column, seed) -> Dataset:
+    first_id = 1 + max((s.image_id for s in train.samples), default=-1)
+    kind = _layout(path)[0]
+    if kind != train.kind:
+        raise DataError(f"{path}: validation split is {kind} but the train split is {train.kind}")
+    if kind == "captions":
+        return _load_one(path, path, None, None, image_column, caption_column, seed, first_id)
+    # Labels must mean the same class in both splits; val may lack classes, never add new ones.
+    folders = _class_dirs(path)
+    unknown = [f for f in folders if f not in train.class_names]
+    if unknown:
+        raise DataError(f"{path}: class folder(s) not in the train split: {', '.join(unknown)}")
+    val = _load_one(path, path, train.templates, folders, image_column, caption_column, seed + 1, first_id)
+    remap = [train.class_names.index(name) for name in folders]
+    val.samples = [Sample(s.image, s.caption, remap[s.label], s.image_id) for s in val.samples]
+    return val
+
+
+# ---------------------------------------------------------------------------------------------
+# seeded split
+
+
+def split_samples(
+    samples: list[Sample], val_fraction: float, seed: int = 0
+) -> tuple[list[Sample], list[Sample]]:
+    """Seeded (train, val) split by image: all captions of an image land on the same side.
+
+    Labelled samples are split per class, so every class with at least 2 images has at least one
+    image in val and one in train. Both lists keep the input order.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    label_of: dict[int, int | None] = {}
+    for s in samples:
+        label_of.setdefault(s.image_id, s.label)
+    strata: dict[int | None, list[int]] = {}
+    for image_id, label in label_of.items():
+        strata.setdefault(label, []).append(image_id)
+    rng = np.random.default_rng(seed)
+    val_ids: set[int] = set()
+    for label in sorted(strata, key=lambda k: (k is None, k if k is not None else 0)):
+        ids = strata[label]
+        n_val = _n_val(len(ids), val_fraction)
+        val_ids.update(ids[i] for i in rng.permutation(len(ids))[:n_val])
+    train = [s for s in samples if s.image_id not in val_ids]
+    val = [s for s in samples if s.image_id in val_ids]
+    return train, val
+
+
+def _n_val(n: int, fraction: float) -> int:
+    if fraction == 0.0 or n < 2:
+        return 0
+    return min(max(int(round(n * fraction)), 1), n - 1)
+
+
+def class_counts(samples: list[Sample]) -> Counter:
+    """Images per label (one count per image_id), for reports and split checks."""
+    return Counter(label for label in {s.image_id: s.label for s in samples}.values())

@@ -1,0 +1,253 @@
+"""CLIP in MLX. Parameter paths equal the Hugging Face `transformers.CLIPModel` state-dict keys
+(typos included: `pre_layrnorm`), so weights move by name alone; only the patch-embedding conv
+differs in layout (MLX is channels-last: (out, kh, kw, in)).
+
+Ported from `transformers/models/clip/modeling_clip.py`; tests hold it to that file.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlx_clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from mlx_clip.interpolate import bicubic_matrix
+
+
+def quick_gelu(x: mx.array) -> mx.array:
+    return x * mx.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "gelu": nn.gelu,  # erf form, as torch.nn.functional.gelu
+    "quick_gelu": quick_gelu,  # OpenAI's original CLIP
+    "gelu_new": nn.gelu_approx,  # tanh form
+    "gelu_pytorch_tanh": nn.gelu_approx,
+    "relu": nn.relu,
+}
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (hidden_size // num_heads) ** -0.5
+        self.q_proj = nn.Linear(hidden_size, hidden_size)
+        self.k_proj = nn.Linear(hidden_size, hidden_size)
+        self.v_proj = nn.Linear(hidden_size, hidden_size)
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+
+    def __call__(self, x: mx.array, mask: mx.array | str | None = None) -> mx.array:
+        batch, length, dim = x.shape
+
+        def heads(t: mx.array) -> mx.array:
+            return t.reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, hd)
+
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, dim))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str):
+        super().__init__()
+        self.activation = ACTIVATIONS[hidden_act]
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig | CLIPVisionConfig):
+        super().__init__()
+        self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_attention_heads)
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def __call__(self, x: mx.array, mask: mx.array | str | None = None) -> mx.array:
+        x = x + self.self_attn(self.layer_norm1(x), mask)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig | CLIPVisionConfig):
+        super().__init__()
+        self.layers = [CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+        # Set by the engine for activation checkpointing: recompute each layer in the backward pass.
+        self.gradient_checkpointing = False
+
+    def __call__(self, x: mx.array, mask: mx.array | str | None = None) -> mx.array:
+        for layer in self.layers:
+            if self.gradient_checkpointing:
+                x = mx.checkpoint(layer)(x, mask)
+            else:
+                x = layer(x, mask)
+        return x
+
+
+class CLIPTextEmbeddings(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def __call__(self, input_ids: mx.array) -> mx.array:
+        length = input_ids.shape[-1]
+        return self.token_embedding(input_ids) + self.position_embedding.weight[:length]
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.eos_token_id = cfg.eos_token_id
+        self.max_length = cfg.max_position_embeddings
+        self.embeddings = CLIPTextEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def eot_positions(self, input_ids: mx.array) -> mx.array:
+        if self.eos_token_id == 2:
+            # Legacy configs: EOT is the highest id in OpenAI's vocabulary.
+            return mx.argmax(input_ids, axis=-1)
+        # The first EOT, whatever follows it (padding may reuse the EOT id).
+        is_eot = (input_ids == self.eos_token_id).astype(mx.int32)
+        return mx.argmax(is_eot, axis=-1)
+
+    def __call__(self, input_ids: mx.array) -> mx.array:
+        """(B, L) token ids -> pooled EOT states (B, D), before the projection."""
+        hidden = self.embeddings(input_ids)
+        hidden = self.encoder(hidden, mask="causal")
+        hidden = self.final_layer_norm(hidden)
+        rows = mx.arange(input_ids.shape[0])
+        return hidden[rows, self.eot_positions(input_ids)]
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.grid = cfg.image_size // cfg.patch_size
+        self.class_embedding = mx.zeros((cfg.hidden_size,))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size,
+                                         stride=cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(cfg.num_positions, cfg.hidden_size)
+
+    def positions_for(self, height: int, width: int) -> mx.array:
+        """Position embeddings (1 + h*w, D) for a patch grid; bicubically interpolated when the grid
+        differs from the trained one, as transformers' `interpolate_pos_encoding` does."""
+        table = self.position_embedding.weight
+        rows, cols = height // self.patch_size, width // self.patch_size
+        if rows == self.grid and cols == self.grid:
+            return table
+        dim = table.shape[-1]
+        row_m = mx.array(bicubic_matrix(self.grid, rows))  # (rows, g)
+        col_m = mx.array(bicubic_matrix(self.grid, cols))  # (cols, g)
+        patch = table[1:].reshape(self.grid, self.grid, dim)  # (g, g, D)
+        resized = mx.einsum("rg,gwd->rwd", row_m, patch)  # (rows, g, D)
+        resized = mx.einsum("cw,rwd->rcd", col_m, resized).reshape(rows * cols, dim)
+        return mx.concatenate([table[:1], resized], axis=0)
+
+    def __call__(self, pixels: mx.array) -> mx.array:
+        batch, height, width, _ = pixels.shape
+        patches = self.patch_embedding(pixels.astype(self.patch_embedding.weight.dtype))  # (B, h, w, D)
+        patches = patches.reshape(batch, -1, patches.shape[-1])  # (B, N, D), row-major as torch's flatten
+        cls = mx.broadcast_to(self.class_embedding, (batch, 1, patches.shape[-1])).astype(patches.dtype)
+        embeddings = mx.concatenate([cls, patches], axis=1)  # (B, N+1, D)
+        return embeddings + self.positions_for(height, width)
+
+
+class CLIPVisionTransformer(nn.Module):
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.embeddings = CLIPVisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.encoder = CLIPEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def __call__(self, pixels: mx.array) -> mx.array:
+        """(B, H, W, C) normalized pixels -> pooled class-token states (B, D), before the projection."""
+        hidden = self.pre_layrnorm(self.embeddings(pixels))
+        hidden = self.encoder(hidden)
+        return self.post_layernorm(hidden[:, 0, :])
+
+
+class CLIPModel(nn.Module):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        self.config = config
+        self.text_model = CLIPTextTransformer(config.text_config)
+        self.vision_model = CLIPVisionTransformer(config.vision_config)
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        self.logit_scale = mx.array(config.logit_scale_init_value, dtype=mx.float32)
+
+    def get_image_features(self, pixels: mx.array) -> mx.array:
+        return self.visual_projection(self.vision_model(pixels))
+
+    def get_text_features(self, input_ids: mx.array) -> mx.array:
+        return self.text_projection(self.text_model(input_ids))
+
+    def __call__(self, input_ids: mx.array, pixels: mx.array) -> dict[str, mx.array]:
+        image_embeds = normalize(self.get_image_features(pixels))
+        text_embeds = normalize(self.get_text_features(input_ids))
+        logits_per_text = mx.exp(self.logit_scale) * (text_embeds @ image_embeds.T)
+        return {"image_embeds": image_embeds, "text_embeds": text_embeds,
+                "logits_per_image": logits_per_text.T, "logits_per_text": logits_per_text}
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.text_model.encoder.gradient_checkpointing = enabled
+        self.vision_model.encoder.gradient_checkpointing = enabled
+
+
+def normalize(x: mx.array) -> mx.array:
+    return x / mx.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def init_weights(model: CLIPModel, seed: int = 0) -> None:
+    """Random initialisation following transformers' `CLIPPreTrainedModel._init_weights`
+    (factor 1.0), so a built-in model trains like a random-init `transformers.CLIPModel`."""
+    cfg = model.config
+    rng = np.random.default_rng(seed)
+
+    def normal(shape, std):
+        return mx.array(rng.normal(0.0, std, size=shape).astype(np.float32))
+
+    params = {}
+    for tower, tcfg in (("text_model", cfg.text_config), ("vision_model", cfg.vision_config)):
+        width, layers = tcfg.hidden_size, tcfg.num_hidden_layers
+        in_std = width ** -0.5 * (2 * layers) ** -0.5
+        out_std = width ** -0.5
+        fc_std = (2 * width) ** -0.5
+        for i in range(layers):
+            p = f"{tower}.encoder.layers.{i}"
+            for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                std = out_std if name == "out_proj" else in_std
+                params[f"{p}.self_attn.{name}.weight"] = normal((width, width), std)
+                params[f"{p}.self_attn.{name}.bias"] = mx.zeros((width,))
+            params[f"{p}.mlp.fc1.weight"] = normal((tcfg.intermediate_size, width), fc_std)
+            params[f"{p}.mlp.fc2.weight"] = normal((width, tcfg.intermediate_size), in_std)
+            params[f"{p}.mlp.fc1.bias"] = mx.zeros((tcfg.intermediate_size,))
+            params[f"{p}.mlp.fc2.bias"] = mx.zeros((width,))
+    t, v = cfg.text_config, cfg.vision_config
+    params["text_model.embeddings.token_embedding.weight"] = normal((t.vocab_size, t.hidden_size), 0.02)
+    params["text_model.embeddings.position_embedding.weight"] = normal((t.max_position_embeddings, t.hidden_size), 0.01)
+    params["vision_model.embeddings.class_embedding"] = normal((v.hidden_size,), v.hidden_size ** -0.5)
+    params["vision_model.embeddings.patch_embedding.weight"] = normal(
+        (v.hidden_size, v.patch_size, v.patch_size, v.num_channels), 0.02)
+    params["vision_model.embeddings.position_embedding.weight"] = normal((v.num_positions, v.hidden_size), 0.02)
+    params["visual_projection.weight"] = normal((cfg.projection_dim, v.hidden_size), v.hidden_size ** -0.5)
+    params["text_projection.weight"] = normal((cfg.projection_dim, t.hidden_size), t.hidden_size ** -0.5)
+    model.load_weights(list(params.items()), strict=False)
+    mx.eval(model.parameters())
+
+
+def parameter_count(model: nn.Module) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(int(math.prod(p.shape)) for _, p in tree_flatten(model.parameters()))

@@ -1,0 +1,52 @@
+"""Test helpers: random-init reference models built with transformers (code we did not write)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def hf_clip(seed: int = 0, text: dict | None = None, vision: dict | None = None, **top):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.CLIPConfig(text_config=text or {}, vision_config=vision or {}, **top)
+    return transformers.CLIPModel._from_config(config, attn_implementation="sdpa").eval()
+
+
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 hidden_act="quick_gelu")
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   image_size=32, patch_size=8, hidden_act="quick_gelu")
+
+
+def tiny_hf_clip(seed: int = 0, hidden_act: str = "quick_gelu", **top):
+    text = {**TINY_TEXT, "hidden_act": hidden_act}
+    vision = {**TINY_VISION, "hidden_act": hidden_act}
+    return hf_clip(seed, text, vision, projection_dim=top.pop("projection_dim", 16), **top)
+
+
+def save_hf(model, folder):
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def random_tokens(rng: np.random.Generator, batch: int, vocab: int = 49408, length: int = 77,
+                  eot: int = 49407, sot: int = 49406) -> np.ndarray:
+    """SOT, random ids, EOT at a random position, zero padding after: what a CLIP tokenizer emits."""
+    ids = np.zeros((batch, length), dtype=np.int64)
+    for row in range(batch):
+        end = int(rng.integers(2, length))
+        ids[row, 0] = sot
+        ids[row, 1:end] = rng.integers(1, min(vocab, sot), size=end - 1)
+        ids[row, end] = eot
+    return ids
+
+
+def random_pixels(rng: np.random.Generator, batch: int, size: int) -> np.ndarray:
+    return rng.standard_normal((batch, size, size, 3)).astype(np.float32)
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))

@@ -1,0 +1,71 @@
+"""The PyTorch engine's model: `transformers.CLIPModel` with sdpa attention, on the best device.
+
+It stands on transformers rather than a second hand-written CLIP: it is the model users already
+load, and it brings sdpa attention, gradient checkpointing and position-embedding interpolation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mlx_clip.config import CLIPConfig
+from mlx_clip.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def torch_dtype(name: str | None) -> torch.dtype:
+    if name is None:
+        return torch.float32
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}") from None
+
+
+def select_device(requested: str | None = None, *, cuda_available: bool | None = None,
+                  mps_available: bool | None = None) -> torch.device:
+    """MPS > CUDA > CPU, or the user's explicit choice (checked, never silently replaced).
+
+    The availability flags exist so the selection logic can be tested on a machine that has
+    neither accelerator."""
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    mps = torch.backends.mps.is_available() if mps_available is None else mps_available
+    choice = (requested or "auto").lower()
+    kind = choice.split(":")[0]
+    if kind not in DEVICES:
+        raise ConfigError(f"--device must be one of {', '.join(DEVICES)} (or cuda:N), got {requested!r}")
+    if kind == "auto":
+        return torch.device("mps" if mps else "cuda" if cuda else "cpu")
+    if kind == "cuda" and not cuda:
+        raise ConfigError(f"--device {requested}: CUDA is not available to this torch build")
+    if kind == "mps" and not mps:
+        raise ConfigError(f"--device {requested}: MPS is not available on this machine")
+    return torch.device(choice)
+
+
+def hf_config(config: CLIPConfig):
+    import transformers
+
+    return transformers.CLIPConfig.from_dict(config.to_dict())
+
+
+def build_model(config: CLIPConfig):
+    import transformers
+
+    return transformers.CLIPModel._from_config(hf_config(config), attn_implementation="sdpa")
+
+
+def load_torch_model(folder: str | Path, *, device: torch.device | None = None, dtype: str | None = None,
+                     allow_pickle: bool = False):
+    from convert import read_checkpoint
+
+    checkpoint = read_checkpoint(folder, allow_pickle=allow_pickle)
+    model = build_model(checkpoint.config)
+    state = {name: torch.from_numpy(array) for name, array in checkpoint.tensors.items()}
+    model.load_state_dict(state, strict=True)
+    model.to(device=device or torch.device("cpu"), dtype=torch_dtype(dtype))
+    return model, checkpoint.config
