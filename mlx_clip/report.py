@@ -1,0 +1,406 @@
+"""Evaluation results as files a person can read: JSON, a Markdown summary, PNG figures.
+
+Result dicts are shaped like CLIP_benchmark's output (`{"dataset", "model", "task", "metrics"}`),
+so its tooling reads ours. JSON is strict: NaN (a class without samples, an undefined metric) is
+written as null. Figures are drawn on matplotlib's Agg canvas through the object API, which
+leaves the process's pyplot backend alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlx_clip.errors import DataError
+
+__all__ = [
+    "TASKS",
+    "ReportFiles",
+    "WiseFtReport",
+    "compare_table",
+    "results_json",
+    "wise_ft_curve_report",
+    "write_comparison",
+    "write_report",
+]
+
+TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
+_MAX_TICK_LABELS = 50  # beyond this, class names on a heatmap axis overlap into a black band
+_MAX_BARS = 60  # beyond this, the per-class chart shows the worst classes only
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    json: Path
+    markdown: Path
+    figures: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class WiseFtReport:
+    best_alpha: float | None  # None when no alpha keeps the control metric at the floor
+    message: str
+    files: ReportFiles
+
+
+# --- values -----------------------------------------------------------------------------------
+
+
+def _plain(x: Any) -> Any:
+    """numpy and NaN -> what strict JSON holds (NaN/inf become None)."""
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return x
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, Mapping):
+        return ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items())
+    return str(v)
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_") or "x"
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def _metrics_of(d: Mapping, name: str) -> Mapping:
+    """A result dict's "metrics", or the dict itself when it is already a metrics dict."""
+    if not isinstance(d, Mapping):
+        raise DataError(f"{name} must be a dict of metrics, got {type(d).__name__}")
+    m = d.get("metrics", d)
+    if not isinstance(m, Mapping):
+        raise DataError(f"{name}['metrics'] must be a dict, got {type(m).__name__}")
+    return m
+
+
+# --- results ----------------------------------------------------------------------------------
+
+
+def results_json(dataset: str, model: str, task: str, metrics: Mapping, **extra: Any) -> dict:
+    """One evaluation as CLIP_benchmark writes it, plus optional keys.
+
+    Extra keys understood by the writers: `class_names` (C,), `per_class` (C,) accuracies aligned
+    with them (NaN for a class without samples), `confusion_matrix` (C, C) counts, rows = true.
+    """
+    if task not in TASKS:
+        raise DataError(f"task must be one of {TASKS}, got {task!r}")
+    if not isinstance(metrics, Mapping) or not metrics:
+        raise DataError(f"metrics must be a non-empty dict, got {metrics!r}")
+    out = {"dataset": str(dataset), "model": str(model), "task": task, "metrics": _plain(metrics)}
+    out.update(_plain(extra))
+    sizes = {}
+    if "class_names" in out:
+        sizes["class_names"] = len(out["class_names"])
+    if "per_class" in out:
+        sizes["per_class"] = len(out["per_class"])
+    if "confusion_matrix" in out:
+        cm = np.asarray(out["confusion_matrix"])
+        if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+            raise DataError(f"confusion_matrix must be square (C, C), got shape {cm.shape}")
+        sizes["confusion_matrix"] = cm.shape[0]
+    if len(set(sizes.values())) > 1:
+        raise DataError(f"class_names, per_class and confusion_matrix disagree on C: {sizes}")
+    return out
+
+
+def _class_names(result: Mapping, c: int) -> list[str]:
+    return [str(n) for n in result.get("class_names") or [f"class {i}" for i in range(c)]]
+
+
+def _title(result: Mapping) -> str:
+    return f"{result['dataset']} · {result['model']} · {result['task']}"
+
+
+# --- figures ----------------------------------------------------------------------------------
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _plot_confusion(result: Mapping, path: Path) -> None:
+    cm = np.asarray(result["confusion_matrix"], dtype=np.int64)
+    c = cm.shape[0]
+    names = _class_names(result, c)
+    support = cm.sum(axis=1, keepdims=True)
+    # Colour by share of the true class so rare classes are as visible as common ones.
+    share = np.divide(cm, support, out=np.zeros(cm.shape), where=support > 0)
+    side = min(4 + 0.35 * c, 20)
+    fig = _figure(side + 1.5, side)
+    ax = fig.add_subplot()
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, label="share of the true class's samples")
+    if c <= _MAX_TICK_LABELS:
+        ax.set_xticks(range(c), names, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(c), [f"{n} (n={k})" for n, k in zip(names, support[:, 0])], fontsize=8)
+    if c <= 20:
+        for i, j in zip(*np.nonzero(cm)):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"Confusion matrix (counts)\n{_title(result)}")
+    fig.savefig(path, dpi=110)
+
+
+def _plot_per_class(result: Mapping, path: Path) -> None:
+    acc = np.array([np.nan if v is None else v for v in result["per_class"]], dtype=float)
+    names = np.array(_class_names(result, len(acc)))
+    keep = np.nonzero(~np.isnan(acc))[0]
+    note = ""
+    if len(keep) < len(acc):
+        note = f"; {len(acc) - len(keep)} classes without samples left out"
+    if len(keep) > _MAX_BARS:
+        keep = keep[np.argsort(acc[keep], kind="stable")[:_MAX_BARS]]
+        note += f"; the {_MAX_BARS} lowest shown"
+    keep = keep[::-1]  # barh draws bottom-up: first class on top
+    fig = _figure(8, 1.5 + 0.28 * max(len(keep), 1))
+    ax = fig.add_subplot()
+    ax.barh(range(len(keep)), acc[keep], color="tab:blue")
+    ax.set_yticks(range(len(keep)), names[keep], fontsize=8)
+    mean = float(np.nanmean(acc)) if len(keep) else float("nan")
+    ax.axvline(mean, color="tab:red", linestyle="--", label=f"mean per-class recall {mean:.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("top-1 accuracy within the class (recall)")
+    ax.set_title(f"Per-class accuracy{note}\n{_title(result)}", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(path, dpi=110)
+
+
+# --- Markdown ---------------------------------------------------------------------------------
+
+
+def _metrics_table(metrics: Mapping) -> list[str]:
+    lines = ["| metric | value |", "|---|---:|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
+    return lines
+
+
+def _per_class_table(result: Mapping) -> list[str]:
+    acc = result["per_class"]
+    names = _class_names(result, len(acc))
+    cm = result.get("confusion_matrix")
+    support = [sum(row) for row in cm] if cm is not None else None
+    head = "| class | accuracy | samples |" if support else "| class | accuracy |"
+    lines = [head, "|---|---:|---:|" if support else "|---|---:|"]
+    for i, (n, a) in enumerate(zip(names, acc)):
+        cells = [n, _fmt(a)] + ([str(support[i])] if support else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_report(results: Sequence[Mapping], out_json: Path) -> ReportFiles:
+    """Write `out_json` (a list of result dicts), `<stem>.md` beside it and one PNG per figure."""
+    out_json = Path(out_json)
+    if not results:
+        raise DataError("write_report needs at least one result")
+    results = [_plain(r) for r in results]
+    for i, r in enumerate(results):
+        missing = [k for k in ("dataset", "model", "task", "metrics") if k not in r]
+        if missing:
+            raise DataError(f"results[{i}] lacks {missing}; build it with results_json()")
+    _write_json(results, out_json)
+
+    figures: list[Path] = []
+    md = [f"# Evaluation report: {out_json.stem}", ""]
+    for i, r in enumerate(results):
+        md += [f"## {_title(r)}", "", *_metrics_table(r["metrics"]), ""]
+        stem = f"{out_json.stem}-{i}-{_slug(r['dataset'])}-{_slug(r['model'])}"
+        for key, kind, plot in (("confusion_matrix", "confusion", _plot_confusion),
+                                ("per_class", "per_class", _plot_per_class)):
+            if r.get(key) is not None:
+                png = out_json.with_name(f"{stem}-{kind}.png")
+                plot(r, png)
+                figures.append(png)
+                md += [f"![{kind.replace('_', ' ')}: {_title(r)}]({png.name})", ""]
+        if r.get("per_class") is not None:
+            md += ["### Per class", "", *_per_class_table(r), ""]
+    markdown = out_json.with_suffix(".md")
+    markdown.write_text("\n".join(md))
+    return ReportFiles(out_json, markdown, tuple(figures))
+
+
+# --- base vs fine-tuned -----------------------------------------------------------------------
+
+
+def _deltas(base: Mapping, tuned: Mapping) -> dict[str, float]:
+    return {k: tuned[k] - base[k] for k in base
+            if k in tuned and _is_number(base[k]) and _is_number(tuned[k])}
+
+
+def compare_table(base: Mapping, finetuned: Mapping) -> str:
+    """Markdown table, metric by metric: base, fine-tuned, fine-tuned − base.
+
+    Takes result dicts (or bare metrics dicts). Metrics present on one side only show "—".
+    """
+    for key in ("dataset", "task"):
+        if key in base and key in finetuned and base[key] != finetuned[key]:
+            raise DataError(f"cannot compare results with different {key}: "
+                            f"{base[key]!r} vs {finetuned[key]!r}")
+    b = _plain(_metrics_of(base, "base"))
+    f = _plain(_metrics_of(finetuned, "finetuned"))
+    delta = _deltas(b, f)
+    lines = ["| metric | base | fine-tuned | Δ (fine-tuned − base) |", "|---|---:|---:|---:|"]
+    for k in list(b) + [k for k in f if k not in b]:
+        d = f"{delta[k]:+.4f}" if k in delta else "—"
+        lines.append(f"| {k} | {_fmt(b[k]) if k in b else '—'} | "
+                     f"{_fmt(f[k]) if k in f else '—'} | {d} |")
+    return "\n".join(lines)
+
+
+def _plot_comparison(b: Mapping, f: Mapping, title: str, path: Path) -> None:
+    # Only scores on a 0..1 scale share one axis meaningfully (accuracies, recalls).
+    keys = [k for k in _deltas(b, f) if 0 <= b[k] <= 1 and 0 <= f[k] <= 1]
+    fig = _figure(max(6, 1.1 * len(keys) + 2), 4.5)
+    ax = fig.add_subplot()
+    x = np.arange(len(keys))
+    ax.bar(x - 0.2, [b[k] for k in keys], 0.4, label="base")
+    ax.bar(x + 0.2, [f[k] for k in keys], 0.4, label="fine-tuned")
+    ax.set_xticks(x, keys, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score")
+    ax.set_title(title)
+    ax.legend()
+    fig.savefig(path, dpi=110)
+
+
+def write_comparison(base: Mapping, finetuned: Mapping, out_json: Path) -> ReportFiles:
+    """Write {"base", "finetuned", "delta"} JSON, a Markdown table and a grouped bar chart."""
+    out_json = Path(out_json)
+    table = compare_table(base, finetuned)
+    b, f = _plain(base), _plain(finetuned)
+    bm, fm = _metrics_of(b, "base"), _metrics_of(f, "finetuned")
+    _write_json({"base": b, "finetuned": f, "delta": _deltas(bm, fm)}, out_json)
+    title = f"Base vs fine-tuned: {b.get('dataset', '')} {b.get('task', '')}".strip()
+    png = out_json.with_suffix(".png")
+    _plot_comparison(bm, fm, title, png)
+    models = f"base = `{b.get('model', 'base')}`, fine-tuned = `{f.get('model', 'fine-tuned')}`"
+    md = [f"# {title}", "", models, "", table, "", f"![{title}]({png.name})", ""]
+    markdown = out_json.with_suffix(".md")
+    markdown.write_text("\n".join(md))
+    return ReportFiles(out_json, markdown, (png,))
+
+
+# --- WiSE-FT ----------------------------------------------------------------------------------
+
+
+def _curve_points(points: Sequence[Mapping], metric: str) -> list[dict]:
+    if not points:
+        raise DataError("wise_ft_curve_report needs at least one point")
+    out = []
+    for i, p in enumerate(points):
+        if not isinstance(p, Mapping) or "alpha" not in p:
+            raise DataError(f"points[{i}] must be a dict with 'alpha', 'target' and 'control'")
+        row = {"alpha": float(p["alpha"])}
+        for side in ("target", "control"):
+            m = _metrics_of(p.get(side), f"points[{i}]['{side}']")
+            if not _is_number(_plain(m.get(metric))):
+                raise DataError(f"points[{i}]['{side}'] has no numeric {metric!r}")
+            row[side] = _plain(m)
+        out.append(row)
+    alphas = [r["alpha"] for r in out]
+    if len(set(alphas)) != len(alphas):
+        raise DataError(f"points repeat an alpha: {sorted(alphas)}")
+    return sorted(out, key=lambda r: r["alpha"])
+
+
+def _choose_alpha(pts: list[dict], metric: str, floor: float | None) -> tuple[dict | None, str]:
+    ok = [p for p in pts if floor is None or p["control"][metric] >= floor]
+    if not ok:
+        best_c = max(pts, key=lambda p: p["control"][metric])
+        return None, (f"no alpha keeps control {metric} >= {floor:.4f}: the highest control "
+                      f"{metric} is {best_c['control'][metric]:.4f} at alpha {best_c['alpha']:g}")
+    # Equal target scores: the smaller alpha, i.e. the one closer to the zero-shot weights.
+    best = max(ok, key=lambda p: (p["target"][metric], -p["alpha"]))
+    rule = "" if floor is None else f" among alphas with control {metric} >= {floor:.4f}"
+    return best, (f"best alpha {best['alpha']:g}: target {metric} {best['target'][metric]:.4f}, "
+                  f"control {metric} {best['control'][metric]:.4f}{rule}")
+
+
+def _plot_curve(pts: list[dict], metric: str, floor: float | None, best: dict | None,
+                path: Path) -> None:
+    fig = _figure(7, 4.5)
+    ax = fig.add_subplot()
+    a = [p["alpha"] for p in pts]
+    ax.plot(a, [p["target"][metric] for p in pts], "o-", label=f"target (fine-tune domain) {metric}")
+    ax.plot(a, [p["control"][metric] for p in pts], "s-", label=f"control (held-out) {metric}")
+    if floor is not None:
+        ax.axhline(floor, color="gray", linestyle="--", label=f"control floor {floor:.3f}")
+    if best is not None:
+        ax.axvline(best["alpha"], color="tab:red", linestyle=":", label=f"chosen alpha {best['alpha']:g}")
+    ax.set_xlabel("alpha (0 = zero-shot weights, 1 = fine-tuned weights)")
+    ax.set_ylabel(metric)
+    ax.set_title("WiSE-FT weight interpolation")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+
+
+def wise_ft_curve_report(
+    points: Sequence[Mapping],
+    out_json: Path,
+    control_floor: float | None = None,
+    *,
+    metric: str = "acc1",
+) -> WiseFtReport:
+    """Target and control `metric` per WiSE-FT alpha -> JSON, Markdown and a PNG curve.
+
+    The best alpha has the highest target score among those whose control score is >=
+    `control_floor` (all alphas when no floor); ties go to the smaller alpha. When no alpha
+    qualifies, `best_alpha` is None and the message says so.
+    """
+    out_json = Path(out_json)
+    pts = _curve_points(points, metric)
+    best, message = _choose_alpha(pts, metric, control_floor)
+    _write_json({"metric": metric, "control_floor": _plain(control_floor), "points": pts,
+                 "best_alpha": best["alpha"] if best else None, "message": message}, out_json)
+    png = out_json.with_suffix(".png")
+    _plot_curve(pts, metric, control_floor, best, png)
+    md = ["# WiSE-FT: target vs control", "", message, "",
+          f"| alpha | target {metric} | control {metric} | control >= floor |",
+          "|---:|---:|---:|:---:|"]
+    for p in pts:
+        meets = "—" if control_floor is None else ("yes" if p["control"][metric] >= control_floor else "no")
+        mark = " **(chosen)**" if best is p else ""
+        md.append(f"| {p['alpha']:g}{mark} | {p['target'][metric]:.4f} | "
+                  f"{p['control'][metric]:.4f} | {meets} |")
+    md += ["", f"![WiSE-FT curve]({png.name})", ""]
+    markdown = out_json.with_suffix(".md")
+    markdown.write_text("\n".join(md))
+    return WiseFtReport(best["alpha"] if best else None, message, ReportFiles(out_json, markdown, (png,)))
