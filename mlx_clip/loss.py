@@ -1,0 +1,156 @@
+"""Contrastive losses for the MLX engine: CLIP's InfoNCE and SigLIP's sigmoid loss.
+
+`torch_backend/loss.py` holds the same functions, with the same signatures and the same maths, for
+the torch engine. Both equal open_clip's `ClipLoss` / `SigLipLoss` on one device.
+
+A loss is a plain function
+
+    loss(image_embeds, text_embeds, logit_scale, logit_bias=None, *, labels=None, ...) -> scalar
+
+of L2-normalised embeddings (B, D), the already-exponentiated logit scale (a scalar array, as
+open_clip passes `logit_scale.exp()`) and an optional learnable logit bias. To add one, write a
+function with this signature in both modules and register it under the same key in `LOSSES`.
+
+Every branch below is on a Python value (an option or `labels is None`), never on an array value,
+so the functions trace under `mx.compile` and `nn.value_and_grad`.
+"""
+
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_clip.errors import ConfigError
+
+# Stands in for -inf when a row of masked logits is reduced: a row with no entries left (a batch
+# of one, or a batch of one class) would give -inf - (-inf) = nan, and nan poisons the gradient
+# even where the result is later masked out.
+_MASKED = -1e30
+
+
+def clip_loss(
+    image_embeds: mx.array,
+    text_embeds: mx.array,
+    logit_scale: mx.array,
+    logit_bias: Optional[mx.array] = None,
+    *,
+    labels: Optional[mx.array] = None,
+    label_smoothing: float = 0.0,
+    hard_negative_beta: float = 0.0,
+) -> mx.array:
+    """Symmetric cross-entropy (InfoNCE) of CLIP, Radford et al. 2021; open_clip's `ClipLoss`.
+
+    With logits s = logit_scale * image_embeds @ text_embeds.T (+ logit_bias), the loss is the
+    mean of the image->text cross-entropy over the rows of s and the text->image one over the
+    rows of s.T, each averaged over the batch.
+
+    labels: optional (B,) int class ids. Pairs with the same label are all positives (FLYP-style
+        fine-tuning on class folders, where two images of one class share a caption): the target
+        of a row is uniform over its positives instead of one-hot. Without labels only the
+        diagonal is positive.
+    label_smoothing: as torch's `F.cross_entropy(label_smoothing=eps)`: the target becomes
+        (1 - eps) * target + eps / B.
+    hard_negative_beta: beta of Robinson et al. 2021, "Contrastive Learning with Hard Negative
+        Samples" (ICLR), eq. 3 with tau+ = 0. Each negative k of row i is weighted in the
+        softmax normaliser by
+
+            w_ik = exp(beta * s_ik) / mean_{k' negative} exp(beta * s_ik')
+
+        (mean weight 1 over the row's negatives; positives keep weight 1), so the loss of a row
+        with one positive p is -log(e^s_ip / (e^s_ip + sum_k w_ik e^s_ik)). s is the logit, so
+        beta is in logit units, as in the authors' code (github.com/joshr17/HCL), where it
+        multiplies sim / temperature; a bias cancels in w. As there, gradients flow through w.
+        In general the row's loss is the cross-entropy of its target against softmax(s + log w).
+        0 is plain InfoNCE, computed without the reweighting.
+    """
+    _check_options(label_smoothing, hard_negative_beta)
+    logits = _logits(image_embeds, text_embeds, logit_scale, logit_bias)
+    positives = _positives(logits.shape[0], labels)
+    per_image = _cross_entropy(logits, positives, label_smoothing, hard_negative_beta)
+    # labels are symmetric (same class both ways), so the text side has the same positives.
+    per_text = _cross_entropy(logits.T, positives, label_smoothing, hard_negative_beta)
+    return (per_image + per_text) / 2
+
+
+def siglip_loss(
+    image_embeds: mx.array,
+    text_embeds: mx.array,
+    logit_scale: mx.array,
+    logit_bias: Optional[mx.array],
+    *,
+    labels: Optional[mx.array] = None,
+) -> mx.array:
+    """Sigmoid loss of SigLIP, Zhai et al. 2023; open_clip's `SigLipLoss` on one device.
+
+        loss = -sum_ij log sigmoid(z_ij * s_ij) / B,   s = logit_scale * img @ txt.T + logit_bias
+
+    with z_ij = +1 for positive pairs (the diagonal, or same label when `labels` are given) and
+    -1 otherwise. `logit_bias` may be None for no bias.
+    """
+    logits = _logits(image_embeds, text_embeds, logit_scale, logit_bias)
+    batch = logits.shape[0]
+    signs = 2 * _positives(batch, labels).astype(mx.float32) - 1
+    return -nn.log_sigmoid(signs * logits).sum() / batch
+
+
+LOSSES: dict[str, Callable[..., mx.array]] = {"clip": clip_loss, "siglip": siglip_loss}
+
+
+def _check_options(label_smoothing: float, hard_negative_beta: float) -> None:
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if hard_negative_beta < 0.0:
+        raise ConfigError(f"hard_negative_beta must be >= 0, got {hard_negative_beta}")
+
+
+def _logits(
+    image_embeds: mx.array,
+    text_embeds: mx.array,
+    logit_scale: mx.array,
+    logit_bias: Optional[mx.array],
+) -> mx.array:
+    if image_embeds.ndim != 2 or image_embeds.shape != text_embeds.shape:
+        raise ValueError(
+            "image_embeds and text_embeds must both be (B, D), got "
+            f"{tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
+        )
+    # Same association as open_clip, `(scale * img) @ txt.T`.
+    logits = logit_scale * image_embeds @ text_embeds.T  # (B, B)
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    # The softmax / log-sigmoid runs in float32 whatever the embedding dtype, as torch autocast
+    # does for open_clip's loss under bf16.
+    return logits.astype(mx.float32)
+
+
+def _positives(batch: int, labels: Optional[mx.array]) -> mx.array:
+    """(B, B) bool: which (image, text) pairs are positives."""
+    if labels is None:
+        return mx.eye(batch, dtype=mx.bool_)
+    labels = mx.array(labels)
+    if labels.shape != (batch,):
+        raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
+    return labels[:, None] == labels[None, :]
+
+
+def _cross_entropy(
+    logits: mx.array, positives: mx.array, label_smoothing: float, beta: float
+) -> mx.array:
+    """Mean over rows of the cross-entropy against targets uniform over each row's positives."""
+    positives_f = positives.astype(mx.float32)
+    targets = positives_f / positives_f.sum(axis=1, keepdims=True)
+    if beta:
+        logits = logits + _hard_negative_log_weights(logits, positives, beta)
+    return nn.losses.cross_entropy(
+        logits, targets, label_smoothing=label_smoothing, reduction="mean"
+    )
+
+
+def _hard_negative_log_weights(logits: mx.array, positives: mx.array, beta: float) -> mx.array:
+    """log w of Robinson et al. 2021 (see `clip_loss`): 0 on positives."""
+    negatives = mx.logical_not(positives)
+    count = mx.maximum(negatives.sum(axis=1, keepdims=True), 1).astype(mx.float32)
+    scaled = beta * logits
+    log_mean = mx.logsumexp(mx.where(negatives, scaled, _MASKED), axis=1, keepdims=True)
+    log_mean = log_mean - mx.log(count)
+    return mx.where(negatives, scaled - log_mean, 0.0)

@@ -1,0 +1,1 @@
+"""The PyTorch engine: transformers.CLIPModel plus what mlxclip adds, mirroring the MLX engine."""
