@@ -7,3 +7,10 @@ from mlx_clip.blas import load_optimized_blas
 load_optimized_blas()
 
 __version__ = "0.1.0"
+
+
+def load(model, backend: str = "mlx", **kwargs):
+    """Load a CLIP (folder, built-in name or hub id) with an engine; see `mlx_clip.api.load`."""
+    from mlx_clip.api import load as _load
+
+    return _load(model, backend, **kwargs)

@@ -11,7 +11,6 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from mlx_clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from mlx_clip.interpolate import bicubic_matrix
@@ -210,40 +209,12 @@ def normalize(x: mx.array) -> mx.array:
 
 
 def init_weights(model: CLIPModel, seed: int = 0) -> None:
-    """Random initialisation following transformers' `CLIPPreTrainedModel._init_weights`
-    (factor 1.0), so a built-in model trains like a random-init `transformers.CLIPModel`."""
-    cfg = model.config
-    rng = np.random.default_rng(seed)
+    """Random initialisation as transformers does it (see `mlx_clip/builtin.py`)."""
+    from convert.layout import torch_to_mlx
+    from mlx_clip.builtin import random_weights
 
-    def normal(shape, std):
-        return mx.array(rng.normal(0.0, std, size=shape).astype(np.float32))
-
-    params = {}
-    for tower, tcfg in (("text_model", cfg.text_config), ("vision_model", cfg.vision_config)):
-        width, layers = tcfg.hidden_size, tcfg.num_hidden_layers
-        in_std = width ** -0.5 * (2 * layers) ** -0.5
-        out_std = width ** -0.5
-        fc_std = (2 * width) ** -0.5
-        for i in range(layers):
-            p = f"{tower}.encoder.layers.{i}"
-            for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                std = out_std if name == "out_proj" else in_std
-                params[f"{p}.self_attn.{name}.weight"] = normal((width, width), std)
-                params[f"{p}.self_attn.{name}.bias"] = mx.zeros((width,))
-            params[f"{p}.mlp.fc1.weight"] = normal((tcfg.intermediate_size, width), fc_std)
-            params[f"{p}.mlp.fc2.weight"] = normal((width, tcfg.intermediate_size), in_std)
-            params[f"{p}.mlp.fc1.bias"] = mx.zeros((tcfg.intermediate_size,))
-            params[f"{p}.mlp.fc2.bias"] = mx.zeros((width,))
-    t, v = cfg.text_config, cfg.vision_config
-    params["text_model.embeddings.token_embedding.weight"] = normal((t.vocab_size, t.hidden_size), 0.02)
-    params["text_model.embeddings.position_embedding.weight"] = normal((t.max_position_embeddings, t.hidden_size), 0.01)
-    params["vision_model.embeddings.class_embedding"] = normal((v.hidden_size,), v.hidden_size ** -0.5)
-    params["vision_model.embeddings.patch_embedding.weight"] = normal(
-        (v.hidden_size, v.patch_size, v.patch_size, v.num_channels), 0.02)
-    params["vision_model.embeddings.position_embedding.weight"] = normal((v.num_positions, v.hidden_size), 0.02)
-    params["visual_projection.weight"] = normal((cfg.projection_dim, v.hidden_size), v.hidden_size ** -0.5)
-    params["text_projection.weight"] = normal((cfg.projection_dim, t.hidden_size), t.hidden_size ** -0.5)
-    model.load_weights(list(params.items()), strict=False)
+    weights = random_weights(model.config, seed)
+    model.load_weights([(k, mx.array(torch_to_mlx(k, v))) for k, v in weights.items()], strict=True)
     mx.eval(model.parameters())
 
 

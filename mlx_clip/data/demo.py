@@ -6,7 +6,7 @@ Layout under `root`:
 demo.json                      parameters + content hash; a matching one means "reuse"
 target/train/<colour>_<shape>/NNNN.png   the domain to fine-tune on (12 classes)
 target/val/<colour>_<shape>/NNNN.png     held out, for zero-shot top-1
-target/captions_train.csv      image,caption: "a small red circle in the top left on a grey background"
+target/captions_train.csv      image,caption ("a small red circle in the top left on a grey ...")
 target/captions_val.csv        the same for val images, for retrieval recall@K
 control/val/<colour>_<pattern>/NNNN.png  a domain never trained on, to measure forgetting
 ```
@@ -33,9 +33,19 @@ from mlx_clip.errors import ConfigError, DataError
 GENERATOR_VERSION = 1  # bump when the pictures change, so old demo folders are regenerated
 MANIFEST = "demo.json"
 SHAPES = ("circle", "square", "triangle")
-COLOURS = {"red": (215, 35, 35), "green": (35, 165, 55), "blue": (40, 75, 220), "yellow": (235, 215, 40)}
+COLOURS = {
+    "red": (215, 35, 35),
+    "green": (35, 165, 55),
+    "blue": (40, 75, 220),
+    "yellow": (235, 215, 40),
+}
 PATTERNS = ("horizontal_stripes", "vertical_stripes", "diagonal_stripes", "dots")
-CONTROL_COLOURS = {"orange": (240, 135, 25), "purple": (135, 45, 185), "cyan": (35, 200, 210), "pink": (245, 125, 185)}
+CONTROL_COLOURS = {
+    "orange": (240, 135, 25),
+    "purple": (135, 45, 185),
+    "cyan": (35, 200, 210),
+    "pink": (245, 125, 185),
+}
 _SUPERSAMPLE = 4
 _DOMAINS = {"target": 0, "control": 1}
 _SPLITS = {"train": 0, "val": 1}
@@ -81,7 +91,11 @@ def make_demo(
     params.check()
     paths = demo_paths(root)
     manifest = _read_manifest(root)
-    if manifest is not None and manifest.get("params") == asdict(params) and manifest.get("status") == "complete":
+    if (
+        manifest is not None
+        and manifest.get("params") == asdict(params)
+        and manifest.get("status") == "complete"
+    ):
         if manifest.get("sha256") == content_hash(root):
             return paths
     _clear(root, manifest)
@@ -91,7 +105,12 @@ def make_demo(
     files = _demo_files(root)
     _write_manifest(
         root,
-        {"status": "complete", "params": asdict(params), "files": len(files), "sha256": content_hash(root)},
+        {
+            "status": "complete",
+            "params": asdict(params),
+            "files": len(files),
+            "sha256": content_hash(root),
+        },
     )
     return paths
 
@@ -123,19 +142,26 @@ def _read_manifest(root: Path) -> dict | None:
 
 def _write_manifest(root: Path, data: dict) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    (root / MANIFEST).write_text(json.dumps({"format": "mlxclip-demo", **data}, indent=2, sort_keys=True) + "\n")
+    (root / MANIFEST).write_text(
+        json.dumps({"format": "mlxclip-demo", **data}, indent=2, sort_keys=True) + "\n"
+    )
 
 
 def _clear(root: Path, manifest: dict | None) -> None:
     """Remove an old or partial demo; refuse to touch a folder that never held one."""
     if root.exists() and manifest is None and any(root.iterdir()):
-        raise DataError(f"{root}: folder is not empty and holds no {MANIFEST}; give a new or empty folder for the demo")
+        raise DataError(
+            f"{root}: folder is not empty and holds no {MANIFEST}; "
+            "give a new or empty folder for the demo"
+        )
     for name in ("target", "control"):
         shutil.rmtree(root / name, ignore_errors=True)
 
 
 def _demo_files(root: Path) -> list[Path]:
-    return sorted(p for name in ("target", "control") for p in (root / name).rglob("*") if p.is_file())
+    return sorted(
+        p for name in ("target", "control") for p in (root / name).rglob("*") if p.is_file()
+    )
 
 
 def content_hash(root: str | Path) -> str:
@@ -177,11 +203,15 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
     return np.broadcast_to(level + tint, (size, size, 3)).astype(np.float32), word
 
 
-def _jitter(rng: np.random.Generator, rgb: tuple[int, int, int], amount: float = 25.0) -> np.ndarray:
+def _jitter(
+    rng: np.random.Generator, rgb: tuple[int, int, int], amount: float = 25.0
+) -> np.ndarray:
     return np.clip(np.asarray(rgb, np.float32) + rng.uniform(-amount, amount, size=3), 0, 255)
 
 
-def _shape_image(rng: np.random.Generator, size: int, colour: str, shape: str) -> tuple[np.ndarray, str]:
+def _shape_image(
+    rng: np.random.Generator, size: int, colour: str, shape: str
+) -> tuple[np.ndarray, str]:
     background, bg_word = _background(rng, size)
     fill = _jitter(rng, COLOURS[colour])
     radius = rng.uniform(0.18, 0.32) * size  # circumradius: every shape fits a circle of this size
@@ -190,11 +220,15 @@ def _shape_image(rng: np.random.Generator, size: int, colour: str, shape: str) -
     alpha = _shape_mask(size, shape, cx, cy, radius, angle)
     pixels = background * (1 - alpha) + fill * alpha + rng.normal(0, 6, size=(size, size, 3))
     size_word = "small" if radius < 0.25 * size else "large"
-    caption = f"a {size_word} {colour} {shape} {_where(cx / size, cy / size)} on a {bg_word} background"
+    caption = (
+        f"a {size_word} {colour} {shape} {_where(cx / size, cy / size)} on a {bg_word} background"
+    )
     return pixels, caption
 
 
-def _shape_mask(size: int, shape: str, cx: float, cy: float, radius: float, angle: float) -> np.ndarray:
+def _shape_mask(
+    size: int, shape: str, cx: float, cy: float, radius: float, angle: float
+) -> np.ndarray:
     k = _SUPERSAMPLE
     mask = Image.new("L", (size * k, size * k), 0)
     draw = ImageDraw.Draw(mask)
@@ -207,7 +241,7 @@ def _shape_mask(size: int, shape: str, cx: float, cy: float, radius: float, angl
         start = np.pi / 4 if corners == 4 else -np.pi / 2
         theta = start + angle + 2 * np.pi * np.arange(corners) / corners
         xs, ys = (cx + radius * np.cos(theta)) * k, (cy + radius * np.sin(theta)) * k
-        draw.polygon([(float(x), float(y)) for x, y in zip(xs, ys)], fill=255)
+        draw.polygon([(float(x), float(y)) for x, y in zip(xs, ys, strict=True)], fill=255)
     small = mask.resize((size, size), Image.Resampling.BOX)
     return (np.asarray(small, np.float32) / 255.0)[..., None]  # (H, W, 1)
 
@@ -234,7 +268,10 @@ def _render_control(folder: Path, p: DemoParams) -> None:
         (folder / "val" / name).mkdir(parents=True, exist_ok=True)
         for i in range(p.per_class_control):
             rng = np.random.default_rng([p.seed, _DOMAINS["control"], _SPLITS["val"], label, i])
-            _save_png(_pattern_image(rng, p.image_size, colour, pattern), folder / "val" / name / f"{i:04d}.png")
+            _save_png(
+                _pattern_image(rng, p.image_size, colour, pattern),
+                folder / "val" / name / f"{i:04d}.png",
+            )
 
 
 def _pattern_image(rng: np.random.Generator, size: int, colour: str, pattern: str) -> np.ndarray:
@@ -249,11 +286,17 @@ def _pattern_image(rng: np.random.Generator, size: int, colour: str, pattern: st
         r = rng.uniform(0.25, 0.35) * period
         alpha = np.clip(r - np.sqrt(dx * dx + dy * dy) + 0.5, 0, 1)
     else:
-        base = {"horizontal_stripes": 90.0, "vertical_stripes": 0.0, "diagonal_stripes": rng.choice([45.0, -45.0])}
+        base = {
+            "horizontal_stripes": 90.0,
+            "vertical_stripes": 0.0,
+            "diagonal_stripes": rng.choice([45.0, -45.0]),
+        }
         theta = (base[pattern] + rng.uniform(-8, 8)) * np.pi / 180
         t = x * np.cos(theta) + y * np.sin(theta)
         # A steep clipped cosine: half-duty stripes with about one pixel of anti-aliased edge.
-        alpha = np.clip(0.5 + period / 4 * np.cos(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi)), 0, 1)
+        alpha = np.clip(
+            0.5 + period / 4 * np.cos(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi)), 0, 1
+        )
     alpha = alpha[..., None]
     return background * (1 - alpha) + fill * alpha + rng.normal(0, 6, size=(size, size, 3))
 

@@ -1,4 +1,4 @@
-"""Batches of (pixels, token ids) in a seeded order that is a pure function of (seed, epoch, position).
+"""Batches of (pixels, token ids) in a seeded order: a pure function of (seed, epoch, position).
 
 Epoch `e` visits the samples in `np.random.default_rng([seed, e]).permutation(n)`; a batch is the
 next `batch_size` samples in that order that decode, so a bad file is replaced by the sample after
@@ -184,12 +184,12 @@ class BatchLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "num_samples"):
-            mine = self.seed if key == "seed" else len(self.samples)
+        """Continue from a `state_dict()`: the next batch is the one the saver would have made."""
+        for key, mine in (("seed", self.seed), ("num_samples", len(self.samples))):
             if state.get(key) != mine:
                 raise DataError(
-                    f"cannot resume the data order: saved {key} is {state.get(key)}, this loader has "
-                    f"{mine}; the dataset or seed changed since the checkpoint"
+                    f"cannot resume the data order: saved {key} is {state.get(key)}, this loader "
+                    f"has {mine}; the dataset or seed changed since the checkpoint"
                 )
         self._epoch = int(state["epoch"])
         self._position = int(state["position"])
@@ -221,11 +221,15 @@ class BatchLoader:
                 self._prefetch(run, position)
             else:
                 following = self._epoch + 1
-                self._prefetch(_Pass(following, self.order(following), self.augment, self.drop_last), 0)
+                upcoming = _Pass(following, self.order(following), self.augment, self.drop_last)
+                self._prefetch(upcoming, 0)
         return batch
 
     def _assemble(self, run: _Pass, position: int) -> tuple[Batch | None, int]:
-        """The first batch_size decodable samples from `position`; (None, end) when too few remain."""
+        """The first batch_size samples from `position` that decode, and the position after.
+
+        (None, end of order) when the order runs out first and the pass drops a short batch.
+        """
         picked: list[tuple[int, np.ndarray]] = []
         pending: deque[tuple[int, Future | None]] = deque()
         end = len(run.order)
@@ -281,7 +285,7 @@ class BatchLoader:
         self._ahead = {}
 
     def _load(self, index: int, run: _Pass) -> np.ndarray | ImageError:
-        """Worker: decode and transform one sample. Returns its ImageError rather than raising it."""
+        """Worker: decode and transform one sample; an ImageError is returned, not raised."""
         try:
             image = open_image(self.samples[index].image, max_pixels=self.max_pixels)
         except ImageError as err:
@@ -297,7 +301,9 @@ class BatchLoader:
         chosen = [self.samples[i] for i in indices]
         input_ids = np.asarray(self.tokenize([s.caption for s in chosen])).astype(np.int64)
         if input_ids.shape[0] != len(chosen):
-            raise ConfigError(f"tokenize returned {input_ids.shape[0]} rows for {len(chosen)} captions")
+            raise ConfigError(
+                f"tokenize returned {input_ids.shape[0]} rows for {len(chosen)} captions"
+            )
         labels = np.array([s.label for s in chosen], dtype=np.int64) if self._has_labels else None
         return Batch(
             pixels=np.stack([pixels for _, pixels in picked]),

@@ -42,6 +42,8 @@ _SHOW = 3  # how many offending paths an error message lists before "..."
 
 @dataclass
 class ClassFolderDataset:
+    """What `read_class_folders` found: one captioned sample per image, plus what it skipped."""
+
     samples: list[Sample]
     class_names: list[str]  # folder names, in label order
     templates: list[str]
@@ -50,6 +52,8 @@ class ClassFolderDataset:
 
 @dataclass
 class Dataset:
+    """A dataset in any layout, as the trainer and the evaluator take it."""
+
     samples: list[Sample]
     class_names: list[str] | None
     templates: list[str] | None
@@ -86,7 +90,9 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+        raise DataError(
+            f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8"
+        ) from None
 
 
 def _is_jsonl(path: Path, text: str) -> bool:
@@ -99,7 +105,12 @@ def _is_jsonl(path: Path, text: str) -> bool:
 
 
 def _pick_column(
-    where: str, found: list[str], wanted: str | None, defaults: tuple[str, ...], role: str, what: str
+    where: str,
+    found: list[str],
+    wanted: str | None,
+    defaults: tuple[str, ...],
+    role: str,
+    what: str,
 ) -> str:
     """The column (or JSON key) for `role`: the one named, else the first default present."""
     by_lower = {name.strip().lower(): name for name in found}
@@ -144,7 +155,9 @@ def _delimited_rows(
                 f"{path}:{line}: {len(cells)} fields where the header has {len(header)} "
                 f"(delimiter {delimiter!r}); quote values that contain the delimiter"
             )
-        rows.append(_check_row(path, line, cells[image_at], cells[caption_at], image_key, caption_key))
+        rows.append(
+            _check_row(path, line, cells[image_at], cells[caption_at], image_key, caption_key)
+        )
     return rows
 
 
@@ -160,16 +173,26 @@ def _jsonl_rows(
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{line}: bad JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(record, dict):
-            raise DataError(f"{path}:{line}: expected a JSON object per line, got {type(record).__name__}")
+            raise DataError(
+                f"{path}:{line}: expected a JSON object per line, got {type(record).__name__}"
+            )
         keys = list(record)
-        image_key = _pick_column(f"{path}:{line}", keys, image_column, IMAGE_COLUMNS, "image", "key")
-        caption_key = _pick_column(f"{path}:{line}", keys, caption_column, CAPTION_COLUMNS, "caption", "key")
+        image_key = _pick_column(
+            f"{path}:{line}", keys, image_column, IMAGE_COLUMNS, "image", "key"
+        )
+        caption_key = _pick_column(
+            f"{path}:{line}", keys, caption_column, CAPTION_COLUMNS, "caption", "key"
+        )
         image, captions = record[image_key], record[caption_key]
         if not isinstance(image, str):
             raise DataError(f"{path}:{line}: {image_key!r} must be a path string, got {image!r}")
         if isinstance(captions, str):
             captions = [captions]
-        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+        if (
+            not isinstance(captions, list)
+            or not captions
+            or not all(isinstance(c, str) for c in captions)
+        ):
             raise DataError(
                 f"{path}:{line}: {caption_key!r} must be a string or a non-empty list of strings, "
                 f"got {captions!r}"
@@ -183,7 +206,9 @@ def _check_row(
 ) -> tuple[int, str, str]:
     image, caption = image.strip(), " ".join(caption.split())
     if not image:
-        raise DataError(f"{path}:{line}: column {image_key!r} is empty; each row needs an image path")
+        raise DataError(
+            f"{path}:{line}: column {image_key!r} is empty; each row needs an image path"
+        )
     if not caption:
         raise DataError(f"{path}:{line}: column {caption_key!r} is empty for image {image!r}")
     return line, image, caption
@@ -204,7 +229,8 @@ def _to_samples(path: Path, rows: list[tuple[int, str, str]]) -> list[Sample]:
     if missing:
         shown = "; ".join(missing[:_SHOW]) + ("; ..." if len(missing) > _SHOW else "")
         raise DataError(
-            f"{path}: {len(missing)} of {len(ids)} image(s) not found (paths are relative to {base}): {shown}"
+            f"{path}: {len(missing)} of {len(ids)} image(s) not found "
+            f"(paths are relative to {base}): {shown}"
         )
     return samples
 
@@ -220,13 +246,18 @@ def _list_lines(path: Path, what: str) -> list[tuple[int, str]]:
     lines = [(n, raw.strip()) for n, raw in enumerate(_read_text(path).splitlines(), start=1)]
     lines = [(n, text) for n, text in lines if text and not text.startswith("#")]
     if not lines:
-        raise DataError(f"{path}: no {what} in the file (one per line; lines starting with '#' are comments)")
+        raise DataError(
+            f"{path}: no {what} in the file (one per line; lines starting with '#' are comments)"
+        )
     return lines
 
 
 def load_templates(path: str | Path) -> list[str]:
     """Prompt templates, one per line, each with one `{}`; blank lines and `#` lines skipped."""
-    return [check_template(text, f"{path}:{n}: template") for n, text in _list_lines(Path(path), "templates")]
+    return [
+        check_template(text, f"{path}:{n}: template")
+        for n, text in _list_lines(Path(path), "templates")
+    ]
 
 
 def load_classes(path: str | Path, root: str | Path | None = None) -> list[str]:
@@ -298,20 +329,23 @@ def read_class_folders(
                 f"({', '.join(sorted(IMAGE_EXTENSIONS))}); remove it or add images"
             )
         picks = rng.integers(len(templates), size=len(images))
-        for image, pick in zip(images, picks):
+        for image, pick in zip(images, picks, strict=True):
             caption = fill(templates[pick], name)
             samples.append(Sample(image, caption, label, first_image_id + len(samples)))
     if skipped:
-        log.warning("%s: skipped %d file(s) that are not images, e.g. %s", root, len(skipped), skipped[0])
+        log.warning(
+            "%s: skipped %d file(s) that are not images, e.g. %s", root, len(skipped), skipped[0]
+        )
     return ClassFolderDataset(samples, list(classes), templates, skipped)
 
 
 def _class_images(folder: Path) -> tuple[list[Path], list[Path]]:
+    folder = folder.resolve()  # once per class, not once per file
     images, other = [], []
-    for p in sorted(folder.iterdir(), key=lambda p: p.name):
-        if p.name.startswith("."):
-            continue
-        (images if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS else other).append(p.resolve())
+    for name in sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")):
+        path = folder / name
+        is_image = path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+        (images if is_image else other).append(path)
     return images, other
 
 
@@ -328,7 +362,8 @@ def _split_dirs(path: Path) -> tuple[Path, Path] | None:
 
 def _captions_files(path: Path) -> list[Path]:
     return sorted(
-        p for p in path.iterdir()
+        p
+        for p in path.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in CAPTION_EXTENSIONS
     )
 
@@ -343,16 +378,20 @@ def _layout(path: Path) -> tuple[str, Path]:
         return "captions", path
     files = _captions_files(path)
     if len(files) > 1:
-        raise DataError(f"{path}: several captions files ({', '.join(p.name for p in files)}); pass one of them")
+        raise DataError(
+            f"{path}: several captions files ({', '.join(p.name for p in files)}); pass one of them"
+        )
     if files:
         return "captions", files[0]
     for sub in path.iterdir():
         if sub.is_dir() and not sub.name.startswith("."):
             if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in sub.iterdir() if p.is_file()):
                 return "class_folders", path
+    lone = sorted(p.name for p in path.iterdir() if p.name.lower() in TRAIN_DIRS + VAL_DIRS)
+    hint = f"; it has {lone[0]}/ alone: pass {path / lone[0]} itself" if len(lone) == 1 else ""
     raise DataError(
         f"{path}: not a dataset; expected a captions file (CSV/TSV with image,caption columns, or "
-        "JSONL) or class folders ROOT/<class name>/*.jpg, optionally inside train/ and val/"
+        "JSONL) or class folders ROOT/<class name>/*.jpg, optionally inside train/ and val/" + hint
     )
 
 
@@ -391,14 +430,20 @@ def load_dataset(
     return train
 
 
-def _load_one(path, source, templates, classes, image_column, caption_column, seed, first_id=0) -> Dataset:
+def _load_one(
+    path, source, templates, classes, image_column, caption_column, seed, first_id=0
+) -> Dataset:
     kind, target = _layout(path)
     if kind == "captions":
         samples = read_captions(target, image_column=image_column, caption_column=caption_column)
         samples = [Sample(s.image, s.caption, s.label, s.image_id + first_id) for s in samples]
         return Dataset(samples, None, None, kind, source)
-    data = read_class_folders(target, templates=templates, classes=classes, seed=seed, first_image_id=first_id)
-    return Dataset(data.samples, data.class_names, data.templates, kind, source, skipped=data.skipped)
+    data = read_class_folders(
+        target, templates=templates, classes=classes, seed=seed, first_image_id=first_id
+    )
+    return Dataset(
+        data.samples, data.class_names, data.templates, kind, source, skipped=data.skipped
+    )
 
 
 def _load_val(path: Path, train: Dataset, image_column, caption_column, seed) -> Dataset:
@@ -413,7 +458,9 @@ def _load_val(path: Path, train: Dataset, image_column, caption_column, seed) ->
     unknown = [f for f in folders if f not in train.class_names]
     if unknown:
         raise DataError(f"{path}: class folder(s) not in the train split: {', '.join(unknown)}")
-    val = _load_one(path, path, train.templates, folders, image_column, caption_column, seed + 1, first_id)
+    val = _load_one(
+        path, path, train.templates, folders, image_column, caption_column, seed + 1, first_id
+    )
     remap = [train.class_names.index(name) for name in folders]
     val.samples = [Sample(s.image, s.caption, remap[s.label], s.image_id) for s in val.samples]
     return val

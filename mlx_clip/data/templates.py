@@ -61,5 +61,7 @@ def check_templates(templates: list[str] | tuple[str, ...], where: str = "templa
         raise DataError(f"{where} must be a list of strings, got the single string {templates!r}")
     out = [check_template(t, f"{where}[{i}]") for i, t in enumerate(templates)]
     if not out:
-        raise DataError(f"{where} is empty; give at least one template such as 'a photo of a {{}}.'")
+        raise DataError(
+            f"{where} is empty; give at least one template such as 'a photo of a {{}}.'"
+        )
     return out

@@ -1,0 +1,75 @@
+"""The Python API: `mlx_clip.load(model, backend=...)` -> a model that embeds images and texts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mlx_clip.backend import Backend, load_backend
+from mlx_clip.builtin import builtin_configs, materialize
+from mlx_clip.errors import ConfigError
+from mlx_clip.hub import resolve_model
+from mlx_clip.image_processing import OPENAI_MEAN, OPENAI_STD, open_image, preprocess
+from mlx_clip.tokenizer import load_tokenizer
+
+
+def resolve(model: str | Path, *, allow_pickle: bool = False) -> Path:
+    """A folder for `model`: a path, a built-in name (`tiny`, `vit-b32`), or a hub id."""
+    if isinstance(model, str) and model in builtin_configs() and not Path(model).exists():
+        return materialize(model)
+    return resolve_model(model, allow_pickle=allow_pickle)
+
+
+def preprocessor_stats(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std a model folder was trained with (preprocessor_config.json), else OpenAI's."""
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return OPENAI_MEAN, OPENAI_STD
+    try:
+        data = json.loads(path.read_text())
+        return tuple(data.get("image_mean", OPENAI_MEAN)), tuple(data.get("image_std", OPENAI_STD))
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ConfigError(f"{path}: not a valid preprocessor config ({err})") from None
+
+
+class CLIP:
+    """One loaded model: an engine plus the tokenizer and image transform that go with it."""
+
+    def __init__(self, engine: Backend, folder: Path):
+        self.engine = engine
+        self.folder = folder
+        self.config = engine.config
+        self.image_size = engine.config.vision_config.image_size
+        self.tokenizer = load_tokenizer(folder)
+        self.mean, self.std = preprocessor_stats(folder)
+
+    def preprocess(self, images: Sequence) -> np.ndarray:
+        return np.stack([preprocess(open_image(im), self.image_size, mean=self.mean, std=self.std)
+                         for im in images])
+
+    def encode_images(self, images: Sequence | np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Paths, bytes or PIL images (or already-preprocessed (B,H,W,3) pixels) -> (B, P)."""
+        parts = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            pixels = chunk if isinstance(chunk, np.ndarray) else self.preprocess(chunk)
+            parts.append(self.engine.encode_images(pixels))
+        return np.concatenate(parts) if parts else np.zeros((0, self.config.projection_dim), np.float32)
+
+    def encode_texts(self, texts: Sequence[str] | np.ndarray, batch_size: int = 256) -> np.ndarray:
+        parts = []
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start:start + batch_size]
+            ids = chunk if isinstance(chunk, np.ndarray) else self.tokenizer.encode(list(chunk))
+            parts.append(self.engine.encode_texts(ids))
+        return np.concatenate(parts) if parts else np.zeros((0, self.config.projection_dim), np.float32)
+
+
+def load(model: str | Path, backend: str = "mlx", *, device: str | None = None, dtype: str | None = None,
+         allow_pickle: bool = False) -> CLIP:
+    folder = resolve(model, allow_pickle=allow_pickle)
+    engine = load_backend(backend, folder, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    return CLIP(engine, folder)
