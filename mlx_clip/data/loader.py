@@ -10,7 +10,7 @@ point: a restored loader yields, bytes included, the batch the original would ha
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +21,8 @@ from mlx_clip.data.sample import Sample
 from mlx_clip.errors import ConfigError, DataError, ImageError
 from mlx_clip.image_processing import (
     DEFAULT_MAX_PIXELS,
+    OPENAI_MEAN,
+    OPENAI_STD,
     normalize,
     open_image,
     preprocess,
@@ -67,6 +69,8 @@ class BatchLoader:
         max_bad_fraction: float = 0.05,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         crop_scale: tuple[float, float] = (0.9, 1.0),
+        mean: Sequence[float] = OPENAI_MEAN,
+        std: Sequence[float] = OPENAI_STD,
     ) -> None:
         if len(samples) == 0:
             raise DataError("the dataset has no samples")
@@ -94,6 +98,7 @@ class BatchLoader:
         self.max_bad_fraction = max_bad_fraction
         self.max_pixels = max_pixels
         self.crop_scale = crop_scale
+        self.mean, self.std = tuple(mean), tuple(std)  # a model folder's preprocessor stats
         self._has_labels = all(labelled)
         self._epoch = 0
         self._position = 0  # next place in the current epoch's order
@@ -291,10 +296,10 @@ class BatchLoader:
         except ImageError as err:
             return err
         if not run.augment:
-            return preprocess(image, self.image_size)
+            return preprocess(image, self.image_size, mean=self.mean, std=self.std)
         rng = np.random.default_rng([self.seed, run.epoch, index])
         crop = random_resized_crop(image, self.image_size, rng, scale=self.crop_scale)
-        return normalize(np.asarray(crop))
+        return normalize(np.asarray(crop), self.mean, self.std)
 
     def _batch(self, picked: list[tuple[int, np.ndarray]]) -> Batch:
         indices = np.array([i for i, _ in picked], dtype=np.int64)

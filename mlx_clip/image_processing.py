@@ -1,0 +1,245 @@
+"""Image files -> normalized float32 pixels (H, W, 3), exactly as `transformers.CLIPImageProcessor`.
+
+Three steps, each matched to a reference we did not write:
+- decoding (`open_image`): `transformers.image_utils.load_image` (EXIF orientation, then RGB) and
+  `transformers.image_transforms.convert_to_rgb` (transparency composited onto white), plus what
+  neither does: a pixel-count check before decoding, 16-bit grayscale scaled rather than clipped,
+  and every failure reported as one `ImageError` line.
+- evaluation transform (`preprocess`): the CLIP processor's PIL path (`image_processing_backends.
+  PilBackend`): shortest side -> `image_size` with PIL bicubic, center crop, x/255, (x-mean)/std.
+- training augmentation (`random_resized_crop`): torchvision's `RandomResizedCrop.get_params`,
+  driven by a numpy Generator so a run can be reproduced and resumed.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mlx_clip.errors import ConfigError, ImageError
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Pillow's own decompression-bomb warning threshold: far above any photo CLIP trains on, far below
+# what a crafted header can claim (a 1 KB PNG can announce 4 billion pixels).
+DEFAULT_MAX_PIXELS = 89_478_485
+
+ImageSource = str | Path | bytes | bytearray | memoryview | Image.Image
+
+# Modes holding 16-bit samples (mode "I" is what older Pillow gives 16-bit PNGs).
+_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def open_image(source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode a file, bytes or PIL image into a fully loaded RGB image.
+
+    Raises `ImageError` (one line: the file and the problem) for a missing, truncated, corrupt,
+    non-image or oversized file. `max_pixels=None` leaves only Pillow's own bomb limit.
+    """
+    name = _source_name(source)
+    try:
+        if isinstance(source, Image.Image):
+            _check_pixels(source.size, max_pixels, name)
+            source.load()
+            return to_rgb(ImageOps.exif_transpose(source))
+        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+        # Image.open reads only the header, so an oversized image is refused before any decoding.
+        with Image.open(fp) as img:
+            _check_pixels(img.size, max_pixels, name)
+            img.load()  # decode now, so a truncated file fails here rather than mid-batch
+            return to_rgb(ImageOps.exif_transpose(img))
+    except ImageError:
+        raise
+    except Exception as err:  # Pillow raises many types on corrupt data; all mean "bad file"
+        raise ImageError(f"cannot read image {name}: {_reason(err)}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB the way `CLIPImageProcessor` does, 16-bit gray excepted.
+
+    Transparency (RGBA, LA, PA, a palette or tRNS transparent colour) is composited onto white, as
+    `transformers.image_transforms.convert_to_rgb` does; every other mode goes through
+    `Image.convert("RGB")`. 16-bit grayscale is scaled (v * 255 / 65535, rounded) where Pillow's
+    convert would clip everything above 255 to white. Float ("F") images keep Pillow's clipping.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in _WIDE_GRAY_MODES:
+        wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_shortest_side(image: Image.Image, size: int) -> Image.Image:
+    """Bicubic resize so the shorter side is `size`, keeping the aspect ratio.
+
+    The long side is `int(size * long / short)` (truncated), the rounding of transformers'
+    `get_resize_output_image_size(default_to_square=False)`.
+    """
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if width <= height else (new_long, size)
+    return image.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+
+
+def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, C) -> (size, size, C); offsets floor((H - size) / 2), as transformers' center_crop."""
+    height, width = pixels.shape[:2]
+    if height < size or width < size:
+        raise ConfigError(
+            f"center_crop needs an image of at least {size}x{size}, got {width}x{height}"
+        )
+    top, left = (height - size) // 2, (width - size) // 2
+    return pixels[top : top + size, left : left + size]
+
+
+def normalize(
+    pixels: np.ndarray,
+    mean: Sequence[float] = OPENAI_MEAN,
+    std: Sequence[float] = OPENAI_STD,
+) -> np.ndarray:
+    """uint8 (..., 3) -> float32 (x / 255 - mean) / std.
+
+    The arithmetic order and dtypes are transformers' (`rescale` in float64 then cast to float32,
+    `normalize` in float32), so outputs match its PIL path bit for bit.
+    """
+    scaled = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
+    return (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def preprocess(
+    image: Image.Image,
+    image_size: int,
+    *,
+    mean: Sequence[float] = OPENAI_MEAN,
+    std: Sequence[float] = OPENAI_STD,
+) -> np.ndarray:
+    """The CLIP evaluation transform: PIL image -> float32 (image_size, image_size, 3)."""
+    _check_size(image_size)
+    resized = resize_shortest_side(to_rgb(image), image_size)
+    return normalize(center_crop(np.asarray(resized), image_size), mean, std)
+
+
+def preprocess_batch(
+    images: Sequence[Image.Image],
+    image_size: int,
+    *,
+    mean: Sequence[float] = OPENAI_MEAN,
+    std: Sequence[float] = OPENAI_STD,
+) -> np.ndarray:
+    """`preprocess` over a list -> float32 (N, image_size, image_size, 3)."""
+    if len(images) == 0:
+        return np.zeros((0, image_size, image_size, 3), np.float32)
+    return np.stack([preprocess(im, image_size, mean=mean, std=std) for im in images])
+
+
+def random_resized_crop_params(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.9, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """(top, left, crop_height, crop_width), torchvision `RandomResizedCrop.get_params`' algorithm.
+
+    Ten tries at a crop of random area share `scale` and log-uniform aspect `ratio`; if none fits,
+    the largest centered crop whose aspect is clamped into `ratio`.
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(
+    image: Image.Image,
+    image_size: int,
+    rng: np.random.Generator,
+    *,
+    scale: tuple[float, float] = (0.9, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    hflip: bool = False,
+) -> Image.Image:
+    """Seeded training crop -> RGB image of image_size x image_size (bicubic, as open_clip trains).
+
+    The default scale (0.9, 1.0) is open_clip's fine-tuning default: light enough that captions
+    still describe the crop. Flipping is off by default because captions can name left and right.
+    """
+    _check_size(image_size)
+    _check_range("scale", scale, upper=1.0)
+    _check_range("ratio", ratio, upper=None)
+    rgb = to_rgb(image)
+    top, left, h, w = random_resized_crop_params(rgb.width, rgb.height, rng, scale, ratio)
+    crop = rgb.crop((left, top, left + w, top + h))
+    out = crop.resize((image_size, image_size), resample=Image.Resampling.BICUBIC)
+    if hflip and rng.random() < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return out
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int | None, name: str) -> None:
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError(
+            f"cannot read image {name}: {width}x{height} = {width * height} pixels exceeds "
+            f"max_pixels {max_pixels}"
+        )
+
+
+def _check_size(image_size: int) -> None:
+    if not isinstance(image_size, int) or image_size <= 0:
+        raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
+
+
+def _check_range(name: str, bounds: tuple[float, float], upper: float | None) -> None:
+    lo, hi = bounds
+    if not (0 < lo <= hi) or (upper is not None and hi > upper):
+        limit = f" and at most {upper}" if upper is not None else ""
+        raise ConfigError(f"{name} must be (low, high) with 0 < low <= high{limit}, got {bounds}")
+
+
+def _source_name(source: ImageSource) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, Image.Image):
+        return getattr(source, "filename", "") or "<PIL image>"
+    return "<bytes>"
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, FileNotFoundError):
+        return "file not found"
+    if isinstance(err, IsADirectoryError):
+        return "is a directory"
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image format Pillow can decode"
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
