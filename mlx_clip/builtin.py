@@ -74,7 +74,7 @@ def write_hf_folder(folder: Path, config: CLIPConfig, weights: dict[str, np.ndar
 
     folder.mkdir(parents=True, exist_ok=True)
     config.save(folder)
-    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(folder / "model.safetensors"),
+    save_file({k: np.require(v, requirements="C") for k, v in weights.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
     load_tokenizer().save_pretrained(folder)
     write_preprocessor_config(folder, config.vision_config.image_size)

@@ -97,3 +97,53 @@ def info():
         click.echo(f"torch {torch.__version__}: auto device {select_device(None)}")
     except ImportError:
         click.echo("torch: not installed")
+
+
+def train_config_options(fn):
+    """One click option per TrainConfig field; default None so only given flags override."""
+    import dataclasses
+
+    from mlx_clip.train_config import TrainConfig
+
+    for f in reversed(dataclasses.fields(TrainConfig)):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} [default: {f.default}]"
+        if f.type in ("bool", bool):
+            fn = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None, help=help_text)(fn)
+        else:
+            kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+            fn = click.option(flag, f.name, type=kind, default=None, help=help_text)(fn)
+    return fn
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML/YAML file of options (flags override it).")
+@train_config_options
+@domain_errors
+def finetune(config_file, **flags):
+    """Fine-tune a CLIP on your domain (default: the built-in demo) with either engine."""
+    from mlx_clip.finetune import demo_preset, finetune as run
+    from mlx_clip.train_config import TrainConfig, read_config_file
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    file_values = read_config_file(config_file) if config_file else {}
+    preset = demo_preset() if given.get("data", file_values.get("data")) is None else {}
+    cfg = TrainConfig.resolve(config_file, given, preset=preset)
+    run(cfg, echo=click.echo, progress=sys.stderr.isatty())
+
+
+@main.command("wise-ft")
+@click.option("--zero-shot", "zero_shot", required=True, help="The model before fine-tuning.")
+@click.option("--fine-tuned", "fine_tuned", required=True, help="The fine-tuned model.")
+@click.option("--alpha", type=float, default=0.5, show_default=True,
+              help="Weight of the fine-tuned model: (1-alpha)*zero_shot + alpha*fine_tuned.")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@domain_errors
+def wise_ft(zero_shot, fine_tuned, alpha, out):
+    """Interpolate weights against domain shift (WiSE-FT, Wortsman et al. 2022)."""
+    from mlx_clip.api import resolve
+    from mlx_clip.wise_ft import wise_ft as run
+
+    path = run(resolve(zero_shot), resolve(fine_tuned), alpha, out)
+    click.echo(f"wrote {path}")

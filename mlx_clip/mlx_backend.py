@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from convert.layout import mlx_to_torch, torch_to_mlx
 from mlx_clip.config import CLIPConfig
@@ -106,3 +108,139 @@ class MLXBackend:
         return {"peak_bytes": int(mx.get_peak_memory()), "active_bytes": int(mx.get_active_memory()),
                 "cache_bytes": int(mx.get_cache_memory())}
 
+
+
+class TrainModule(nn.Module):
+    """What the optimizer sees: the CLIP, plus SigLIP's learnable bias when that loss is used.
+    Parameter names ("clip.…", "logit_bias") are the same in the torch engine's state."""
+
+    def __init__(self, clip: CLIPModel, logit_bias: float | None):
+        super().__init__()
+        self.clip = clip
+        if logit_bias is not None:
+            self.logit_bias = mx.array(logit_bias, dtype=mx.float32)
+
+    def bias(self):
+        return self["logit_bias"] if "logit_bias" in self else None
+
+
+class MLXTrainEngine:
+    """One compiled AdamW step over model, optimizer and RNG state (mlx-lm's pattern)."""
+
+    name = "mlx"
+
+    def __init__(self, model: CLIPModel, cfg):
+        from mlx_clip.loss import LOSSES
+        from mlx_clip.schedule import LOGIT_SCALE_MAX, decays
+
+        self.cfg = cfg
+        self.config: CLIPConfig = model.config
+        self.module = TrainModule(model, -10.0 if cfg.loss == "siglip" else None)
+        apply_strategy(self.module, cfg)
+        model.set_gradient_checkpointing(cfg.gradient_checkpointing)
+        self.optimizer = optim.Adam(learning_rate=0.0, betas=[cfg.beta1, cfg.beta2], eps=cfg.eps,
+                                    bias_correction=True)  # torch's AdamW corrects bias; MLX's default doesn't
+        trainable = self.module.trainable_parameters()
+        self.optimizer.init(trainable)
+        self.decay_mask = dict(tree_flatten(tree_map_with_path(lambda path, p: decays(path, p.ndim), trainable)))
+        loss_fn = LOSSES[cfg.loss]
+        options = {} if cfg.loss == "siglip" else {"label_smoothing": cfg.label_smoothing,
+                                                    "hard_negative_beta": cfg.hard_negative_beta}
+
+        def compute_loss(module, pixels, ids, labels):
+            image = normalize(module.clip.get_image_features(pixels))
+            text = normalize(module.clip.get_text_features(ids))
+            return loss_fn(image, text, mx.exp(module.clip.logit_scale), module.bias(), labels=labels, **options)
+
+        loss_and_grad = nn.value_and_grad(self.module, compute_loss)
+        state = [self.module.state, self.optimizer.state]
+
+        def step(pixels, ids, labels, lr):
+            loss, grads = loss_and_grad(self.module, pixels, ids, labels)
+            flat = tree_flatten(grads)
+            grads = tree_unflatten(flat)  # drops the empty branches of frozen towers
+            norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in flat))
+            if cfg.grad_clip > 0:  # as torch.nn.utils.clip_grad_norm_: always scale by min(1, c/(n+1e-6))
+                coef = mx.minimum(cfg.grad_clip / (norm + 1e-6), 1.0)
+                grads = tree_map(lambda g: (g * coef).astype(g.dtype), grads)
+            ok = mx.isfinite(loss) & mx.isfinite(norm)
+            old_params = dict(tree_flatten(self.module.trainable_parameters()))
+            # apply_gradients mutates the optimizer's dict in place: keep the old arrays aside.
+            old_state = dict(tree_flatten(self.optimizer.state))
+            decayed = tree_unflatten([(k, p * (1 - lr * cfg.weight_decay) if self.decay_mask[k] else p)
+                                      for k, p in old_params.items()])
+            self.optimizer.learning_rate = lr
+            new_params = dict(tree_flatten(self.optimizer.apply_gradients(grads, decayed)))
+            if "clip.logit_scale" in new_params:
+                new_params["clip.logit_scale"] = mx.clip(new_params["clip.logit_scale"], 0.0, LOGIT_SCALE_MAX)
+            # A non-finite step changes nothing: parameters and optimizer moments stay as they were.
+            self.module.update(tree_unflatten([(k, mx.where(ok, v, old_params[k])) for k, v in new_params.items()]))
+            kept = [(k, mx.where(ok, v, old_state[k]) if k in old_state else v)
+                    for k, v in tree_flatten(self.optimizer.state)]
+            # Updated in place: the compiled function captures this dict object, not the name.
+            self.optimizer.state.update(tree_unflatten(kept))
+            return loss, norm, ok
+
+        self._step = mx.compile(step, inputs=state, outputs=state)
+
+    @classmethod
+    def from_folder(cls, folder, cfg) -> "MLXTrainEngine":
+        return cls(load_mlx_model(folder, dtype=cfg.dtype), cfg)
+
+    def train_step(self, batch, lr: float) -> dict:
+        labels = batch.labels if batch.labels is not None else batch.image_ids
+        loss, norm, ok = self._step(mx.array(batch.pixels), mx.array(batch.input_ids.astype(np.int32)),
+                                    mx.array(labels.astype(np.int32)), mx.array(lr, dtype=mx.float32))
+        mx.eval(loss, norm, ok, self.module.state, self.optimizer.state)
+        return {"loss": float(loss), "grad_norm": float(norm), "ok": bool(ok),
+                "logit_scale": float(mx.exp(self.module.clip.logit_scale))}
+
+    def trainable_count(self) -> int:
+        return sum(int(np.prod(p.shape)) for _, p in tree_flatten(self.module.trainable_parameters()))
+
+    def encoder(self) -> MLXBackend:
+        return MLXBackend(self.module.clip)
+
+    def save_state(self, folder: Path) -> None:
+        tensors = {f"model/{k}": v for k, v in tree_flatten(self.module.parameters())}
+        tensors.update({f"optim/{k}": v for k, v in tree_flatten(self.optimizer.state)})
+        mx.save_safetensors(str(Path(folder) / "engine_state.safetensors"), tensors, metadata={"engine": "mlx"})
+
+    def load_state(self, folder: Path) -> None:
+        tensors = mx.load(str(Path(folder) / "engine_state.safetensors"))
+        self.module.update(tree_unflatten([(k[6:], v) for k, v in tensors.items() if k.startswith("model/")]))
+        self.optimizer.state.update(tree_unflatten([(k[6:], v) for k, v in tensors.items() if k.startswith("optim/")]))
+        mx.eval(self.module.state, self.optimizer.state)
+
+    def save_model(self, folder: Path) -> Path:
+        """Plain Hugging Face folder (LoRA merged): loads in transformers and in both engines."""
+        from mlx_clip.builtin import write_hf_folder
+
+        clip = self.module.clip
+        if self.cfg.strategy == "lora":
+            import copy
+
+            from mlx_clip.lora import merge_lora
+
+            clip = copy.deepcopy(clip)
+            merge_lora(clip)
+        return write_hf_folder(Path(folder), clip.config, torch_layout_numpy(clip))
+
+    def memory(self) -> dict[str, int]:
+        return {"peak_bytes": int(mx.get_peak_memory()), "active_bytes": int(mx.get_active_memory())}
+
+
+def apply_strategy(module: TrainModule, cfg) -> None:
+    clip = module.clip
+    if cfg.strategy == "lora":
+        from mlx_clip.lora import apply_lora
+
+        apply_lora(clip, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                   targets=[t.strip() for t in cfg.lora_targets.split(",") if t.strip()], seed=cfg.seed)
+        clip.unfreeze(keys=["logit_scale"], recurse=False)
+    elif cfg.strategy == "lock-image":
+        clip.vision_model.freeze()
+        clip.visual_projection.freeze()
+    elif cfg.strategy == "lock-text":
+        clip.text_model.freeze()
+        clip.text_projection.freeze()

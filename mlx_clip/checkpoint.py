@@ -1,0 +1,108 @@
+"""Run folders and crash-safe checkpoints.
+
+    OUT/config.json            the resolved TrainConfig
+    OUT/metrics.jsonl          one JSON object per logged step / evaluation
+    OUT/bad_images.txt         images skipped as unreadable, with the reason
+    OUT/checkpoints/step-000100/{engine_state.safetensors, trainer.json}
+    OUT/checkpoints/latest     name of the newest complete checkpoint
+    OUT/final/                 the fine-tuned model (Hugging Face folder)
+
+A checkpoint is written into a temporary folder, flushed, and renamed into place; only then does
+`latest` move (itself replaced atomically). A kill at any moment leaves the previous checkpoint
+and its pointer intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from mlx_clip.errors import CheckpointError
+
+TRAINER_FILE = "trainer.json"
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.checkpoints = self.root / "checkpoints"
+        self.metrics_path = self.root / "metrics.jsonl"
+        self.final = self.root / "final"
+
+    def prepare(self) -> None:
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        for stale in self.checkpoints.glob(".tmp-*"):  # left by a kill mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def save(self, step: int, write_engine_state: Callable[[Path], None], trainer_state: dict, keep: int) -> Path:
+        self.prepare()
+        name = f"step-{step:07d}"
+        tmp = self.checkpoints / f".tmp-{name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        write_engine_state(tmp)
+        (tmp / TRAINER_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=1))
+        _fsync_tree(tmp)
+        final = self.checkpoints / name
+        if final.exists():  # re-saving a step after a resume: the old copy is equivalent
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _write_atomic(self.checkpoints / "latest", name + "\n")
+        self._prune(keep, protect=final)
+        return final
+
+    def _prune(self, keep: int, protect: Path) -> None:
+        complete = self.complete_checkpoints()
+        for old in complete[:-keep]:
+            if old != protect:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def complete_checkpoints(self) -> list[Path]:
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints.glob("step-*") if (p / TRAINER_FILE).is_file())
+
+    def latest(self) -> Path | None:
+        pointer = self.checkpoints / "latest"
+        if pointer.is_file():
+            candidate = self.checkpoints / pointer.read_text().strip()
+            if (candidate / TRAINER_FILE).is_file():
+                return candidate
+        complete = self.complete_checkpoints()
+        return complete[-1] if complete else None
+
+    def resolve_resume(self, resume: str) -> Path:
+        if resume == "latest":
+            found = self.latest()
+            if found is None:
+                raise CheckpointError(f"--resume latest: no complete checkpoint in {self.checkpoints}")
+            return found
+        path = Path(resume)
+        if not (path / TRAINER_FILE).is_file():
+            raise CheckpointError(f"--resume {resume}: not a checkpoint folder (no {TRAINER_FILE})")
+        return path
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    try:
+        return json.loads((checkpoint / TRAINER_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{checkpoint / TRAINER_FILE}: unreadable checkpoint state ({err})") from None

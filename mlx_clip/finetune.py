@@ -1,0 +1,159 @@
+"""`mlxclip finetune`: resolve the model and data, build the engine and the loader, run the trainer,
+and report zero-shot top-1 / retrieval R@1 on held-out data before and after."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlx_clip.api import CLIP, preprocessor_stats, resolve
+from mlx_clip.checkpoint import RunFolder
+from mlx_clip.data.loader import BatchLoader
+from mlx_clip.data.records import Dataset, load_dataset, split_samples
+from mlx_clip.errors import DataError
+from mlx_clip.tokenizer import load_tokenizer
+from mlx_clip.train_config import TrainConfig
+from mlx_clip.trainer import Trainer, TrainResult
+
+
+def demo_preset() -> dict[str, Any]:
+    """The built-in default: the tiny random model on the rendered shapes domain. Values sit
+    between the defaults and the user's file/flags, so any of them can still be overridden."""
+    return {"model": "tiny", "lr": 2e-3, "steps": 400, "batch_size": 48, "warmup_steps": 40,
+            "weight_decay": 0.05, "out": "runs/demo", "log_every": 20, "save_every": 200}
+
+
+@dataclass
+class DomainData:
+    train: list
+    val: list
+    class_names: list[str] | None
+    templates: list[str] | None
+    val_captions: Dataset | None  # captions for retrieval on held-out images
+    control: Dataset | None
+
+
+def prepare_data(cfg: TrainConfig) -> DomainData:
+    if cfg.data is None:
+        from mlx_clip.builtin import cache_root
+        from mlx_clip.data.demo import make_demo
+
+        paths = make_demo(cache_root() / "demo")
+        target = load_dataset(paths["target"], templates=cfg.templates)
+        captions = load_dataset(paths["captions_val"])
+        control = load_dataset(paths["control_val"], templates=cfg.templates)
+        return DomainData(target.samples, target.val or [], target.class_names, target.templates, captions, control)
+    data = load_dataset(cfg.data, templates=cfg.templates)
+    if cfg.val_data:
+        val_set = load_dataset(cfg.val_data, templates=cfg.templates, classes=data.class_names)
+        train, val = data.samples, val_set.samples
+    elif data.val is not None:
+        train, val = data.samples, data.val
+    elif cfg.val_fraction > 0:
+        train, val = split_samples(data.samples, cfg.val_fraction, cfg.seed)
+    else:
+        train, val = data.samples, []
+    if not train:
+        raise DataError(f"{cfg.data}: no training samples left after the validation split")
+    control = load_dataset(cfg.control_data, templates=cfg.templates) if cfg.control_data else None
+    val_captions = None
+    if data.kind == "captions" and val:
+        val_captions = Dataset(val, None, None, "captions", data.source)
+    return DomainData(train, val, data.class_names, data.templates, val_captions, control)
+
+
+def make_evaluator(data: DomainData, folder: Path, batch_size: int):
+    from mlx_clip.evaluate import retrieval, zero_shot
+
+    def evaluate(engine) -> dict[str, float]:
+        clip = CLIP(engine, folder)
+        out: dict[str, float] = {}
+        if data.class_names and data.val:
+            held_out = Dataset(data.val, data.class_names, data.templates, "class_folders", Path("val"))
+            out["val_zero_shot_top1"] = float(zero_shot(clip, held_out, data.templates, batch_size=batch_size)["acc1"])
+        if data.val_captions is not None:
+            metrics = retrieval(clip, data.val_captions, batch_size=batch_size)
+            out["val_image_retrieval_R@1"] = float(metrics["image_retrieval_recall@1"])
+            out["val_text_retrieval_R@1"] = float(metrics["text_retrieval_recall@1"])
+        if data.control is not None:
+            out["control_zero_shot_top1"] = float(
+                zero_shot(clip, data.control, data.control.templates, batch_size=batch_size)["acc1"])
+        return out
+
+    return evaluate
+
+
+def build_engine(cfg: TrainConfig, folder: Path):
+    if cfg.backend == "mlx":
+        from mlx_clip.mlx_backend import MLXTrainEngine
+
+        return MLXTrainEngine.from_folder(folder, cfg)
+    from torch_backend.backend import TorchTrainEngine
+
+    return TorchTrainEngine.from_folder(folder, cfg)
+
+
+@dataclass
+class FinetuneResult:
+    train: TrainResult
+    before: dict[str, float] | None
+    after: dict[str, float] | None
+    run: RunFolder
+
+
+def finetune(cfg: TrainConfig, *, echo=print, progress: bool = True, evaluate: bool = True,
+             stop_after: int | None = None) -> FinetuneResult:
+    echo("mlxclip finetune, resolved config:\n" + cfg.describe())
+    folder = resolve(cfg.model)
+    data = prepare_data(cfg)  # every input problem surfaces here, before any model is built
+    tokenizer = load_tokenizer(folder)
+    engine = build_engine(cfg, folder)
+    mean, std = preprocessor_stats(folder)
+    loader = BatchLoader(data.train, batch_size=cfg.batch_size, image_size=engine.config.vision_config.image_size,
+                         tokenize=tokenizer.encode, seed=cfg.seed, augment=cfg.augment,
+                         num_workers=cfg.num_workers, max_bad_fraction=cfg.max_bad_fraction,
+                         crop_scale=(cfg.crop_scale_min, 1.0), mean=mean, std=std)
+    total = cfg.steps or max(1, math.ceil(cfg.epochs * len(loader)))
+    run = RunFolder(cfg.out)
+    run.prepare()
+    cfg.save(run.root / "config.json")
+    evaluator = make_evaluator(data, folder, cfg.batch_size) if evaluate else None
+    trainer = Trainer(cfg, engine, loader, run, total, evaluate=evaluator, progress=progress, stop_after=stop_after)
+    echo(f"{engine.name} engine, {engine.trainable_count():,} trainable parameters, {len(data.train)} training "
+         f"samples, {len(data.val)} held out, {total} steps of {cfg.batch_size}")
+    before = None
+    if cfg.resume:
+        checkpoint = run.resolve_resume(cfg.resume)
+        trainer.restore(checkpoint)
+        echo(f"resumed from {checkpoint} at step {trainer.step}")
+    elif evaluator:
+        before = evaluator(engine.encoder())
+        trainer.log.write({"step": 0, "eval": before})
+    try:
+        result = trainer.fit()
+    finally:
+        write_bad_images(run, loader)
+    after = evaluator(engine.encoder()) if evaluator else None
+    if after:
+        trainer.log.write({"step": trainer.step, "eval": after})
+        echo(summary_table(before, after))
+    echo(f"final model: {result.final_model}")
+    return FinetuneResult(result, before, after, run)
+
+
+def write_bad_images(run: RunFolder, loader: BatchLoader) -> None:
+    bad = loader.bad_files
+    if bad:
+        lines = [f"{path}\t{reason}" for path, reason in bad]
+        (run.root / "bad_images.txt").write_text("\n".join(lines) + "\n")
+        print(f"skipped {len(bad)} unreadable image(s); listed in {run.root / 'bad_images.txt'}")
+
+
+def summary_table(before: dict | None, after: dict) -> str:
+    rows = ["| metric | before | after |", "|---|---|---|"]
+    for key, value in after.items():
+        prior = f"{before[key]:.4f}" if before and key in before else "—"
+        rows.append(f"| {key} | {prior} | {value:.4f} |")
+    return "\n".join(rows)

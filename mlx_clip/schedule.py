@@ -1,0 +1,27 @@
+"""Learning-rate schedule and weight-decay groups: trainer policy, shared by both engines."""
+
+from __future__ import annotations
+
+import math
+
+
+def lr_at(step: int, total_steps: int, peak: float, warmup_steps: int, min_ratio: float = 0.0) -> float:
+    """Learning rate for update number `step` (0-based): linear warmup from peak/warmup to peak,
+    then cosine decay to min_ratio * peak at the last step (open_clip's `cosine_lr`)."""
+    if warmup_steps and step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    span = max(total_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / span, 1.0)
+    floor = peak * min_ratio
+    return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (peak - floor)
+
+
+def decays(name: str, ndim: int) -> bool:
+    """Weight decay applies to matrices only: not to biases, norms, embeddings, class token or
+    logit_scale / logit_bias (open_clip's exclusion rule, plus embeddings)."""
+    if ndim < 2 or "embedding" in name or "norm" in name or "layrnorm" in name:
+        return False
+    return not name.rsplit(".", 1)[-1].startswith("logit_")
+
+
+LOGIT_SCALE_MAX = math.log(100.0)  # CLIP clamps the learned temperature at 100

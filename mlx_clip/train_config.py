@@ -1,0 +1,164 @@
+"""Every fine-tuning default, once. A TOML/YAML file overrides them and command-line flags override
+the file (flag > file > preset > default); the resolved config is printed and saved with the run.
+
+Kept apart from `config.py` (the architecture) because it changes with the trainer, not the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlx_clip.errors import ConfigError
+
+STRATEGIES = ("full", "lora", "lock-image", "lock-text")
+LOSS_NAMES = ("clip", "siglip")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tuning options. Help strings are the metadata; `mlxclip finetune --help` shows them."""
+
+    model: str = field(default="tiny", metadata={"help": "Model folder, built-in name (tiny, vit-b32) or hub id."})
+    data: str | None = field(default=None, metadata={
+        "help": "Captions file (CSV/TSV/JSONL), class-folder root, or folder with train/ and val/. "
+                "Default: the built-in demo domain."})
+    val_data: str | None = field(default=None, metadata={"help": "Held-out data (default: split off --val-fraction)."})
+    val_fraction: float = field(default=0.1, metadata={"help": "Share held out for validation when no split is given."})
+    control_data: str | None = field(default=None, metadata={
+        "help": "Class folders of a domain not trained on, evaluated to measure forgetting."})
+    templates: str | None = field(default=None, metadata={"help": "Prompt templates file, one per line with {}."})
+    out: str = field(default="runs/finetune", metadata={"help": "Run folder (checkpoints, metrics, final/)."})
+    backend: str = field(default="mlx", metadata={"help": "Engine: mlx or torch."})
+    device: str | None = field(default=None, metadata={"help": "Override device detection (torch: cpu|cuda|mps)."})
+    dtype: str = field(default="float32", metadata={"help": "Parameter dtype: float32, bfloat16 or float16."})
+    steps: int | None = field(default=None, metadata={"help": "Optimizer steps (default: from --epochs)."})
+    epochs: float = field(default=1.0, metadata={"help": "Passes over the training data when --steps is not given."})
+    batch_size: int = field(default=32, metadata={"help": "Pairs per step (all are negatives of each other)."})
+    lr: float = field(default=1e-5, metadata={"help": "Peak learning rate."})
+    warmup_steps: int = field(default=50, metadata={"help": "Linear warmup steps before cosine decay."})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "Cosine floor as a share of --lr."})
+    weight_decay: float = field(default=0.1, metadata={
+        "help": "Decoupled weight decay (not on biases, norms, embeddings, logit_scale)."})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    beta2: float = field(default=0.98, metadata={"help": "AdamW beta2 (CLIP's 0.98)."})
+    eps: float = field(default=1e-6, metadata={"help": "AdamW epsilon."})
+    grad_clip: float = field(default=1.0, metadata={"help": "Global gradient-norm clip (0 disables)."})
+    loss: str = field(default="clip", metadata={"help": "Contrastive loss: clip (InfoNCE) or siglip."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing of the CLIP loss."})
+    hard_negative_beta: float = field(default=0.0, metadata={"help": "Hard-negative reweighting (0: off)."})
+    multi_positive: bool = field(default=True, metadata={
+        "help": "Pairs of one class (or one image) are positives, not negatives."})
+    strategy: str = field(default="full", metadata={"help": "full, lora, lock-image or lock-text."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale alpha/rank)."})
+    lora_targets: str = field(default="q_proj,k_proj,v_proj,out_proj,fc1,fc2", metadata={
+        "help": "Comma-separated LoRA target layers."})
+    augment: bool = field(default=True, metadata={"help": "Seeded random resized crop (no flip)."})
+    crop_scale_min: float = field(default=0.9, metadata={"help": "Smallest crop area share of the augmentation."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
+    seed: int = field(default=0, metadata={"help": "Seed for data order, augmentation and new parameters."})
+    num_workers: int = field(default=2, metadata={"help": "Image decoding threads."})
+    max_bad_fraction: float = field(default=0.05, metadata={"help": "Stop if more images than this share are bad."})
+    log_every: int = field(default=10, metadata={"help": "Steps between metric lines."})
+    save_every: int = field(default=100, metadata={"help": "Steps between checkpoints (0: only at the end)."})
+    keep_checkpoints: int = field(default=2, metadata={"help": "Checkpoints kept (older ones are deleted)."})
+    eval_every: int = field(default=0, metadata={"help": "Steps between zero-shot evaluations (0: before/after only)."})
+    max_nan_steps: int = field(default=5, metadata={"help": "Consecutive non-finite steps that stop the run."})
+    resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to continue from."})
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def resolve(cls, file: str | Path | None = None, flags: dict[str, Any] | None = None,
+                preset: dict[str, Any] | None = None) -> "TrainConfig":
+        """flag > file > preset > default. `flags` holds only options the user actually gave."""
+        values: dict[str, Any] = {}
+        for source, layer in (("preset", preset or {}), (str(file), read_config_file(file) if file else {}),
+                              ("flags", flags or {})):
+            unknown = sorted(set(layer) - set(cls.field_names()))
+            if unknown:
+                raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; "
+                                  f"valid options: {', '.join(cls.field_names())}")
+            values.update(layer)
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def check(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ConfigError(f"{name} {rule}, got {getattr(self, name)!r}")
+
+        for name in ("batch_size", "log_every", "max_nan_steps", "lora_rank", "keep_checkpoints"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
+                  "must be a positive integer")
+        for name in ("warmup_steps", "save_every", "eval_every", "num_workers", "seed"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,
+                  "must be a non-negative integer")
+        if self.steps is not None:
+            check(isinstance(self.steps, int) and self.steps >= 1, "steps", "must be a positive integer")
+        for name in ("lr", "epochs", "lora_alpha", "eps"):
+            value = getattr(self, name)
+            check(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, name,
+                  "must be a positive number")
+        for name in ("weight_decay", "grad_clip", "label_smoothing", "hard_negative_beta"):
+            value = getattr(self, name)
+            check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name,
+                  "must be a non-negative number")
+        for name in ("val_fraction", "min_lr_ratio", "max_bad_fraction"):
+            check(0 <= getattr(self, name) < 1 or (name == "max_bad_fraction" and getattr(self, name) == 1),
+                  name, "must be in [0, 1)")
+        for name in ("beta1", "beta2"):
+            check(0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
+        check(0 < self.crop_scale_min <= 1, "crop_scale_min", "must be in (0, 1]")
+        check(self.label_smoothing < 1, "label_smoothing", "must be below 1")
+        check(self.backend in ("mlx", "torch"), "backend", "must be mlx or torch")
+        check(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}")
+        check(self.loss in LOSS_NAMES, "loss", f"must be one of {', '.join(LOSS_NAMES)}")
+        check(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def describe(self) -> str:
+        return "\n".join(f"  {k:22s} {v}" for k, v in self.to_dict().items())
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config file ({err.strerror})") from None
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"{path}: config file must be .toml, .yaml, .yml or .json")
+    except ConfigError:
+        raise
+    except Exception as err:  # tomllib/yaml/json each raise their own type
+        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()} ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table of options, got {type(data).__name__}")
+    return {k.replace("-", "_"): v for k, v in data.items()}

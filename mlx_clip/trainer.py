@@ -1,0 +1,163 @@
+"""The one training loop. It imports neither framework: an engine does the step on numpy batches,
+and everything else — data order, schedule, clipping policy, NaN guard, evaluation, checkpoints,
+logging, interruption — is decided here, the same for both engines."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from mlx_clip.checkpoint import RunFolder, read_trainer_state
+from mlx_clip.errors import MlxClipError
+from mlx_clip.monitor import MetricsLog, Progress
+from mlx_clip.schedule import lr_at
+from mlx_clip.train_config import TrainConfig
+
+
+class TrainEngine(Protocol):
+    name: str
+
+    def train_step(self, batch: Any, lr: float) -> dict: ...
+    def save_state(self, folder) -> None: ...
+    def load_state(self, folder) -> None: ...
+    def save_model(self, folder): ...
+    def encoder(self) -> Any: ...
+    def memory(self) -> dict[str, int]: ...
+
+
+class TrainingStopped(MlxClipError):
+    """The run stopped before its last step (non-finite losses, interruption)."""
+
+
+class Interrupted(TrainingStopped):
+    exit_code = 130
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_model: Any
+    losses: list[float] = field(default_factory=list)
+    nan_steps: int = 0
+    evaluations: list[dict] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, engine: TrainEngine, loader: Any, run: RunFolder, total_steps: int, *,
+                 evaluate: Callable[[Any], dict] | None = None, progress: bool = True,
+                 stop_after: int | None = None):
+        self.cfg, self.engine, self.loader, self.run = cfg, engine, loader, run
+        self.total_steps = total_steps
+        self.evaluate = evaluate
+        self.progress_enabled = progress
+        self.stop_after = stop_after  # tests: stop (as if interrupted) after this step
+        self.log = MetricsLog(run.metrics_path)
+        self.step = 0
+        self.nan_steps = 0
+        self.consecutive_nan = 0
+        self._interrupted = False
+
+    # --- state ---------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        return {"loader": self.loader.state_dict(), "nan_steps": self.nan_steps, "total_steps": self.total_steps,
+                "backend": self.engine.name, "config": self.cfg.to_dict()}
+
+    def save_checkpoint(self):
+        return self.run.save(self.step, self.engine.save_state, self.trainer_state(), self.cfg.keep_checkpoints)
+
+    def restore(self, checkpoint) -> None:
+        state = read_trainer_state(checkpoint)
+        if state.get("backend") != self.engine.name:
+            raise MlxClipError(f"{checkpoint} was written by the {state.get('backend')} engine; "
+                               f"resume it with --backend {state.get('backend')}")
+        self.engine.load_state(checkpoint)
+        self.loader.load_state_dict(state["loader"])
+        self.step = int(state["step"])
+        self.nan_steps = int(state.get("nan_steps", 0))
+
+    # --- loop ----------------------------------------------------------------------------
+    def _on_sigint(self, signum, frame) -> None:
+        self._interrupted = True
+        # A second Ctrl-C stops at once; the last complete checkpoint is still intact.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def fit(self) -> TrainResult:
+        self.run.prepare()
+        result = TrainResult(steps=self.step, final_model=None, nan_steps=self.nan_steps)
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        progress = Progress(self.total_steps, self.step, enabled=self.progress_enabled)
+        in_step = False
+        try:
+            window_start, window_images = time.perf_counter(), 0
+            while self.step < self.total_steps:
+                if self._interrupted or (self.stop_after is not None and self.step >= self.stop_after):
+                    path = self.save_checkpoint()
+                    raise Interrupted(f"interrupted at step {self.step}; checkpoint {path}; "
+                                      f"continue with --resume latest")
+                batch = self.loader.next_batch()
+                lr = lr_at(self.step, self.total_steps, self.cfg.lr, self.cfg.warmup_steps, self.cfg.min_lr_ratio)
+                in_step = True
+                metrics = self.engine.train_step(batch, lr)
+                in_step = False
+                self.step += 1
+                window_images += len(batch.indices)
+                result.losses.append(metrics["loss"])
+                self._nan_guard(metrics, progress)
+                if self.step % self.cfg.log_every == 0 or self.step == self.total_steps or not metrics["ok"]:
+                    elapsed = time.perf_counter() - window_start
+                    record = {"step": self.step, "loss": metrics["loss"], "lr": lr,
+                              "logit_scale": metrics["logit_scale"], "grad_norm": metrics["grad_norm"],
+                              "images_per_s": window_images / elapsed if elapsed > 0 else 0.0,
+                              "skipped": not metrics["ok"], **self.engine.memory()}
+                    self.log.write(record)
+                    progress.update(self.cfg.log_every if self.step % self.cfg.log_every == 0 else 0,
+                                    {"loss": metrics["loss"], "lr": lr})
+                    window_start, window_images = time.perf_counter(), 0
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+                if self.evaluate and self.cfg.eval_every and self.step % self.cfg.eval_every == 0 \
+                        and self.step < self.total_steps:
+                    result.evaluations.append(self._evaluate(progress))
+            self.save_checkpoint()
+            result.final_model = self.engine.save_model(self.run.final)
+        except (Interrupted, TrainingStopped):
+            raise
+        except BaseException:
+            # A crash between steps leaves a consistent state: keep it resumable.
+            if not in_step and self.step > 0:
+                try:
+                    self.save_checkpoint()
+                except Exception:  # the original error is the one the user needs
+                    pass
+            raise
+        finally:
+            progress.close()
+            signal.signal(signal.SIGINT, previous)
+        result.steps, result.nan_steps = self.step, self.nan_steps
+        return result
+
+    def _nan_guard(self, metrics: dict, progress: Progress) -> None:
+        if metrics["ok"]:
+            self.consecutive_nan = 0
+            return
+        self.nan_steps += 1
+        self.consecutive_nan += 1
+        progress.write(f"step {self.step}: non-finite loss or gradient (loss={metrics['loss']}, "
+                       f"grad_norm={metrics['grad_norm']}); update skipped")
+        if self.consecutive_nan >= self.cfg.max_nan_steps:
+            latest = self.run.latest()
+            raise TrainingStopped(f"{self.consecutive_nan} non-finite steps in a row at step {self.step}: stopping. "
+                                  f"Last good checkpoint: {latest or 'none (no checkpoint was saved yet)'}. "
+                                  "Try a lower --lr or --grad-clip.")
+
+    def _evaluate(self, progress: Progress) -> dict:
+        metrics = self.evaluate(self.engine.encoder())
+        record = {"step": self.step, "eval": metrics}
+        self.log.write(record)
+        progress.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                        if isinstance(v, float) and math.isfinite(v)))
+        return record
