@@ -1,0 +1,95 @@
+"""Write a checkpoint folder in one of the three formats from HF-named, torch-layout tensors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convert import detect
+from convert.dtypes import TAG_NAMES, cast, from_numpy, to_numpy
+from convert.layout import torch_to_mlx
+from convert.names import hf_to_open_clip, rules
+from convert.open_clip_config import layout_of, open_clip_config_for
+from convert.safetensors_io import FLOAT_TAGS, Tensor, write_safetensors
+from mlx_clip.config import CLIPConfig
+from mlx_clip.errors import ConvertError
+
+# Files that travel with the weights (tokenizer and image preprocessing), copied as they are.
+SIDE_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+              "special_tokens_map.json", "preprocessor_config.json")
+
+
+def mlx_metadata() -> dict[str, str]:
+    import mlx_clip
+
+    return {"format": "mlx", "mlxclip_version": mlx_clip.__version__}
+
+
+def write_stored(folder: str | Path, to: str, config: CLIPConfig, tensors: dict[str, Tensor],
+                 extra_tensors: dict[str, Tensor] | None = None,
+                 preprocess_cfg: dict[str, Any] | None = None) -> Path:
+    """Write `tensors` (HF names, torch layout, stored dtypes) as a `to` checkpoint in `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    extra_tensors = extra_tensors or {}
+    if to == "open_clip":
+        _write_open_clip(folder, config, tensors, extra_tensors, preprocess_cfg)
+    elif to in ("mlx", "hf"):
+        _with_dtype(config, tensors).save(folder)
+        if to == "mlx":
+            tensors = {n: t.with_array(torch_to_mlx(n, t.array)) for n, t in tensors.items()}
+        metadata = mlx_metadata() if to == "mlx" else {"format": "pt"}
+        write_safetensors(folder / detect.SAFETENSORS, {**tensors, **extra_tensors}, metadata)
+    else:
+        raise ConvertError(f"format must be one of {', '.join(detect.FORMATS)}, got {to!r}")
+    return folder
+
+
+def write_checkpoint(folder: str | Path, config: CLIPConfig, tensors: dict[str, np.ndarray], *,
+                     to: str = "mlx", dtype: str | None = None) -> Path:
+    """Write numpy tensors (HF names, torch layout) as a checkpoint; `dtype` casts floats
+    (bf16 with round-to-nearest-even)."""
+    stored = {n: cast(from_numpy(a), dtype) for n, a in tensors.items()}
+    return write_stored(folder, to, config, stored)
+
+
+def _with_dtype(config: CLIPConfig, tensors: dict[str, Tensor]) -> CLIPConfig:
+    """transformers records the weights' dtype in config.json (`dtype`, formerly `torch_dtype`)."""
+    tags = Counter(t.dtype for t in tensors.values() if t.dtype in FLOAT_TAGS)
+    if not tags:
+        return config
+    name = TAG_NAMES[tags.most_common(1)[0][0]]
+    extras = dict(config.extras)
+    for key in [k for k in ("dtype", "torch_dtype") if k in extras] or ["dtype"]:
+        extras[key] = name
+    return dataclasses.replace(config, extras=extras)
+
+
+def _write_open_clip(folder: Path, config: CLIPConfig, tensors: dict[str, Tensor],
+                     extra_tensors: dict[str, Tensor], preprocess_cfg: dict[str, Any] | None) -> None:
+    bias = extra_tensors.get("logit_bias")
+    bias_value = float(to_numpy(bias).reshape(-1)[0]) if bias is not None else None
+    data = open_clip_config_for(config, bias_value, preprocess_cfg)
+    layout = layout_of(data["model_cfg"])
+    table = rules(config.vision_config.num_hidden_layers, config.text_config.num_hidden_layers,
+                  text_prefix=layout.text_prefix, logit_scale_shape=layout.logit_scale_shape)
+    out = hf_to_open_clip(tensors, table)
+    if bias is not None:
+        out["logit_bias"] = bias.with_array(bias.array.reshape(layout.logit_scale_shape))
+    (folder / detect.OPEN_CLIP_CONFIG).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    write_safetensors(folder / detect.OPEN_CLIP_SAFETENSORS, out, {"format": "pt"})
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
