@@ -13,7 +13,7 @@ from mlx_clip.builtin import builtin_configs, materialize
 from mlx_clip.errors import ConfigError
 from mlx_clip.hub import resolve_model
 from mlx_clip.image_processing import OPENAI_MEAN, OPENAI_STD, open_image, preprocess
-from mlx_clip.tokenizer import load_tokenizer
+from mlx_clip.tokenizer import load_tokenizer, trim_padding
 
 
 def resolve(model: str | Path, *, allow_pickle: bool = False) -> Path:
@@ -63,7 +63,7 @@ class CLIP:
         parts = []
         for start in range(0, len(texts), batch_size):
             chunk = texts[start:start + batch_size]
-            ids = chunk if isinstance(chunk, np.ndarray) else self.tokenizer.encode(list(chunk))
+            ids = chunk if isinstance(chunk, np.ndarray) else trim_padding(self.tokenizer.encode(list(chunk)))
             parts.append(self.engine.encode_texts(ids))
         return np.concatenate(parts) if parts else np.zeros((0, self.config.projection_dim), np.float32)
 

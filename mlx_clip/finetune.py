@@ -13,7 +13,7 @@ from mlx_clip.checkpoint import RunFolder
 from mlx_clip.data.loader import BatchLoader
 from mlx_clip.data.records import Dataset, load_dataset, split_samples
 from mlx_clip.errors import DataError
-from mlx_clip.tokenizer import load_tokenizer
+from mlx_clip.tokenizer import load_tokenizer, trim_padding
 from mlx_clip.train_config import TrainConfig
 from mlx_clip.trainer import Trainer, TrainResult
 
@@ -103,7 +103,7 @@ class FinetuneResult:
     run: RunFolder
 
 
-def finetune(cfg: TrainConfig, *, echo=print, progress: bool = True, evaluate: bool = True,
+def finetune(cfg: TrainConfig, *, echo=print, progress: bool = True, evaluate: bool | None = None,
              stop_after: int | None = None) -> FinetuneResult:
     echo("mlxclip finetune, resolved config:\n" + cfg.describe())
     folder = resolve(cfg.model)
@@ -112,13 +112,14 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool = True, evaluate: b
     engine = build_engine(cfg, folder)
     mean, std = preprocessor_stats(folder)
     loader = BatchLoader(data.train, batch_size=cfg.batch_size, image_size=engine.config.vision_config.image_size,
-                         tokenize=tokenizer.encode, seed=cfg.seed, augment=cfg.augment,
+                         tokenize=lambda texts: trim_padding(tokenizer.encode(texts)), seed=cfg.seed, augment=cfg.augment,
                          num_workers=cfg.num_workers, max_bad_fraction=cfg.max_bad_fraction,
                          crop_scale=(cfg.crop_scale_min, 1.0), mean=mean, std=std)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * len(loader)))
     run = RunFolder(cfg.out)
     run.prepare()
     cfg.save(run.root / "config.json")
+    evaluate = cfg.evaluate if evaluate is None else evaluate
     evaluator = make_evaluator(data, folder, cfg.batch_size) if evaluate else None
     trainer = Trainer(cfg, engine, loader, run, total, evaluate=evaluator, progress=progress, stop_after=stop_after)
     echo(f"{engine.name} engine, {engine.trainable_count():,} trainable parameters, {len(data.train)} training "

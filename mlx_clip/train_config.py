@@ -69,6 +69,8 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "Steps between metric lines."})
     save_every: int = field(default=100, metadata={"help": "Steps between checkpoints (0: only at the end)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Checkpoints kept (older ones are deleted)."})
+    evaluate: bool = field(default=True, metadata={
+        "help": "Zero-shot top-1 / retrieval R@1 on held-out data before and after training."})
     eval_every: int = field(default=0, metadata={"help": "Steps between zero-shot evaluations (0: before/after only)."})
     max_nan_steps: int = field(default=5, metadata={"help": "Consecutive non-finite steps that stop the run."})
     resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to continue from."})

@@ -117,7 +117,8 @@ class Trainer:
                     progress.update(self.cfg.log_every if self.step % self.cfg.log_every == 0 else 0,
                                     {"loss": metrics["loss"], "lr": lr})
                     window_start, window_images = time.perf_counter(), 0
-                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps \
+                        and self.consecutive_nan == 0:  # never checkpoint in the middle of a NaN streak
                     self.save_checkpoint()
                 if self.evaluate and self.cfg.eval_every and self.step % self.cfg.eval_every == 0 \
                         and self.step < self.total_steps:

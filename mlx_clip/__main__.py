@@ -1,0 +1,5 @@
+"""`python -m mlx_clip …` is the `mlxclip` command."""
+
+from mlx_clip.cli import main
+
+main()

@@ -1,0 +1,424 @@
+"""Domain evaluation: encode a dataset with either engine, score it as CLIP_benchmark does, report.
+
+Class folders give zero-shot classification (prompt-ensembled, `metrics.build_class_embeds`) and,
+when the folder holds a train/ split, a linear probe; captions files give image-text retrieval.
+A control domain evaluated beside the target measures forgetting. Everything here is numpy over
+the engine boundary: images are decoded and preprocessed a batch at a time and only the (B, P)
+embeddings are kept, so memory grows with the dataset by the embeddings alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mlx_clip.api import CLIP, load
+from mlx_clip.data.records import Dataset, load_dataset, split_samples
+from mlx_clip.data.sample import Sample
+from mlx_clip.data.templates import DEFAULT_TEMPLATES, check_templates, fill
+from mlx_clip.errors import ConfigError, DataError, ImageError
+from mlx_clip.metrics import (
+    build_class_embeds,
+    classification_metrics,
+    confusion_matrix,
+    linear_probe,
+    per_class_accuracy,
+    retrieval_recall_at_k,
+    zero_shot_logits,
+)
+from mlx_clip.report import ReportFiles, results_json, write_comparison, write_report
+
+log = logging.getLogger(__name__)
+
+ZERO_SHOT, RETRIEVAL, PROBE = "zeroshot_classification", "zeroshot_retrieval", "linear_probe"
+TASK_ALIASES = {
+    ZERO_SHOT: ZERO_SHOT, "zero_shot": ZERO_SHOT, "zeroshot": ZERO_SHOT, "classification": ZERO_SHOT,
+    RETRIEVAL: RETRIEVAL, "retrieval": RETRIEVAL,
+    PROBE: PROBE, "probe": PROBE,
+}
+RECALL_KS = (1, 5, 10)
+_SHOWN_ERRORS = 5  # unreadable images listed by name in a result; the count is always complete
+
+
+@dataclass
+class EncodedDataset:
+    """Embeddings of a sample list: one image row per distinct readable image."""
+
+    image_embeds: np.ndarray  # (N, P) float32, rows in order of each image's first sample
+    image_ids: np.ndarray  # (N,) Sample.image_id of each row
+    labels: np.ndarray | None  # (N,) class index per row; None when the samples carry no labels
+    text_embeds: np.ndarray | None  # (M, P) one row per caption of a readable image (texts=True)
+    text_to_image: np.ndarray | None  # (M,) the image row each caption belongs to
+    unreadable: list[str] = field(default_factory=list)  # one "cannot read image ..." per skipped image
+
+    @property
+    def num_images(self) -> int:
+        return int(self.image_embeds.shape[0])
+
+    def report_extras(self) -> dict:
+        """What every result carries about its inputs, so a skipped image is never silent."""
+        extras = {"images": self.num_images, "unreadable_images": len(self.unreadable)}
+        if self.unreadable:
+            extras["unreadable_examples"] = self.unreadable[:_SHOWN_ERRORS]
+        return extras
+
+
+# --- encoding ---------------------------------------------------------------------------------
+
+
+def _image_rows(samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
+    """(first sample index of each distinct image, image row of every sample), first-seen order.
+
+    numpy rather than a dict keyed by id keeps this bookkeeping at a few bytes per sample.
+    """
+    ids = np.fromiter((s.image_id for s in samples), dtype=np.int64, count=len(samples))
+    _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    row_of_unique = np.empty_like(order)
+    row_of_unique[order] = np.arange(order.size)
+    return first[order], row_of_unique[inverse.reshape(-1)]
+
+
+def _row_labels(samples: Sequence[Sample], first: np.ndarray, sample_row: np.ndarray) -> np.ndarray | None:
+    labels = np.fromiter((-1 if s.label is None else s.label for s in samples), np.int64, len(samples))
+    if (labels < 0).all():
+        return None
+    per_row = labels[first]
+    bad = np.nonzero(labels != per_row[sample_row])[0]
+    if bad.size:
+        s = samples[int(bad[0])]
+        raise DataError(f"samples sharing image_id {s.image_id} ({s.image}) have different labels")
+    if (per_row < 0).any():
+        s = samples[int(first[np.argmax(per_row < 0)])]
+        raise DataError(f"{s.image}: sample has no label while others do; label every sample or none")
+    return per_row
+
+
+def encode_dataset(
+    clip: CLIP,
+    samples: Sequence[Sample],
+    *,
+    batch_size: int = 64,
+    texts: bool = True,
+    text_batch_size: int = 256,
+    workers: int | None = None,
+) -> EncodedDataset:
+    """Encode each distinct image once (samples sharing `image_id` share it) and, with `texts`,
+    every caption. Images that cannot be decoded are skipped, counted and logged; their captions
+    are dropped with them. Decoding runs on `workers` threads (Pillow releases the GIL)."""
+    if batch_size < 1 or text_batch_size < 1:
+        raise ConfigError(f"batch sizes must be >= 1, got {batch_size} and {text_batch_size}")
+    if not samples:
+        raise DataError("nothing to evaluate: the sample list is empty")
+    first, sample_row = _image_rows(samples)
+    labels = _row_labels(samples, first, sample_row)
+    n = first.size
+    embeds: np.ndarray | None = None
+    readable = np.zeros(n, dtype=bool)
+    unreadable: list[str] = []
+
+    def decode(index: int) -> np.ndarray | str:
+        try:
+            return clip.preprocess([samples[index].image])  # (1, H, W, 3)
+        except ImageError as err:
+            return str(err)
+
+    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for start in range(0, n, batch_size):
+            decoded = list(pool.map(decode, first[start:start + batch_size].tolist()))
+            ok = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+            unreadable.extend(d for d in decoded if isinstance(d, str))
+            if not ok:
+                continue
+            pixels = np.concatenate([decoded[i] for i in ok])  # (B, H, W, 3)
+            del decoded
+            out = np.asarray(clip.encode_images(pixels, batch_size=len(ok)), dtype=np.float32)
+            if embeds is None:
+                embeds = np.empty((n, out.shape[1]), dtype=np.float32)
+            rows = start + np.asarray(ok)
+            embeds[rows] = out
+            readable[rows] = True
+    if embeds is None:
+        raise DataError(f"none of the {n} images could be read; first error: {unreadable[0]}")
+    if unreadable:
+        log.warning("%d of %d images could not be read and were skipped, e.g. %s",
+                    len(unreadable), n, unreadable[0])
+        embeds = embeds[readable]
+    kept_ids = np.fromiter((samples[i].image_id for i in first[readable]), np.int64, int(readable.sum()))
+
+    text_embeds = text_to_image = None
+    if texts:
+        new_row = np.cumsum(readable) - 1  # image row after dropping the unreadable ones
+        chosen = np.nonzero(readable[sample_row])[0]
+        text_to_image = new_row[sample_row[chosen]]
+        text_embeds = np.empty((chosen.size, embeds.shape[1]), dtype=np.float32)
+        for start in range(0, chosen.size, text_batch_size):
+            part = chosen[start:start + text_batch_size]
+            text_embeds[start:start + part.size] = clip.encode_texts(
+                [samples[i].caption for i in part.tolist()], batch_size=text_batch_size)
+    return EncodedDataset(embeds, kept_ids, None if labels is None else labels[readable],
+                          text_embeds, text_to_image, unreadable)
+
+
+def class_embeddings(clip: CLIP, class_names: Sequence[str], templates: Sequence[str], *,
+                     batch_size: int = 256) -> np.ndarray:
+    """(C, P) zero-shot classifier: each class's prompts encoded and ensembled (CLIP, Radford et
+    al. 2021, sec. 3.1.4). Classes are encoded a few at a time so C x T prompts never coexist."""
+    if not class_names:
+        raise DataError("zero-shot classification needs at least one class, got none")
+    templates = check_templates(list(templates))
+    per_chunk = max(1, batch_size // len(templates))
+    parts = []
+    for start in range(0, len(class_names), per_chunk):
+        names = class_names[start:start + per_chunk]
+        prompts = [fill(t, name) for name in names for t in templates]
+        emb = clip.encode_texts(prompts, batch_size=batch_size)
+        parts.append(build_class_embeds(emb.reshape(len(names), len(templates), -1)))  # (c, T, P)
+    return np.concatenate(parts)
+
+
+# --- the three tasks --------------------------------------------------------------------------
+
+
+def eval_samples(dataset: Dataset) -> list[Sample]:
+    """The samples a dataset is scored on: its val/ split when it has one, else all of it."""
+    return dataset.val if dataset.val is not None else dataset.samples
+
+
+def _require(dataset: Dataset, kind: str, task: str) -> None:
+    if dataset.kind != kind:
+        layout = "class folders (ROOT/<class>/*.jpg)" if kind == "class_folders" else "a captions file"
+        raise DataError(f"{dataset.source}: {task} needs {layout}, but this dataset is {dataset.kind}")
+
+
+def _zero_shot_metrics(clip: CLIP, encoded: EncodedDataset, class_names: list[str],
+                       templates: Sequence[str], *, text_batch_size: int = 256) -> dict:
+    if encoded.labels is None:
+        raise DataError("zero-shot classification needs labelled samples (class folders)")
+    logits = zero_shot_logits(encoded.image_embeds,
+                              class_embeddings(clip, class_names, templates, batch_size=text_batch_size))
+    out = classification_metrics(logits, encoded.labels, ks=(1, 5))
+    out.update(per_class=per_class_accuracy(logits, encoded.labels).tolist(),
+               confusion_matrix=confusion_matrix(logits, encoded.labels).tolist(),
+               class_names=list(class_names), **encoded.report_extras())
+    return out
+
+
+def zero_shot(clip: CLIP, dataset: Dataset, templates: Sequence[str] | None = None, *,
+              batch_size: int = 64) -> dict:
+    """acc1, acc5, mean_per_class_recall (CLIP_benchmark's names) + per_class, confusion_matrix,
+    class_names, images, unreadable_images. Templates default to the dataset's, then CLIP's."""
+    _require(dataset, "class_folders", "zero-shot classification")
+    templates = templates if templates is not None else dataset.templates or DEFAULT_TEMPLATES
+    encoded = encode_dataset(clip, eval_samples(dataset), batch_size=batch_size, texts=False)
+    return _zero_shot_metrics(clip, encoded, dataset.class_names, templates)
+
+
+def retrieval(clip: CLIP, dataset: Dataset, *, ks: Sequence[int] = RECALL_KS,
+              batch_size: int = 64) -> dict:
+    """image_retrieval_recall@K and text_retrieval_recall@K, several captions per image."""
+    _require(dataset, "captions", "retrieval")
+    encoded = encode_dataset(clip, eval_samples(dataset), batch_size=batch_size)
+    out = retrieval_recall_at_k(encoded.image_embeds, encoded.text_embeds, encoded.text_to_image, ks)
+    out.update(captions=int(encoded.text_embeds.shape[0]), **encoded.report_extras())
+    return out
+
+
+def _relabel(samples: list[Sample], names: list[str], onto: list[str], where: str) -> list[Sample]:
+    if names == onto:
+        return samples
+    unknown = [n for n in names if n not in onto]
+    if unknown:
+        raise DataError(f"{where}: classes {unknown[:5]} are not in the probe's train classes")
+    remap = [onto.index(n) for n in names]
+    return [Sample(s.image, s.caption, remap[s.label], s.image_id) for s in samples]
+
+
+def linear_probe_eval(clip: CLIP, train_dataset: Dataset, test_dataset: Dataset,
+                      val_fraction: float = 0.2, *, seed: int = 0, batch_size: int = 64) -> dict:
+    """Logistic regression on frozen image features: `train_dataset.samples` split by
+    `val_fraction` (seeded, per class) to choose the L2 strength, scored on the test dataset's
+    evaluation samples (its val/ split if it has one)."""
+    _require(train_dataset, "class_folders", "a linear probe")
+    _require(test_dataset, "class_folders", "a linear probe")
+    test_samples = _relabel(eval_samples(test_dataset), test_dataset.class_names,
+                            train_dataset.class_names, str(test_dataset.source))
+    check_val_fraction(val_fraction)
+    test = encode_dataset(clip, test_samples, batch_size=batch_size, texts=False)
+    return _linear_probe(clip, train_dataset, test, val_fraction, seed, batch_size)
+
+
+def check_val_fraction(val_fraction: float) -> None:
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in (0, 1) to choose the probe's L2 strength, "
+                          f"got {val_fraction}")
+
+
+def _linear_probe(clip: CLIP, train_dataset: Dataset, test: EncodedDataset, val_fraction: float,
+                  seed: int, batch_size: int) -> dict:
+    fit, val = split_samples(train_dataset.samples, val_fraction, seed)
+    if not val:
+        raise DataError(f"{train_dataset.source}: too few images per class for a validation split "
+                        f"(val_fraction {val_fraction}); a linear probe needs 2+ images in a class")
+    fit_enc, val_enc = (encode_dataset(clip, s, batch_size=batch_size, texts=False) for s in (fit, val))
+    out = linear_probe(fit_enc.image_embeds, fit_enc.labels, val_enc.image_embeds, val_enc.labels,
+                       test.image_embeds, test.labels, seed=seed)
+    out.update(images=test.num_images, train_images=fit_enc.num_images, val_images=val_enc.num_images,
+               unreadable_images=sum(len(e.unreadable) for e in (fit_enc, val_enc, test)))
+    return out
+
+
+# --- evaluate / compare -----------------------------------------------------------------------
+
+
+def parse_tasks(tasks: Sequence[str] | str | None) -> list[str] | None:
+    if tasks is None:
+        return None
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    out = []
+    for name in names:
+        if name not in TASK_ALIASES:
+            known = ", ".join(sorted(set(TASK_ALIASES.values())))
+            raise ConfigError(f"unknown task {name!r}; tasks are {known}")
+        if TASK_ALIASES[name] not in out:
+            out.append(TASK_ALIASES[name])
+    if not out:
+        raise ConfigError("tasks is empty; leave it out to run every task the data allows")
+    return out
+
+
+def _tasks_for(dataset: Dataset, wanted: list[str] | None) -> list[str]:
+    if dataset.kind == "captions":
+        possible = [RETRIEVAL]
+    else:
+        possible = [ZERO_SHOT] + ([PROBE] if dataset.val is not None else [])
+    return possible if wanted is None else [t for t in possible if t in wanted]
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    return [x] if isinstance(x, (str, Path)) else list(x)
+
+
+@dataclass
+class _Job:
+    path: str | Path
+    dataset: Dataset
+    role: str  # "target" | "control"
+    tasks: list[str]
+
+
+def load_jobs(data, *, control=None, templates=None, classes=None, tasks=None) -> list[_Job]:
+    """Read every dataset and decide its tasks before any model is loaded: bad input fails fast."""
+    wanted = parse_tasks(tasks)
+    if templates is not None and not isinstance(templates, (str, Path)):
+        templates = check_templates(templates)
+    jobs = [_Job(p, load_dataset(p, templates=templates, classes=classes), "target", [])
+            for p in _as_list(data)]
+    # A control domain has its own classes: the target's class list never applies to it.
+    jobs += [_Job(p, load_dataset(p, templates=templates), "control", []) for p in _as_list(control)]
+    if not jobs:
+        raise ConfigError("no data to evaluate: give at least one dataset")
+    for job in jobs:
+        job.tasks = _tasks_for(job.dataset, wanted)
+    for task in wanted or []:
+        if not any(task in j.tasks for j in jobs):
+            need = {ZERO_SHOT: "class folders", RETRIEVAL: "a captions file",
+                    PROBE: "class folders with train/ and val/ splits"}[task]
+            raise DataError(f"task {task} needs {need}, and none of the datasets is laid out so")
+    return jobs
+
+
+def evaluate_clip(clip: CLIP, jobs: Sequence[_Job], *, model_name: str, batch_size: int = 64,
+                  val_fraction: float = 0.2, seed: int = 0) -> list[dict]:
+    """Run the jobs' tasks with an already-loaded model -> CLIP_benchmark-shaped result dicts."""
+    results = []
+    for job in jobs:
+        ds = job.dataset
+        encoded = None
+        if ZERO_SHOT in job.tasks or PROBE in job.tasks:
+            encoded = encode_dataset(clip, eval_samples(ds), batch_size=batch_size, texts=False)
+        for task in job.tasks:
+            if task == ZERO_SHOT:
+                metrics = _zero_shot_metrics(clip, encoded, ds.class_names, ds.templates or DEFAULT_TEMPLATES)
+            elif task == RETRIEVAL:
+                metrics = retrieval(clip, ds, batch_size=batch_size)
+            else:
+                metrics = _linear_probe(clip, ds, encoded, val_fraction, seed, batch_size)
+            results.append(_result(job, model_name, task, metrics))
+    return results
+
+
+def _result(job: _Job, model_name: str, task: str, metrics: dict) -> dict:
+    scores = {k: v for k, v in metrics.items()
+              if k in ("acc1", "acc5", "mean_per_class_recall") or "retrieval_recall@" in k}
+    extras = {k: v for k, v in metrics.items() if k not in scores}
+    return results_json(str(job.path), model_name, task, scores, role=job.role, **extras)
+
+
+def _out_json(out: str | Path, stem: str) -> Path:
+    out = Path(out)
+    return out if out.suffix == ".json" else out / f"{stem}.json"
+
+
+def evaluate(model, data, *, backend: str = "mlx", templates=None, classes=None, out: str | Path | None = None,
+             tasks=None, control=None, batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0,
+             device: str | None = None, dtype: str | None = None, allow_pickle: bool = False) -> list[dict]:
+    """Evaluate `model` (folder, built-in name or hub id) on `data` (one or more dataset paths)
+    and optional `control` domains; write `out` (a .json path, or a folder for eval.json) with its
+    Markdown and figures. Returns the result dicts."""
+    jobs = load_jobs(data, control=control, templates=templates, classes=classes, tasks=tasks)
+    check_val_fraction(val_fraction)
+    clip = load(model, backend, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    results = evaluate_clip(clip, jobs, model_name=str(model), batch_size=batch_size,
+                            val_fraction=val_fraction, seed=seed)
+    if out is not None:
+        write_report(results, _out_json(out, "eval"))
+    return results
+
+
+@dataclass(frozen=True)
+class Comparison:
+    base: list[dict]
+    finetuned: list[dict]
+    files: list[ReportFiles]  # one per (dataset, task) pair
+    markdown: Path | None  # every pair's table in one file
+
+
+def compare(base_model, finetuned_model, data, *, out: str | Path, backend: str = "mlx", templates=None,
+            classes=None, tasks=None, control=None, batch_size: int = 64, val_fraction: float = 0.2,
+            seed: int = 0, device: str | None = None, dtype: str | None = None,
+            allow_pickle: bool = False) -> Comparison:
+    """Evaluate both models on the same data (one at a time, so only one is in memory) and write,
+    per dataset and task, the metric-by-metric table with fine-tuned − base."""
+    from mlx_clip.report import compare_table
+
+    jobs = load_jobs(data, control=control, templates=templates, classes=classes, tasks=tasks)
+    check_val_fraction(val_fraction)
+    runs = []
+    for model in (base_model, finetuned_model):
+        clip = load(model, backend, device=device, dtype=dtype, allow_pickle=allow_pickle)
+        runs.append(evaluate_clip(clip, jobs, model_name=str(model), batch_size=batch_size,
+                                  val_fraction=val_fraction, seed=seed))
+        del clip
+    out = Path(out)
+    folder = out.parent if out.suffix == ".json" else out
+    write_report(runs[0], folder / "base.json")
+    write_report(runs[1], folder / "finetuned.json")
+    files, md = [], ["# Base vs fine-tuned", "",
+                     f"base = `{base_model}`, fine-tuned = `{finetuned_model}`", ""]
+    for i, (b, f) in enumerate(zip(*runs, strict=True)):
+        stem = f"compare-{i}-{b['role']}-{b['task']}"
+        files.append(write_comparison(b, f, folder / f"{stem}.json"))
+        md += [f"## {b['role']}: {b['dataset']} · {b['task']}", "", compare_table(b, f), ""]
+    markdown = folder / "compare.md"
+    markdown.write_text("\n".join(md))
+    return Comparison(runs[0], runs[1], files, markdown)

@@ -1,0 +1,391 @@
+"""Domain evaluation, end to end, held to a pipeline built from code we did not write.
+
+Reference: `transformers.CLIPModel.from_pretrained` + `CLIPImageProcessorPil` + `CLIPTokenizer` on
+the same folder for the embeddings, then CLIP_benchmark's zero-shot classifier, top-k accuracy and
+retrieval recall (ported literally in tests/test_metrics.py) and sklearn's balanced accuracy.
+Both engines must give these numbers to 1e-6 absolute. The model is a random tiny CLIP, so its
+accuracies are near chance: what is checked is that the numbers are the right ones.
+"""
+
+import mlx_clip  # noqa: F401  (first, as everywhere)
+
+import csv
+import io
+import json
+import logging
+import shutil
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+
+from mlx_clip.api import CLIP, load
+from mlx_clip.builtin import write_preprocessor_config
+from mlx_clip.config import tiny_config
+from mlx_clip.data.demo import make_demo
+from mlx_clip.data.records import load_dataset
+from mlx_clip.data.sample import Sample
+from mlx_clip.data.templates import prompt_name
+from mlx_clip.errors import ConfigError, DataError
+from mlx_clip.evaluate import compare, encode_dataset, evaluate, linear_probe_eval, retrieval, zero_shot
+from mlx_clip.tokenizer import load_tokenizer
+from tests.helpers import save_hf, tiny_hf_clip
+from tests.test_metrics import cb_accuracy, cb_retrieval, cb_zero_shot_classifier
+
+TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "art of a {}."]
+TOL = 1e-6
+
+
+# --- shared model and data --------------------------------------------------------------------
+
+
+def tiny_model_folder(folder: Path, seed: int = 0) -> Path:
+    """A random tiny CLIP saved by transformers, with tokenizer and preprocessor files."""
+    save_hf(tiny_hf_clip(seed), folder)
+    load_tokenizer().save_pretrained(folder)
+    write_preprocessor_config(folder, 32)
+    return folder
+
+
+def perturbed_copy(src: Path, dst: Path, seed: int = 1, scale: float = 0.5) -> Path:
+    """A stand-in for a fine-tuned model: every float tensor plus noise of `scale` x its std."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    rng = np.random.default_rng(seed)
+    tensors = load_file(src / "model.safetensors")
+    for name, t in tensors.items():
+        if np.issubdtype(t.dtype, np.floating) and t.size > 1:
+            noise = rng.normal(0, scale * (float(t.std()) or 0.02), size=t.shape)
+            tensors[name] = (t + noise).astype(t.dtype)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def small_demo(root: Path) -> dict[str, Path]:
+    return make_demo(root, image_size=16, per_class_train=3, per_class_val=3, per_class_control=2)
+
+
+def multi_caption_csv(demo: dict[str, Path], path: Path) -> Path:
+    """Two captions per target val image (the demo's, and one naming the class): retrieval with
+    several positives per image, as CLIP_benchmark's COCO/Flickr protocol has."""
+    rows = []
+    with open(demo["captions_val"], newline="") as f:
+        for row in csv.DictReader(f):
+            image = (demo["target"] / row["image"]).as_posix()
+            rows += [(image, row["caption"]), (image, f"a picture of a {prompt_name(Path(image).parent.name)}")]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("image", "caption"))
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    demo = small_demo(root / "demo")
+    model = tiny_model_folder(root / "tiny")
+    return {"root": root, "demo": demo, "model": model,
+            "captions": multi_caption_csv(demo, root / "captions.csv")}
+
+
+@pytest.fixture(scope="module")
+def clips(setup):
+    return {backend: load(setup["model"], backend) for backend in ("mlx", "torch")}
+
+
+# --- the reference pipeline -------------------------------------------------------------------
+
+
+def _features(out) -> torch.Tensor:
+    return getattr(out, "pooler_output", out)
+
+
+@torch.no_grad()
+def hf_embeddings(folder: Path, image_paths, texts) -> tuple[np.ndarray, np.ndarray]:
+    import transformers
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    model = transformers.CLIPModel.from_pretrained(folder).eval()
+    processor = CLIPImageProcessorPil.from_pretrained(folder)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
+    images = [Image.open(p).convert("RGB") for p in image_paths]
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    img = _features(model.get_image_features(pixel_values=pixels))
+    tok = tokenizer(list(texts), padding="max_length", max_length=77, return_tensors="pt")
+    txt = _features(model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]))
+    norm = lambda x: (x / x.norm(dim=-1, keepdim=True)).numpy()  # noqa: E731
+    return norm(img), norm(txt)
+
+
+def reference_zero_shot(folder: Path, dataset) -> dict:
+    samples = dataset.val
+    names = dataset.class_names
+    prompts = [t.format(prompt_name(c)) for c in names for t in TEMPLATES]
+    img, txt = hf_embeddings(folder, [s.image for s in samples], prompts)
+    classifier = cb_zero_shot_classifier(txt.reshape(len(names), len(TEMPLATES), -1))  # (D, C)
+    logits = 100.0 * torch.from_numpy(img) @ classifier
+    target = torch.tensor([s.label for s in samples])
+    acc1, acc5 = cb_accuracy(logits, target, topk=(1, 5))
+    pred = logits.argmax(dim=1).numpy()
+    mpcr = balanced_accuracy_score(target.numpy(), pred)
+    cm = sk_confusion_matrix(target.numpy(), pred, labels=np.arange(len(names)))
+    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": mpcr, "confusion_matrix": cm.tolist()}
+
+
+def reference_retrieval(folder: Path, captions: Path) -> dict:
+    rows = list(csv.DictReader(open(captions, newline="")))
+    images = list(dict.fromkeys(r["image"] for r in rows))
+    img, txt = hf_embeddings(folder, images, [r["caption"] for r in rows])
+    t2i = np.array([images.index(r["image"]) for r in rows])
+    return cb_retrieval(img, txt, t2i, [1, 5, 10])
+
+
+# --- engines vs reference ---------------------------------------------------------------------
+
+
+def test_zero_shot_both_engines_equal_the_transformers_clip_benchmark_reference(setup, clips):
+    dataset = load_dataset(setup["demo"]["target"], templates=TEMPLATES)
+    expected = reference_zero_shot(setup["model"], dataset)
+    got = {b: zero_shot(clip, dataset) for b, clip in clips.items()}
+    for backend, metrics in got.items():
+        for key in ("acc1", "acc5", "mean_per_class_recall"):
+            assert abs(metrics[key] - expected[key]) <= TOL, (backend, key, metrics[key], expected[key])
+        # A random CLIP predicts a few classes for everything, so accuracies alone say little:
+        # every image's predicted class must be the reference's.
+        assert metrics["confusion_matrix"] == expected["confusion_matrix"]
+        assert metrics["images"] == 36 and metrics["unreadable_images"] == 0
+        assert metrics["class_names"] == dataset.class_names
+    assert got["mlx"]["per_class"] == got["torch"]["per_class"]
+
+
+def test_retrieval_with_two_captions_per_image_equals_reference_on_both_engines(setup, clips):
+    dataset = load_dataset(setup["captions"])
+    expected = reference_retrieval(setup["model"], setup["captions"])
+    assert set(expected) == {f"{side}_retrieval_recall@{k}" for side in ("image", "text") for k in (1, 5, 10)}
+    for backend, clip in clips.items():
+        metrics = retrieval(clip, dataset)
+        assert metrics["images"] == 36 and metrics["captions"] == 72
+        for key, value in expected.items():
+            assert abs(metrics[key] - value) <= TOL, (backend, key, metrics[key], value)
+
+
+class CountingCLIP:
+    """Wraps a CLIP and counts what reaches the engine."""
+
+    def __init__(self, clip):
+        self.clip, self.images, self.texts = clip, 0, 0
+
+    def preprocess(self, images):
+        return self.clip.preprocess(images)
+
+    def encode_images(self, pixels, batch_size=64):
+        self.images += len(pixels)
+        return self.clip.encode_images(pixels, batch_size)
+
+    def encode_texts(self, texts, batch_size=256):
+        self.texts += len(texts)
+        return self.clip.encode_texts(texts, batch_size)
+
+
+def test_encode_dataset_encodes_each_shared_image_once(setup, clips):
+    samples = load_dataset(setup["captions"]).samples
+    counting = CountingCLIP(clips["mlx"])
+    enc = encode_dataset(counting, samples, batch_size=5)
+    assert counting.images == 36 and counting.texts == 72
+    assert enc.image_embeds.shape == (36, 16) and enc.text_embeds.shape == (72, 16)
+    assert enc.text_to_image.tolist() == np.repeat(np.arange(36), 2).tolist()
+    # Same rows as encoding every distinct image directly, in one batch.
+    direct = clips["mlx"].encode_images([samples[i].image for i in range(0, 72, 2)])
+    np.testing.assert_allclose(enc.image_embeds, direct, atol=1e-6)
+
+
+# --- evaluate(): results, reports, control, skipped images ------------------------------------
+
+
+def test_evaluate_writes_clip_benchmark_results_with_control(setup, tmp_path):
+    demo = setup["demo"]
+    out = tmp_path / "report"
+    results = evaluate(setup["model"], [demo["target"], setup["captions"]], control=demo["control_val"],
+                       templates=TEMPLATES, out=out)
+    table = [(r["role"], r["task"]) for r in results]
+    assert table == [("target", "zeroshot_classification"), ("target", "linear_probe"),
+                     ("target", "zeroshot_retrieval"), ("control", "zeroshot_classification")]
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    for r in saved:
+        assert list(r)[:4] == ["dataset", "model", "task", "metrics"]
+    assert set(saved[0]["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert set(saved[2]["metrics"]) == {f"{s}_retrieval_recall@{k}" for s in ("image", "text") for k in (1, 5, 10)}
+    assert saved[3]["images"] == 32 and len(saved[3]["class_names"]) == 16
+    assert 0 <= saved[1]["metrics"]["acc1"] <= 1 and saved[1]["train_images"] + saved[1]["val_images"] == 36
+    md = (out / "eval.md").read_text()
+    assert "zeroshot_retrieval" in md and f"{saved[3]['metrics']['acc1']:.4f}" in md
+    assert len(list(out.glob("*.png"))) == 4  # confusion + per-class for target and control
+
+    probe = linear_probe_eval(load(setup["model"]), load_dataset(demo["target"]), load_dataset(demo["target"]))
+    assert probe == {**results[1]["metrics"], **{k: v for k, v in results[1].items() if k not in
+                                                  ("dataset", "model", "task", "metrics", "role")}}
+
+    only = evaluate(setup["model"], demo["target"], tasks="zero_shot", templates=TEMPLATES)
+    assert [r["task"] for r in only] == ["zeroshot_classification"]
+    assert only[0]["metrics"] == results[0]["metrics"]
+
+
+def test_unreadable_images_are_skipped_counted_and_logged(setup, clips, tmp_path, caplog):
+    clean = tmp_path / "clean"
+    shutil.copytree(setup["demo"]["target_val"], clean)
+    broken = tmp_path / "broken"
+    shutil.copytree(clean, broken)
+    (broken / "red_circle" / "9999.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    Image.new("RGB", (4, 4)).save(broken / "blue_square" / "9998.png")
+    (broken / "blue_square" / "9998.png").write_bytes((broken / "blue_square" / "9998.png").read_bytes()[:30])
+    with caplog.at_level(logging.WARNING, logger="mlx_clip.evaluate"):
+        got = zero_shot(clips["mlx"], load_dataset(broken, templates=TEMPLATES))
+    want = zero_shot(clips["mlx"], load_dataset(clean, templates=TEMPLATES))
+    assert got["unreadable_images"] == 2 and got["images"] == 36
+    assert any("9999.png" in e for e in got["unreadable_examples"])
+    assert "2 of 38 images could not be read" in caplog.text
+    for key in ("acc1", "acc5", "mean_per_class_recall", "per_class"):
+        assert got[key] == want[key]
+
+
+def test_compare_writes_the_metric_by_metric_difference(setup, tmp_path):
+    tuned = perturbed_copy(setup["model"], tmp_path / "tuned")
+    out = tmp_path / "cmp"
+    result = compare(setup["model"], tuned, setup["demo"]["target_val"], control=setup["demo"]["control_val"],
+                     templates=TEMPLATES, out=out)
+    assert len(result.files) == 2
+    for base, tuned_r, files in zip(result.base, result.finetuned, result.files):
+        saved = json.loads(files.json.read_text())
+        for key in ("acc1", "acc5", "mean_per_class_recall"):
+            assert saved["delta"][key] == pytest.approx(tuned_r["metrics"][key] - base["metrics"][key], abs=1e-12)
+        assert files.figures[0].read_bytes()[:4] == b"\x89PNG"
+    # A random tiny CLIP predicts nearly one class everywhere, so the scores can coincide; which
+    # classes it predicts shows that the second model really is another one.
+    assert result.base[0]["confusion_matrix"] != result.finetuned[0]["confusion_matrix"]
+    md = result.markdown.read_text()
+    assert md.count("| metric | base | fine-tuned |") == 2 and "control" in md
+    assert (out / "base.json").is_file() and (out / "finetuned.json").is_file()
+
+
+# --- streaming memory ---------------------------------------------------------------------------
+
+
+class FakeEngine:
+    """Embeddings from pixel means: no model, so the measurement is the pipeline's own memory."""
+
+    name = "fake"
+
+    def __init__(self, image_size: int, dim: int):
+        self.config = tiny_config(vision=dict(image_size=image_size), projection_dim=dim)
+        self.dim = dim
+
+    def encode_images(self, pixels):
+        feats = np.ones((len(pixels), self.dim), np.float32)
+        feats[:, :3] = pixels.mean(axis=(1, 2))
+        return feats / np.linalg.norm(feats, axis=1, keepdims=True)
+
+    def encode_texts(self, ids):
+        feats = np.asarray(ids[:, :self.dim], np.float32) + 1
+        return feats / np.linalg.norm(feats, axis=1, keepdims=True)
+
+
+def _peak_bytes(clip, samples) -> tuple[int, object]:
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        enc = encode_dataset(clip, samples, batch_size=256, workers=1)
+        return tracemalloc.get_traced_memory()[1] - before, enc
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_does_not_grow_with_the_dataset(tmp_path):
+    rng = np.random.default_rng(0)
+    variants = []
+    for _ in range(16):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        variants.append(buffer.getvalue())
+    folder = tmp_path / "images"
+    folder.mkdir()
+    samples = []
+    for i in range(10_000):
+        path = folder / f"{i:05d}.png"
+        path.write_bytes(variants[i % 16])
+        samples.append(Sample(path, f"picture {i}", i % 10, i))
+    clip = CLIP(FakeEngine(image_size=32, dim=8), tmp_path)
+    small, enc_small = _peak_bytes(clip, samples[:1000])
+    large, enc_large = _peak_bytes(clip, samples)
+    assert enc_small.image_embeds.shape == (1000, 8) and enc_large.image_embeds.shape == (10_000, 8)
+    assert enc_large.text_embeds.shape == (10_000, 8) and enc_large.labels.tolist()[:3] == [0, 1, 2]
+    batch_bytes = 256 * 32 * 32 * 3 * 4  # one batch of preprocessed pixels
+    assert small >= batch_bytes  # the measurement sees the batch ...
+    assert large <= 1.5 * small, (small, large)  # ... and 10x the images adds only their embeddings
+    # Holding every preprocessed image instead would take 10,000 x 32 x 32 x 3 x 4 bytes (~123 MB).
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def _class_root(tmp_path: Path, counts: dict[str, int]) -> Path:
+    root = tmp_path / "classes"
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("no_classes", DataError, "not a dataset"),
+    ("empty_class", DataError, "has no images"),
+    ("template_without_braces", DataError, "needs exactly one"),
+    ("class_file_mismatch", DataError, "does not match the class folders"),
+    ("neither_layout", DataError, "not a dataset"),
+    ("retrieval_on_class_folders", DataError, "task zeroshot_retrieval needs a captions file"),
+    ("probe_without_train_split", DataError, "linear_probe needs class folders with train/ and val/"),
+    ("unknown_task", ConfigError, "unknown task"),
+])
+def test_bad_input_fails_with_one_clear_error_before_any_model_loads(tmp_path, case, error, match):
+    kwargs = {}
+    if case == "no_classes":
+        data = tmp_path / "empty"
+        data.mkdir()
+    elif case == "empty_class":
+        data = _class_root(tmp_path, {"cat": 2, "dog": 0})
+    elif case == "template_without_braces":
+        data = _class_root(tmp_path, {"cat": 1, "dog": 1})
+        kwargs["templates"] = ["a photo of a cat"]
+    elif case == "class_file_mismatch":
+        data = _class_root(tmp_path, {"cat": 1, "dog": 1})
+        (tmp_path / "classes.txt").write_text("cat\nbird\n")
+        kwargs["classes"] = tmp_path / "classes.txt"
+    elif case == "neither_layout":
+        data = tmp_path / "notes"
+        data.mkdir()
+        (data / "readme.txt").write_text("hello")
+    else:
+        data = _class_root(tmp_path, {"cat": 1, "dog": 1})
+        kwargs["tasks"] = {"retrieval_on_class_folders": ["retrieval"], "unknown_task": ["detection"],
+                           "probe_without_train_split": ["linear_probe"]}[case]
+    # A model that does not exist: the data must be refused first, without loading anything.
+    with pytest.raises(error, match=match):
+        evaluate(tmp_path / "no-model-here", data, **kwargs)
+
+
+def test_zero_shot_and_retrieval_refuse_the_other_layout(setup, clips):
+    with pytest.raises(DataError, match="retrieval needs a captions file"):
+        retrieval(clips["mlx"], load_dataset(setup["demo"]["target_val"]))
+    with pytest.raises(DataError, match="zero-shot classification needs class folders"):
+        zero_shot(clips["mlx"], load_dataset(setup["captions"]))
+    with pytest.raises(DataError, match="needs exactly one"):
+        zero_shot(clips["mlx"], load_dataset(setup["demo"]["target_val"]), ["no placeholder"])

@@ -1,0 +1,111 @@
+"""The training loop with a fake engine: policy that is the trainer's alone (schedule, NaN guard,
+checkpoint cadence), tested in milliseconds and without either framework."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mlx_clip.checkpoint import RunFolder
+from mlx_clip.schedule import decays, lr_at
+from mlx_clip.train_config import TrainConfig
+from mlx_clip.trainer import Trainer, TrainingStopped
+
+
+class FakeLoader:
+    def __init__(self):
+        self.position = 0
+
+    def next_batch(self):
+        self.position += 1
+        return type("Batch", (), {"indices": np.arange(4)})()
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+class FakeEngine:
+    name = "fake"
+
+    def __init__(self, losses):
+        self.losses = list(losses)
+        self.weights = 0.0
+        self.lrs = []
+
+    def train_step(self, batch, lr):
+        loss = self.losses.pop(0)
+        ok = np.isfinite(loss)
+        if ok:
+            self.weights += lr
+        self.lrs.append(lr)
+        return {"loss": loss, "grad_norm": 1.0 if ok else float("nan"), "ok": bool(ok), "logit_scale": 100.0}
+
+    def save_state(self, folder):
+        (folder / "engine.json").write_text(json.dumps({"weights": self.weights}))
+
+    def load_state(self, folder):
+        self.weights = json.loads((folder / "engine.json").read_text())["weights"]
+
+    def save_model(self, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def encoder(self):
+        return None
+
+    def memory(self):
+        return {}
+
+
+def make(tmp_path, losses, **overrides):
+    cfg = TrainConfig(**{"lr": 1.0, "warmup_steps": 2, "log_every": 1, "save_every": 3, **overrides})
+    engine = FakeEngine(losses)
+    return Trainer(cfg, engine, FakeLoader(), RunFolder(tmp_path), len(losses), progress=False), engine
+
+
+def test_schedule_is_warmup_then_cosine():
+    lrs = [lr_at(s, 10, 1.0, 2) for s in range(10)]
+    assert lrs[:2] == [0.5, 1.0]
+    assert lrs[2] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.5 * (1 + np.cos(np.pi * 7 / 8)))
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert lr_at(9, 10, 1.0, 0, min_ratio=0.1) >= 0.1
+
+
+def test_weight_decay_groups_follow_open_clip():
+    assert decays("clip.text_model.encoder.layers.0.mlp.fc1.weight", 2)
+    for name, ndim in [("clip.text_model.encoder.layers.0.mlp.fc1.bias", 1),
+                       ("clip.vision_model.pre_layrnorm.weight", 1),
+                       ("clip.text_model.embeddings.token_embedding.weight", 2),
+                       ("clip.vision_model.embeddings.position_embedding.weight", 2),
+                       ("clip.logit_scale", 0), ("logit_bias", 0)]:
+        assert not decays(name, ndim), name
+
+
+def test_nan_steps_are_skipped_counted_and_logged(tmp_path):
+    trainer, engine = make(tmp_path, [1.0, float("nan"), 0.5, float("inf"), 0.4])
+    result = trainer.fit()
+    assert result.nan_steps == 2
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["loss"] for line in lines][1] == "nan" and [line["skipped"] for line in lines] == [
+        False, True, False, True, False]
+    assert engine.weights == pytest.approx(sum(lr for lr, loss in zip(engine.lrs, [1, np.nan, 1, np.inf, 1])
+                                               if np.isfinite(loss)))
+
+
+def test_consecutive_nans_stop_the_run_keeping_the_last_good_checkpoint(tmp_path):
+    trainer, _ = make(tmp_path, [1.0, 1.0, 1.0, 1.0] + [float("nan")] * 3 + [1.0], max_nan_steps=3)
+    with pytest.raises(TrainingStopped, match="3 non-finite steps in a row at step 7.*step-0000003"):
+        trainer.fit()
+    assert RunFolder(tmp_path).latest().name == "step-0000003"
+
+
+def test_trainer_imports_neither_framework():
+    code = ("import sys, mlx_clip.trainer, mlx_clip.finetune, mlx_clip.checkpoint; "
+            "print(sorted(m for m in ('mlx', 'mlx.core', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
