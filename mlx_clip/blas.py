@@ -8,7 +8,8 @@ of our code imports mlx, for the CLI, the Python API and the tests alike.
 
 Candidates, best first (each must load and export ``cblas_sgemm``):
 
-1. ``MLXCLIP_BLAS`` = path to a shared library (or ``none`` to disable the loader);
+1. ``MLXCLIP_BLAS`` = path to a shared library (or ``none`` to disable the loader); if it cannot be
+   loaded, a warning says so and the search goes on with the candidates below;
 2. ``ngsolve-openblas`` (PyPI): OpenBLAS built with DYNAMIC_ARCH, so it picks its kernels for the
    running CPU and never executes an instruction the CPU lacks; needs the system's libgfortran5;
 3. the system's OpenBLAS (``libopenblas.so.0``, e.g. Debian's ``libopenblas0``);
@@ -29,6 +30,8 @@ import warnings
 from dataclasses import dataclass
 
 _ENV = "MLXCLIP_BLAS"
+# What the reference BLAS costs: `python -m benchmarks.blas` measured 14-27x at n=1024 on 2 shared cores.
+SLOWDOWN = "float32 matmuls run ~25x slower (benchmarks/blas.py measures it)"
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,16 @@ def _mkl() -> list[tuple[str, str, tuple[str, ...]]]:
     return out
 
 
+def _first_loadable(candidates: list[tuple[str, str, tuple[str, ...]]]) -> tuple[BlasChoice | None, list[str]]:
+    failures = []
+    for name, path, deps in candidates:
+        error = _try_load(path, deps)
+        if error is None:
+            return BlasChoice(name, path), failures
+        failures.append(f"{name}: {error}")
+    return None, failures
+
+
 def load_optimized_blas() -> BlasChoice:
     """Load the best available BLAS once per process and return what was chosen."""
     global _choice
@@ -96,26 +109,26 @@ def load_optimized_blas() -> BlasChoice:
     if requested.lower() == "none":
         _choice = BlasChoice("reference (disabled by MLXCLIP_BLAS=none)", None)
         return _choice
+    requested_error = None
     if requested:
-        candidates = [("MLXCLIP_BLAS", requested, ())]
-    else:
-        candidates = _ngsolve_openblas() + _system_openblas() + _mkl()
-    failures = []
-    for name, path, deps in candidates:
-        error = _try_load(path, deps)
-        if error is None:
-            _choice = BlasChoice(name, path)
+        requested_error = _try_load(requested)
+        if requested_error is None:
+            _choice = BlasChoice(_ENV, requested)
             return _choice
-        failures.append(f"{name}: {error}")
-    _choice = BlasChoice("reference", None, "; ".join(failures))
-    if requested:
-        warnings.warn(f"mlxclip: {_ENV}={requested} could not be loaded ({failures[-1]}); "
-                      "MLX falls back to its reference BLAS, ~25x slower on float32 matmuls.",
+    # A mistyped MLXCLIP_BLAS should not cost the speed-up the automatic search still finds.
+    _choice, failures = _first_loadable(_ngsolve_openblas() + _system_openblas() + _mkl())
+    if requested_error is not None:
+        failures.insert(0, f"{_ENV}: {requested_error}")
+        fallback = (f"using {_choice.name} ({_choice.path}) instead" if _choice is not None
+                    else f"no other optimized BLAS was found, so MLX uses its reference BLAS: {SLOWDOWN}")
+        warnings.warn(f"mlxclip: {_ENV}={requested} could not be loaded ({requested_error}); {fallback}.",
                       RuntimeWarning, stacklevel=2)
-    else:
-        warnings.warn("mlxclip: no optimized BLAS found for MLX on Linux; float32 matmuls will run "
-                      "~25x slower. Install libgfortran5 (for ngsolve-openblas) or libopenblas0, "
+    elif _choice is None:
+        warnings.warn(f"mlxclip: no optimized BLAS found for MLX on Linux, so MLX uses its reference BLAS: "
+                      f"{SLOWDOWN}. Install libgfortran5 (for ngsolve-openblas) or libopenblas0, "
                       f"or point {_ENV} at a libopenblas.so.", RuntimeWarning, stacklevel=2)
+    if _choice is None:
+        _choice = BlasChoice("reference", None, "; ".join(failures))
     return _choice
 
 

@@ -138,12 +138,64 @@ def finetune(config_file, **flags):
 @click.option("--fine-tuned", "fine_tuned", required=True, help="The fine-tuned model.")
 @click.option("--alpha", type=float, default=0.5, show_default=True,
               help="Weight of the fine-tuned model: (1-alpha)*zero_shot + alpha*fine_tuned.")
-@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--sweep", default=None, help="Evaluate a range of alphas instead, e.g. 0:1:0.1.")
+@click.option("--eval-target", "eval_target", multiple=True, help="Target-domain data for --sweep.")
+@click.option("--eval-control", "eval_control", multiple=True, help="Control-domain class folders for --sweep.")
+@click.option("--control-floor", type=float, default=None, help="Lowest acceptable control accuracy (0-1).")
+@click.option("--templates", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--out", required=True, type=click.Path(),
+              help="Output model folder, or (with --sweep) folder for the curve JSON/PNG.")
+@backend_option
 @domain_errors
-def wise_ft(zero_shot, fine_tuned, alpha, out):
+def wise_ft(zero_shot, fine_tuned, alpha, sweep, eval_target, eval_control, control_floor, templates, out, backend):
     """Interpolate weights against domain shift (WiSE-FT, Wortsman et al. 2022)."""
-    from mlx_clip.api import resolve
-    from mlx_clip.wise_ft import wise_ft as run
+    from pathlib import Path
 
-    path = run(resolve(zero_shot), resolve(fine_tuned), alpha, out)
-    click.echo(f"wrote {path}")
+    from mlx_clip import wise_ft as wf
+    from mlx_clip.api import resolve
+    from mlx_clip.errors import ConfigError
+
+    if sweep is None:
+        click.echo(f"wrote {wf.wise_ft(resolve(zero_shot), resolve(fine_tuned), alpha, out)}")
+        return
+    if not eval_target:
+        raise ConfigError("--sweep needs --eval-target (and usually --eval-control) to score each alpha")
+    report = wf.wise_ft_sweep(resolve(zero_shot), resolve(fine_tuned), wf.parse_sweep(sweep), list(eval_target),
+                              list(eval_control), backend=backend, out_json=Path(out) / "wise_ft.json",
+                              control_floor=control_floor, templates=templates)
+    click.echo(report.message)
+
+
+@main.command("eval")
+@click.option("--model", default=None, help="Model folder, built-in name or hub id.")
+@click.option("--compare", "compare_models", nargs=2, default=None, metavar="BASE FINETUNED",
+              help="Evaluate two models and tabulate the difference.")
+@click.option("--data", multiple=True, required=True, type=click.Path(exists=True),
+              help="Class folders (zero-shot, linear probe) or captions file (retrieval); repeatable.")
+@click.option("--control", multiple=True, type=click.Path(exists=True),
+              help="A domain not fine-tuned on, to measure forgetting; repeatable.")
+@click.option("--templates", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--classes", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--tasks", default=None, help="Comma list: zero_shot, retrieval, linear_probe.")
+@click.option("--out", required=True, type=click.Path(), help="report.json, or a folder for the reports.")
+@click.option("--batch-size", default=64, show_default=True)
+@backend_option
+@device_option
+@domain_errors
+def eval_command(model, compare_models, data, control, templates, classes, tasks, out, batch_size, backend, device):
+    """Zero-shot top-k, retrieval recall@K, linear probe; JSON (CLIP_benchmark's shape), Markdown, PNG."""
+    from mlx_clip import evaluate as ev
+    from mlx_clip.api import resolve
+    from mlx_clip.errors import ConfigError
+
+    common = dict(control=list(control) or None, backend=backend, templates=templates, classes=classes,
+                  tasks=tasks, batch_size=batch_size)
+    if compare_models:
+        base, finetuned = (resolve(m) for m in compare_models)
+        click.echo(ev.compare(base, finetuned, list(data), out=out, **common).markdown.read_text())
+        return
+    if model is None:
+        raise ConfigError("give --model, or --compare BASE FINETUNED")
+    for result in ev.evaluate(resolve(model), list(data), out=out, device=device, **common):
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items() if isinstance(v, float))
+        click.echo(f"{result.get('role', 'target')} {result['dataset']} {result['task']}: {shown}")

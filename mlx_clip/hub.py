@@ -17,8 +17,13 @@ SAFE_PATTERNS = [
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
     "special_tokens_map.json", "preprocessor_config.json",
 ]
-PICKLE_PATTERNS = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]
+PICKLE_PATTERNS = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin",
+                   "open_clip_pytorch_model.bin"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+class _Never(Exception):
+    """Stands in for an exception type the installed huggingface_hub does not define."""
 
 
 def resolve_model(name: str | Path, *, allow_pickle: bool = False, revision: str | None = None,
@@ -33,13 +38,22 @@ def resolve_model(name: str | Path, *, allow_pickle: bool = False, revision: str
     if not _HUB_ID.match(text):
         raise CheckpointError(f"{text}: no such folder, and not a hub id of the form org/name")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import errors as hub_errors, snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise CheckpointError(f"{text}: huggingface_hub is not installed, cannot fetch hub ids") from None
+    # Releases without a cached tree listing cannot tell an incomplete snapshot, so never raise it.
+    IncompleteSnapshotError = getattr(hub_errors, "IncompleteSnapshotError", _Never)
+    # Offline, huggingface_hub returns the cached snapshot as is (a `*.bin` already there stays);
+    # the patterns still decide which files it requires. Pickles are then refused by the reader.
     patterns = SAFE_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
     try:
         folder = snapshot_download(text, revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
+    except IncompleteSnapshotError as err:
+        missing = re.search(r"missing \(([^)]*)\)", str(err))
+        raise CheckpointError(f"{text}: the cached snapshot {err.snapshot_path} lacks files this load needs"
+                              + (f" ({missing.group(1)})" if missing else "")
+                              + " and the hub cannot be reached; fetch it again with network access") from None
     except LocalEntryNotFoundError:
         raise CheckpointError(f"{text}: not in the local Hugging Face cache and the hub cannot be "
                               "reached (HF_HUB_OFFLINE is set or there is no network)") from None

@@ -29,13 +29,22 @@ def mlx_dtype(name: str | None):
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}") from None
 
 
-def select_device(requested: str | None) -> str:
-    """MLX on a Mac uses the GPU through Metal; its Linux CPU build has only the CPU."""
-    if requested in (None, "auto"):
-        return "gpu" if mx.metal.is_available() else "cpu"
-    if requested == "gpu" and not mx.metal.is_available():
+MLX_DEVICES = ("auto", "cpu", "gpu")
+
+
+def select_device(requested: str | None = None, *, gpu_available: bool | None = None) -> str:
+    """MLX on a Mac uses the GPU through Metal; its Linux CPU build has only the CPU.
+
+    `gpu_available` exists so the selection logic can be tested on a machine without Metal."""
+    gpu = mx.metal.is_available() if gpu_available is None else gpu_available
+    choice = (requested or "auto").lower()
+    if choice not in MLX_DEVICES:
+        raise ConfigError(f"--device must be one of {', '.join(MLX_DEVICES)} for the MLX engine, got {requested!r}")
+    if choice == "auto":
+        return "gpu" if gpu else "cpu"
+    if choice == "gpu" and not gpu:
         raise ConfigError("--device gpu: this MLX build has no GPU (Metal is not available)")
-    return requested
+    return choice
 
 
 def load_mlx_model(folder: str | Path, *, dtype: str | None = None, allow_pickle: bool = False) -> CLIPModel:

@@ -38,13 +38,17 @@ def select_device(requested: str | None = None, *, cuda_available: bool | None =
     kind = choice.split(":")[0]
     if kind not in DEVICES:
         raise ConfigError(f"--device must be one of {', '.join(DEVICES)} (or cuda:N), got {requested!r}")
-    if kind == "auto":
+    if choice == "auto":
         return torch.device("mps" if mps else "cuda" if cuda else "cpu")
     if kind == "cuda" and not cuda:
         raise ConfigError(f"--device {requested}: CUDA is not available to this torch build")
     if kind == "mps" and not mps:
         raise ConfigError(f"--device {requested}: MPS is not available on this machine")
-    return torch.device(choice)
+    try:
+        return torch.device(choice)
+    except RuntimeError:  # "auto:1", "cuda:x", "cuda:-1": torch's message is a multi-line parse error
+        raise ConfigError(f"--device {requested!r}: expected a device name with an optional index "
+                          "such as cuda:1") from None
 
 
 def hf_config(config: CLIPConfig):
