@@ -132,6 +132,7 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool = True, evaluate: b
     elif evaluator:
         before = evaluator(engine.encoder())
         trainer.log.write({"step": 0, "eval": before})
+    trainer.baseline = before or first_evaluation(run)
     try:
         result = trainer.fit()
     finally:
@@ -142,6 +143,16 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool = True, evaluate: b
         echo(summary_table(before, after))
     echo(f"final model: {result.final_model}")
     return FinetuneResult(result, before, after, run)
+
+
+def first_evaluation(run: RunFolder) -> dict | None:
+    """The before-training metrics of a resumed run, from its log."""
+    from mlx_clip.monitor import MetricsLog
+
+    for record in MetricsLog(run.metrics_path).read():
+        if record.get("step") == 0 and "eval" in record:
+            return record["eval"]
+    return None
 
 
 def write_bad_images(run: RunFolder, loader: BatchLoader) -> None:

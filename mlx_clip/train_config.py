@@ -72,6 +72,9 @@ class TrainConfig:
     evaluate: bool = field(default=True, metadata={
         "help": "Zero-shot top-1 / retrieval R@1 on held-out data before and after training."})
     eval_every: int = field(default=0, metadata={"help": "Steps between zero-shot evaluations (0: before/after only)."})
+    max_control_drop: float | None = field(default=None, metadata={
+        "help": "Stop early when control zero-shot top-1 falls more than this below its start (needs "
+                "--control-data and --eval-every)."})
     max_nan_steps: int = field(default=5, metadata={"help": "Consecutive non-finite steps that stop the run."})
     resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to continue from."})
 
@@ -123,6 +126,8 @@ class TrainConfig:
                   name, "must be in [0, 1)")
         for name in ("beta1", "beta2"):
             check(0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
+        if self.max_control_drop is not None:
+            check(0 <= self.max_control_drop <= 1, "max_control_drop", "must be in [0, 1]")
         check(0 < self.crop_scale_min <= 1, "crop_scale_min", "must be in (0, 1]")
         check(self.label_smoothing < 1, "label_smoothing", "must be below 1")
         check(self.backend in ("mlx", "torch"), "backend", "must be mlx or torch")

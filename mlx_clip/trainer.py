@@ -56,6 +56,8 @@ class Trainer:
         self.progress_enabled = progress
         self.stop_after = stop_after  # tests: stop (as if interrupted) after this step
         self.log = MetricsLog(run.metrics_path)
+        self.baseline: dict | None = None  # metrics before training, for the forgetting budget
+        self.stopped_early = False
         self.step = 0
         self.nan_steps = 0
         self.consecutive_nan = 0
@@ -123,6 +125,8 @@ class Trainer:
                 if self.evaluate and self.cfg.eval_every and self.step % self.cfg.eval_every == 0 \
                         and self.step < self.total_steps:
                     result.evaluations.append(self._evaluate(progress))
+                    if self._forgetting_exceeded(result.evaluations[-1]["eval"], progress):
+                        break
             self.save_checkpoint()
             result.final_model = self.engine.save_model(self.run.final)
         except (Interrupted, TrainingStopped):
@@ -154,6 +158,19 @@ class Trainer:
             raise TrainingStopped(f"{self.consecutive_nan} non-finite steps in a row at step {self.step}: stopping. "
                                   f"Last good checkpoint: {latest or 'none (no checkpoint was saved yet)'}. "
                                   "Try a lower --lr or --grad-clip.")
+
+    def _forgetting_exceeded(self, metrics: dict, progress: Progress) -> bool:
+        budget, key = self.cfg.max_control_drop, "control_zero_shot_top1"
+        if budget is None or not self.baseline or key not in self.baseline or key not in metrics:
+            return False
+        drop = self.baseline[key] - metrics[key]
+        if drop <= budget:
+            return False
+        self.stopped_early = True
+        progress.write(f"step {self.step}: control top-1 fell {drop:.4f} (from {self.baseline[key]:.4f} to "
+                       f"{metrics[key]:.4f}), over the --max-control-drop budget {budget}: stopping early")
+        self.log.write({"step": self.step, "early_stop": "max_control_drop", "control_drop": drop})
+        return True
 
     def _evaluate(self, progress: Progress) -> dict:
         metrics = self.evaluate(self.engine.encoder())

@@ -109,3 +109,15 @@ def test_trainer_imports_neither_framework():
             "print(sorted(m for m in ('mlx', 'mlx.core', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_forgetting_budget_stops_early_and_keeps_the_model(tmp_path):
+    cfg = TrainConfig(lr=1.0, warmup_steps=0, log_every=1, save_every=0, eval_every=2, max_control_drop=0.1)
+    engine = FakeEngine([1.0] * 10)
+    controls = iter([0.78, 0.62, 0.5])  # drops 0.02, then 0.18 > 0.1
+    trainer = Trainer(cfg, engine, FakeLoader(), RunFolder(tmp_path), 10, progress=False,
+                      evaluate=lambda _: {"control_zero_shot_top1": next(controls)})
+    trainer.baseline = {"control_zero_shot_top1": 0.8}
+    result = trainer.fit()
+    assert trainer.stopped_early and result.steps == 4
+    assert result.final_model is not None and RunFolder(tmp_path).latest().name == "step-0000004"
