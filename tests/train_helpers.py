@@ -10,7 +10,7 @@ from mlx_clip.train_config import TrainConfig
 
 
 def small_config(out, backend: str, **overrides) -> TrainConfig:
-    flags = {"backend": backend, "steps": 10, "batch_size": 8, "warmup_steps": 2, "out": str(out),
+    flags = {"backend": backend, "model": "tiny", "steps": 10, "batch_size": 8, "warmup_steps": 2, "out": str(out),
              "save_every": 4, "log_every": 1, "num_workers": 1, **overrides}
     return TrainConfig.resolve(None, flags, preset=demo_preset())
 
