@@ -18,7 +18,7 @@ STEPS = 100
 
 
 def cli(out, engine, *extra):
-    return [sys.executable, "-m", "mlx_clip", "finetune", "--backend", engine, "--steps", str(STEPS),
+    return [sys.executable, "-m", "mlx_clip", "finetune", "--backend", engine, "--model", "tiny", "--steps", str(STEPS),
             "--batch-size", "8", "--warmup-steps", "2", "--out", str(out), "--save-every", "5",
             "--log-every", "1", "--num-workers", "1", "--no-evaluate", *extra]
 
