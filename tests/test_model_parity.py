@@ -97,3 +97,30 @@ def test_init_weights_gives_finite_distinct_embeddings():
     pixels = mx.array(random_pixels(np.random.default_rng(0), 3, 32))
     feats = np.array(model.get_image_features(pixels))
     assert np.isfinite(feats).all() and np.linalg.matrix_rank(feats) == 3
+
+
+def test_mlx_save_then_load_is_exact_and_idempotent(tmp_path):
+    """MLX files store the conv channels-last with format=mlx; loading must not transpose twice."""
+    from mlx.utils import tree_flatten
+
+    from mlx_clip.config import tiny_config
+    from mlx_clip.mlx_backend import load_mlx_model, save_mlx_model
+    from torch_backend.backend import TorchBackend
+
+    model = CLIPModel(tiny_config())
+    init_weights(model, seed=3)
+    save_mlx_model(model, tmp_path / "a")
+    reloaded = load_mlx_model(tmp_path / "a")
+    save_mlx_model(reloaded, tmp_path / "b")
+    again = load_mlx_model(tmp_path / "b")
+    original = dict(tree_flatten(model.parameters()))
+    for name, value in tree_flatten(again.parameters()):
+        assert np.array(value).tobytes() == np.array(original[name]).tobytes(), name
+    assert mx.load(str(tmp_path / "a" / "model.safetensors"))[
+        "vision_model.embeddings.patch_embedding.weight"].shape == (64, 8, 8, 3)  # (out, kh, kw, in)
+
+    pixels = random_pixels(np.random.default_rng(1), 2, 32)
+    ours = np.array(model.get_image_features(mx.array(pixels)))
+    ours /= np.linalg.norm(ours, axis=-1, keepdims=True)
+    torch_view = TorchBackend.from_folder(tmp_path / "b").encode_images(pixels)
+    assert rel_err(torch_view, ours) <= TOL
