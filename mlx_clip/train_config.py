@@ -25,7 +25,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 class TrainConfig:
     """Fine-tuning options. Help strings are the metadata; `mlxclip finetune --help` shows them."""
 
-    model: str = field(default="tiny", metadata={"help": "Model folder, built-in name (tiny, vit-b32) or hub id."})
+    model: str = field(default="tiny", metadata={"help": "Model folder, built-in name (tiny, small, vit-b32) or hub id."})
     data: str | None = field(default=None, metadata={
         "help": "Captions file (CSV/TSV/JSONL), class-folder root, or folder with train/ and val/. "
                 "Default: the built-in demo domain."})
