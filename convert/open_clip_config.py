@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from convert.shapes import Shape
-from mlx_clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from mlx_clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, read_json
 from mlx_clip.errors import ConfigError, ConvertError
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -61,12 +61,7 @@ def layout_of(model_cfg: dict[str, Any]) -> OpenClipLayout:
 
 def read_open_clip_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("model_cfg"), dict):
         raise ConfigError(f"{path}: expected a JSON object with a 'model_cfg' object, as open_clip writes")
     return data

@@ -193,21 +193,19 @@ class _EvalView(TorchBackend):
     def __init__(self, model, config, device):
         self.model, self.config, self.device = model, config, device
 
-    def encode_images(self, pixels):
+    def _in_eval_mode(self, encode, inputs):
         was_training = self.model.training
         self.model.eval()
         try:
-            return super().encode_images(pixels)
+            return encode(self, inputs)
         finally:
             self.model.train(was_training)
 
+    def encode_images(self, pixels):
+        return self._in_eval_mode(TorchBackend.encode_images, pixels)
+
     def encode_texts(self, token_ids):
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            return super().encode_texts(token_ids)
-        finally:
-            self.model.train(was_training)
+        return self._in_eval_mode(TorchBackend.encode_texts, token_ids)
 
 
 def apply_strategy(module: TrainModule, cfg) -> None:
