@@ -16,8 +16,56 @@ from mlx_clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from mlx_clip.interpolate import bicubic_matrix
 
 
+# --- exp from cheap ops, for MLX's CPU backend ------------------------------------------------
+# MLX's CPU kernels for exp / sigmoid / softmax are ~20x slower than numpy's (4.7 ms vs 0.22 ms
+# for 400k floats on the Linux wheel), while +, *, floor and shifts are fast and fuse under
+# mx.compile. Cephes' expf (Cody-Waite range reduction + degree-7 polynomial) built from those ops
+# is ~6x faster compiled and more accurate (8e-8 max relative error vs 2e-6 for mx.exp). The GPU
+# (Metal) has fast native kernels, so this path is used on the CPU only.
+_LN2_HI, _LN2_LO, _LOG2E = 0.693359375, -2.12194440e-4, 1.44269504088896341
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+             5.0000001201e-1)
+
+
+def _exp_cephes(x: mx.array) -> mx.array:
+    x = mx.clip(x, -87.0, 88.0)  # float32 range of 2^n below
+    n = mx.floor(x * _LOG2E + 0.5)
+    r = x - n * _LN2_HI - n * _LN2_LO  # |r| <= ln2/2, in two steps to keep precision
+    poly = _EXP_POLY[0]
+    for coefficient in _EXP_POLY[1:]:
+        poly = poly * r + coefficient
+    two_to_n = mx.left_shift(n.astype(mx.int32) + 127, 23).view(mx.float32)
+    return (poly * r * r + r + 1.0) * two_to_n
+
+
+@mx.custom_function
+def cpu_exp(x: mx.array) -> mx.array:
+    return _exp_cephes(x.astype(mx.float32)).astype(x.dtype)
+
+
+@cpu_exp.vjp
+def _cpu_exp_vjp(primals, cotangent, output):
+    return (cotangent * output,)
+
+
+def use_cpu_math() -> bool:
+    return mx.default_device() == mx.cpu
+
+
+def sigmoid(x: mx.array) -> mx.array:
+    return 1.0 / (1.0 + cpu_exp(-x)) if use_cpu_math() else mx.sigmoid(x)
+
+
+def softmax(scores: mx.array) -> mx.array:
+    if not use_cpu_math():
+        return mx.softmax(scores, axis=-1, precise=True)
+    shifted = scores - mx.stop_gradient(scores.max(axis=-1, keepdims=True))
+    weights = cpu_exp(shifted)
+    return weights / weights.sum(axis=-1, keepdims=True)
+
+
 def quick_gelu(x: mx.array) -> mx.array:
-    return x * mx.sigmoid(1.702 * x)
+    return x * sigmoid(1.702 * x)
 
 
 ACTIVATIONS = {
@@ -46,7 +94,15 @@ class CLIPAttention(nn.Module):
             return t.reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, hd)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if use_cpu_math():  # MLX has no fused CPU kernel; its unfused softmax is the slow part
+            scores = (q * self.scale) @ k.transpose(0, 1, 3, 2)  # (B, H, L, L)
+            if isinstance(mask, str):
+                scores = mx.where(mx.tril(mx.ones((length, length), dtype=mx.bool_)), scores, -mx.inf)
+            elif mask is not None:
+                scores = scores + mask
+            out = softmax(scores) @ v
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, dim))
 
 
