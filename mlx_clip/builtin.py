@@ -13,15 +13,16 @@ import numpy as np
 from mlx_clip.config import CLIPConfig, tiny_config
 from mlx_clip.errors import ConfigError
 
-BUILTIN_VERSION = 1
+BUILTIN_VERSION = 2
 
 
 def builtin_configs() -> dict[str, CLIPConfig]:
     return {
         # For tests: 32 px, 2 layers of width 64.
         "tiny": tiny_config(),
-        # The demo's model: 64 px (the demo's resolution), fine-tuned on two CPU cores in ~2 minutes.
-        "small": tiny_config(vision={"image_size": 64, "patch_size": 8}),
+        # The demo's model: 64 px (the demo's resolution) and a 4-layer image tower, which learns
+        # the demo's shapes reliably in 1000 steps (2 layers reached 0.81-0.95 depending on seed).
+        "small": tiny_config(vision={"image_size": 64, "patch_size": 8, "num_hidden_layers": 4}),
         # OpenAI's ViT-B/32 shape (transformers' CLIPConfig defaults), for benchmarks.
         "vit-b32": CLIPConfig(),
     }

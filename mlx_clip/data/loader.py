@@ -9,13 +9,16 @@ point: a restored loader yields, bytes included, the batch the original would ha
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from mlx_clip.data.sample import Sample
 from mlx_clip.errors import ConfigError, DataError, ImageError
@@ -71,6 +74,7 @@ class BatchLoader:
         crop_scale: tuple[float, float] = (0.9, 1.0),
         mean: Sequence[float] = OPENAI_MEAN,
         std: Sequence[float] = OPENAI_STD,
+        decoded_cache_bytes: int = 256 << 20,
     ) -> None:
         if len(samples) == 0:
             raise DataError("the dataset has no samples")
@@ -100,6 +104,10 @@ class BatchLoader:
         self.crop_scale = crop_scale
         self.mean, self.std = tuple(mean), tuple(std)  # a model folder's preprocessor stats
         self._has_labels = all(labelled)
+        self.decoded_cache_bytes = decoded_cache_bytes
+        self._decoded_cache: dict[Path, Image.Image] = {}
+        self._decoded_bytes = 0
+        self._cache_lock = threading.Lock()
         self._epoch = 0
         self._position = 0  # next place in the current epoch's order
         self._bad: dict[int, str] = {}  # sample index -> reason, in the order found
@@ -289,10 +297,25 @@ class BatchLoader:
             future.cancel()
         self._ahead = {}
 
+    def _decoded(self, index: int) -> Image.Image:
+        """The decoded image, kept in memory while the cache budget allows: a small domain is
+        decoded once instead of once per epoch. Decoding is deterministic, so results are equal."""
+        path = self.samples[index].image
+        cached = self._decoded_cache.get(path)
+        if cached is not None:
+            return cached
+        image = open_image(path, max_pixels=self.max_pixels)
+        size = image.width * image.height * 3
+        with self._cache_lock:
+            if self._decoded_bytes + size <= self.decoded_cache_bytes:
+                self._decoded_cache[path] = image
+                self._decoded_bytes += size
+        return image
+
     def _load(self, index: int, run: _Pass) -> np.ndarray | ImageError:
         """Worker: decode and transform one sample; an ImageError is returned, not raised."""
         try:
-            image = open_image(self.samples[index].image, max_pixels=self.max_pixels)
+            image = self._decoded(index)
         except ImageError as err:
             return err
         if not run.augment:
