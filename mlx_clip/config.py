@@ -46,8 +46,41 @@ def _check_common(owner: str, cfg) -> None:
         raise ConfigError(f"{owner}.layer_norm_eps must be a positive number, got {cfg.layer_norm_eps!r}")
 
 
+class _TowerConfig:
+    """What the text and vision configs share: tolerant reading, validation on read, round trip."""
+
+    MODEL_TYPE = ""
+    SECTION = ""
+
+    @classmethod
+    def _normalize(cls, known: dict[str, Any]) -> dict[str, Any]:
+        return known
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known, extras = _split_known(cls, data)
+        cfg = cls(**cls._normalize(known), extras=extras)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        _check_common(self.SECTION, self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {**self.extras, **{k: v for k, v in dataclasses.asdict(self).items() if k != "extras"}}
+        out["model_type"] = self.MODEL_TYPE
+        return out
+
+
 @dataclass
-class CLIPTextConfig:
+class CLIPTextConfig(_TowerConfig):
+    MODEL_TYPE = "clip_text_model"
+    SECTION = "text_config"
+
     vocab_size: int = 49408
     hidden_size: int = 512
     intermediate_size: int = 2048
@@ -64,30 +97,17 @@ class CLIPTextConfig:
     eos_token_id: int = 49407
     extras: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CLIPTextConfig":
-        known, extras = _split_known(cls, data)
-        cfg = cls(**known, extras=extras)
-        cfg.validate()
-        return cfg
-
     def validate(self) -> None:
-        _check_common("text_config", self)
-        _check_positive("text_config", vocab_size=self.vocab_size,
+        super().validate()
+        _check_positive(self.SECTION, vocab_size=self.vocab_size,
                         max_position_embeddings=self.max_position_embeddings)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {**self.extras, **{k: v for k, v in dataclasses.asdict(self).items() if k != "extras"}}
-        out["model_type"] = "clip_text_model"
-        return out
 
 
 @dataclass
-class CLIPVisionConfig:
+class CLIPVisionConfig(_TowerConfig):
+    MODEL_TYPE = "clip_vision_model"
+    SECTION = "vision_config"
+
     hidden_size: int = 768
     intermediate_size: int = 3072
     projection_dim: int = 512
@@ -101,8 +121,7 @@ class CLIPVisionConfig:
     extras: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CLIPVisionConfig":
-        known, extras = _split_known(cls, data)
+    def _normalize(cls, known: dict[str, Any]) -> dict[str, Any]:
         for key in ("image_size", "patch_size"):
             value = known.get(key)
             # transformers 5 allows [h, w]; a square pair is the same model.
@@ -110,30 +129,19 @@ class CLIPVisionConfig:
                 if len(value) != 2 or value[0] != value[1]:
                     raise ConfigError(f"vision_config.{key} must be square, got {value!r}")
                 known[key] = value[0]
-        cfg = cls(**known, extras=extras)
-        cfg.validate()
-        return cfg
+        return known
 
     def validate(self) -> None:
-        _check_common("vision_config", self)
-        _check_positive("vision_config", image_size=self.image_size, patch_size=self.patch_size,
+        super().validate()
+        _check_positive(self.SECTION, image_size=self.image_size, patch_size=self.patch_size,
                         num_channels=self.num_channels)
         if self.image_size % self.patch_size:
             raise ConfigError(f"vision_config.image_size must be a multiple of patch_size "
                               f"({self.patch_size}), got {self.image_size}")
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
     def num_positions(self) -> int:
         return (self.image_size // self.patch_size) ** 2 + 1
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {**self.extras, **{k: v for k, v in dataclasses.asdict(self).items() if k != "extras"}}
-        out["model_type"] = "clip_vision_model"
-        return out
 
 
 @dataclass
