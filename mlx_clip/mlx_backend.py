@@ -118,7 +118,6 @@ class MLXBackend:
                 "cache_bytes": int(mx.get_cache_memory())}
 
 
-
 class TrainModule(nn.Module):
     """What the optimizer sees: the CLIP, plus SigLIP's learnable bias when that loss is used.
     Parameter names ("clip.…", "logit_bias") are the same in the torch engine's state."""
@@ -134,7 +133,8 @@ class TrainModule(nn.Module):
 
 
 class MLXTrainEngine:
-    """One compiled AdamW step over model, optimizer and RNG state (mlx-lm's pattern)."""
+    """One compiled AdamW step over model and optimizer state (mlx-lm's pattern). The step draws no
+    random numbers (augmentation is seeded on the numpy side), so no RNG state is captured."""
 
     name = "mlx"
 

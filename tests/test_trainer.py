@@ -118,3 +118,26 @@ def test_lora_run_saves_merged_plain_weights(tmp_path, engine):
     changed = [k for k in before if before[k].tobytes() != weights[k].tobytes()]
     # Only LoRA-targeted projections and logit_scale can move.
     assert changed and all(k.endswith(("_proj.weight", "fc1.weight", "fc2.weight", "logit_scale")) for k in changed)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_non_finite_batch_leaves_weights_and_optimizer_untouched(tmp_path, engine):
+    from mlx_clip.api import resolve
+    from mlx_clip.data.loader import BatchLoader
+    from mlx_clip.finetune import build_engine, prepare_data
+    from mlx_clip.tokenizer import load_tokenizer
+
+    cfg = small_config(tmp_path, engine)
+    trainer_engine = build_engine(cfg, resolve(cfg.model))
+    loader = BatchLoader(prepare_data(cfg).train, batch_size=8, image_size=32, tokenize=load_tokenizer().encode,
+                         seed=0, num_workers=0)
+    assert trainer_engine.train_step(loader.next_batch(), 1e-3)["ok"]
+    trainer_engine.save_state(tmp_path)
+    before = (tmp_path / "engine_state.safetensors").read_bytes()
+    batch = loader.next_batch()
+    batch.pixels[0, 0, 0, 0] = np.nan
+    metrics = trainer_engine.train_step(batch, 1e-3)
+    assert not metrics["ok"] and not np.isfinite(metrics["loss"])
+    trainer_engine.save_state(tmp_path)
+    assert (tmp_path / "engine_state.safetensors").read_bytes() == before
+    assert trainer_engine.train_step(loader.next_batch(), 1e-3)["ok"]  # and training goes on
