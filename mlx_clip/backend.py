@@ -26,9 +26,6 @@ class Backend(Protocol):
     def encode_texts(self, token_ids: np.ndarray) -> np.ndarray:
         """(B, L) int64 -> (B, P) L2-normalised float32."""
 
-    def logit_scale(self) -> float:
-        """The learned temperature, exponentiated."""
-
     def save(self, folder: str | Path) -> None:
         """config.json + model.safetensors in this engine's native layout."""
 

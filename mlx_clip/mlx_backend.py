@@ -104,14 +104,8 @@ class MLXBackend:
         features = self.model.get_text_features(mx.array(np.asarray(token_ids, dtype=np.int32)))
         return np.array(normalize(features.astype(mx.float32)))
 
-    def logit_scale(self) -> float:
-        return float(mx.exp(self.model.logit_scale))
-
     def save(self, folder: str | Path) -> Path:
         return save_mlx_model(self.model, folder)
-
-    def state_numpy(self) -> dict[str, np.ndarray]:
-        return torch_layout_numpy(self.model)
 
     def memory(self) -> dict[str, int]:
         return {"peak_bytes": int(mx.get_peak_memory()), "active_bytes": int(mx.get_active_memory()),

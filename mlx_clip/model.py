@@ -7,8 +7,6 @@ Ported from `transformers/models/clip/modeling_clip.py`; tests hold it to that f
 
 from __future__ import annotations
 
-import math
-
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -272,9 +270,3 @@ def init_weights(model: CLIPModel, seed: int = 0) -> None:
     weights = random_weights(model.config, seed)
     model.load_weights([(k, mx.array(torch_to_mlx(k, v))) for k, v in weights.items()], strict=True)
     mx.eval(model.parameters())
-
-
-def parameter_count(model: nn.Module) -> int:
-    from mlx.utils import tree_flatten
-
-    return sum(int(math.prod(p.shape)) for _, p in tree_flatten(model.parameters()))

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from mlx_clip.config import CLIPConfig
-from torch_backend.model import build_model, load_torch_model, select_device
+from torch_backend.model import load_torch_model, select_device
 
 
 class TorchBackend:
@@ -24,13 +24,6 @@ class TorchBackend:
         chosen = select_device(device)
         model, config = load_torch_model(folder, device=chosen, dtype=dtype, allow_pickle=allow_pickle)
         return cls(model, config, chosen)
-
-    @classmethod
-    def from_numpy(cls, config: CLIPConfig, tensors: dict[str, np.ndarray], device=None) -> "TorchBackend":
-        chosen = select_device(device)
-        model = build_model(config)
-        model.load_state_dict({k: torch.from_numpy(np.require(v, requirements="C")) for k, v in tensors.items()})
-        return cls(model.to(chosen), config, chosen)
 
     def _dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
@@ -49,16 +42,10 @@ class TorchBackend:
         ids = torch.from_numpy(np.asarray(token_ids, dtype=np.int64)).to(self.device)
         return _normalized_numpy(self.model.get_text_features(input_ids=ids).pooler_output)
 
-    def logit_scale(self) -> float:
-        return float(self.model.logit_scale.detach().exp())
-
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         self.model.save_pretrained(folder, safe_serialization=True)
         return folder
-
-    def state_numpy(self) -> dict[str, np.ndarray]:
-        return {k: v.detach().float().cpu().numpy() for k, v in self.model.state_dict().items()}
 
     def memory(self) -> dict[str, int]:
         if self.device.type == "cuda":
