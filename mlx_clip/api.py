@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 
 from mlx_clip.backend import Backend, load_backend
 from mlx_clip.builtin import builtin_configs, materialize
+from mlx_clip.config import read_json
 from mlx_clip.errors import ConfigError
 from mlx_clip.hub import resolve_model
 from mlx_clip.image_processing import OPENAI_MEAN, OPENAI_STD, open_image, preprocess
@@ -28,11 +28,10 @@ def preprocessor_stats(folder: Path) -> tuple[tuple[float, ...], tuple[float, ..
     path = folder / "preprocessor_config.json"
     if not path.is_file():
         return OPENAI_MEAN, OPENAI_STD
-    try:
-        data = json.loads(path.read_text())
-        return tuple(data.get("image_mean", OPENAI_MEAN)), tuple(data.get("image_std", OPENAI_STD))
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise ConfigError(f"{path}: not a valid preprocessor config ({err})") from None
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not a valid preprocessor config (expected a JSON object)")
+    return tuple(data.get("image_mean", OPENAI_MEAN)), tuple(data.get("image_std", OPENAI_STD))
 
 
 class CLIP:

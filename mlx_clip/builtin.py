@@ -71,14 +71,10 @@ def random_weights(config: CLIPConfig, seed: int = 0) -> dict[str, np.ndarray]:
 
 def write_hf_folder(folder: Path, config: CLIPConfig, weights: dict[str, np.ndarray]) -> Path:
     """A folder transformers loads: config.json, model.safetensors (format=pt), tokenizer files."""
-    from safetensors.numpy import save_file
-
+    from convert import write_checkpoint
     from mlx_clip.tokenizer import load_tokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
-    config.save(folder)
-    save_file({k: np.require(v, requirements="C") for k, v in weights.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    write_checkpoint(folder, config, weights, to="hf")
     load_tokenizer().save_pretrained(folder)
     write_preprocessor_config(folder, config.vision_config.image_size)
     return folder

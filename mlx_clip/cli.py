@@ -8,6 +8,7 @@ import sys
 import click
 
 from mlx_clip.errors import MlxClipError
+from mlx_clip.train_config import DTYPES
 
 
 def domain_errors(fn):
@@ -26,7 +27,7 @@ backend_option = click.option("--backend", type=click.Choice(["mlx", "torch"]), 
                               help="Engine: MLX (native) or PyTorch (MPS > CUDA > CPU).")
 device_option = click.option("--device", default=None,
                              help="Override device detection: torch cpu|cuda|cuda:N|mps, mlx cpu|gpu.")
-dtype_option = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+dtype_option = click.option("--dtype", type=click.Choice(DTYPES), default=None,
                             help="Compute dtype (default: float32).")
 pickle_option = click.option("--allow-pickle", is_flag=True,
                              help="Allow pytorch_model.bin (read with weights_only=True; never executes code).")

@@ -12,12 +12,12 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from convert.layout import mlx_to_torch, torch_to_mlx
+from convert.writer import mlx_metadata
 from mlx_clip.config import CLIPConfig
 from mlx_clip.errors import ConfigError
 from mlx_clip.model import CLIPModel, init_weights, normalize
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-MLX_FORMAT = "mlx"
 
 
 def mlx_dtype(name: str | None):
@@ -65,8 +65,7 @@ def save_mlx_model(model: CLIPModel, folder: str | Path, metadata: dict[str, str
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save(folder)
     weights = dict(tree_flatten(model.parameters()))
-    mx.save_safetensors(str(folder / "model.safetensors"), weights,
-                        metadata={"format": MLX_FORMAT, **(metadata or {})})
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={**mlx_metadata(), **(metadata or {})})
     return folder
 
 
