@@ -94,7 +94,7 @@ class Trainer:
         progress = Progress(self.total_steps, self.step, enabled=self.progress_enabled)
         in_step = False
         try:
-            window_start, window_images = time.perf_counter(), 0
+            window_start, window_images, reported = time.perf_counter(), 0, self.step
             while self.step < self.total_steps:
                 if self._interrupted or (self.stop_after is not None and self.step >= self.stop_after):
                     path = self.save_checkpoint()
@@ -116,9 +116,8 @@ class Trainer:
                               "images_per_s": window_images / elapsed if elapsed > 0 else 0.0,
                               "skipped": not metrics["ok"], **self.engine.memory()}
                     self.log.write(record)
-                    progress.update(self.cfg.log_every if self.step % self.cfg.log_every == 0 else 0,
-                                    {"loss": metrics["loss"], "lr": lr})
-                    window_start, window_images = time.perf_counter(), 0
+                    progress.update(self.step - reported, {"loss": metrics["loss"], "lr": lr})
+                    window_start, window_images, reported = time.perf_counter(), 0, self.step
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps \
                         and self.consecutive_nan == 0:  # never checkpoint in the middle of a NaN streak
                     self.save_checkpoint()
@@ -129,7 +128,7 @@ class Trainer:
                         break
             self.save_checkpoint()
             result.final_model = self.engine.save_model(self.run.final)
-        except (Interrupted, TrainingStopped):
+        except TrainingStopped:  # Interrupted included: both have saved what they should
             raise
         except BaseException:
             # A crash between steps leaves a consistent state: keep it resumable.
