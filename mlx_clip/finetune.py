@@ -19,7 +19,7 @@ from mlx_clip.trainer import Trainer, TrainResult
 
 
 def demo_preset() -> dict[str, Any]:
-    """The built-in default: the tiny random model on the rendered shapes domain. Values sit
+    """The built-in default: the 'small' random model on the rendered shapes domain. Values sit
     between the defaults and the user's file/flags, so any of them can still be overridden."""
     return {"model": "small", "lr": 2e-3, "steps": 1000, "batch_size": 48, "warmup_steps": 40,
             "weight_decay": 0.05, "out": "runs/demo", "log_every": 20, "save_every": 250}
