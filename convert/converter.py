@@ -1,38 +1,38 @@
-"""`convert(src, dst, to=...)`: exact conversion with verify-before-write.
+"""`convert(src, dst, to=..., verify=...)`: exact conversion with verify-before-write.
 
-The result is written to a hidden sibling of `dst`, embedded next to the source on a seeded random
-batch, and renamed into place only when the embeddings agree; on any failure `dst` is untouched.
-Without `dtype` every tensor keeps its dtype and bytes.
+The result is written to a hidden sibling of `dst`, handed to `verify` next to the source, and
+renamed into place only when `verify` accepts it; on any failure `dst` is untouched. Without
+`dtype` every tensor keeps its dtype and bytes.
+
+Verifying needs an engine to embed with, and engines stand above the converters, so the verifier
+is passed in: `mlx_clip.conversion.convert` is this function with the engines' check.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-
-import numpy as np
 
 from convert import detect
 from convert.checkpoint import read_stored
 from convert.dtypes import cast, check_dtype
 from convert.open_clip_config import preprocess_cfg_from_hf
 from convert.writer import copy_side_files, write_stored
-from mlx_clip.config import CLIPConfig
 from mlx_clip.errors import ConvertError
 
-FLOAT32_TOLERANCE = 1e-4  # max |a - b| between L2-normalised embeddings
-REDUCED_MIN_COSINE = 0.99  # per row, when any side holds float16 / bfloat16 weights
-VERIFY_BATCH = 2
-VERIFY_SEED = 0
+# (source folder, staged result folder, target format, whether any side holds float16/bfloat16)
+# -> None, or ConvertError when the result does not behave like the source.
+Verifier = Callable[[Path, Path, str, bool], None]
 
 
-def convert(src: str | Path, dst: str | Path, *, to: str, dtype: str | None = None,
-            allow_pickle: bool = False, verify: bool = True, overwrite: bool = False) -> Path:
+def convert(src: str | Path, dst: str | Path, *, to: str, verify: Verifier | None, dtype: str | None = None,
+            allow_pickle: bool = False, overwrite: bool = False) -> Path:
     """Convert the checkpoint folder `src` (any supported format) into `dst` as `to`
-    ("mlx" | "hf" | "open_clip"), optionally casting floats to `dtype`. Returns `dst`."""
+    ("mlx" | "hf" | "open_clip"), optionally casting floats to `dtype`. Returns `dst`.
+    `verify=None` writes without checking."""
     if to not in detect.FORMATS:
         raise ConvertError(f"--to must be one of {', '.join(detect.FORMATS)}, got {to!r}")
     if dtype is not None:
@@ -49,9 +49,9 @@ def convert(src: str | Path, dst: str | Path, *, to: str, dtype: str | None = No
     try:
         write_stored(staging, to, stored.config, tensors, extras, preprocess_cfg=preprocess_cfg_from_hf(src))
         copy_side_files(src, staging)
-        if verify:
+        if verify is not None:
             try:
-                verify_conversion(src, staging, to=to, reduced=reduced, allow_pickle=allow_pickle)
+                verify(src, staging, to, reduced)
             except ConvertError as err:
                 raise ConvertError(f"{src} -> {dst}: {err}; {dst} left untouched") from None
         _move_into_place(staging, dst)
@@ -83,58 +83,3 @@ def _move_into_place(staging: Path, dst: Path) -> None:
         old.rename(dst)
         raise
     shutil.rmtree(old, ignore_errors=True)
-
-
-def verify_batch(config: CLIPConfig, batch: int = VERIFY_BATCH, seed: int = VERIFY_SEED) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (pixels (B,H,W,3) float32, token ids (B,L) int64) with one EOT per row where the
-    config's pooling will find it (first `eos_token_id`, or the row's maximum for legacy id 2)."""
-    rng = np.random.default_rng(seed)
-    v, t = config.vision_config, config.text_config
-    pixels = rng.standard_normal((batch, v.image_size, v.image_size, v.num_channels)).astype(np.float32)
-    length, vocab, eos = t.max_position_embeddings, t.vocab_size, t.eos_token_id
-    legacy = eos == 2
-    top = vocab - 1 if legacy else vocab
-    ids = rng.integers(0, top, size=(batch, length)).astype(np.int64)
-    if not legacy and eos < vocab:
-        ids[ids == eos] = (eos + 1) % vocab
-    for row in range(batch):
-        end = int(rng.integers(1, length))
-        ids[row, end] = vocab - 1 if legacy else (eos if eos < vocab else ids[row, end])
-        ids[row, end + 1:] = 0
-    return pixels, ids
-
-
-def verify_backends(to: str) -> tuple[str, str]:
-    """torch reads the source (the reference engine); the result is read by the engine that will
-    use it. Where only one framework is installed, that one does both."""
-    has_torch = importlib.util.find_spec("torch") is not None
-    has_mlx = importlib.util.find_spec("mlx") is not None
-    source = "torch" if has_torch else "mlx"
-    result = "mlx" if (to == "mlx" and has_mlx) or not has_torch else "torch"
-    return source, result
-
-
-def verify_conversion(src: Path, out: Path, *, to: str, reduced: bool, allow_pickle: bool = False) -> None:
-    """Embed one seeded batch with the source and the result (engines from `verify_backends`);
-    ConvertError unless they agree."""
-    from mlx_clip.api import load
-
-    source_backend, result_backend = verify_backends(to)
-    source = load(src, backend=source_backend, allow_pickle=allow_pickle)
-    result = load(out, backend=result_backend)
-    pixels, ids = verify_batch(source.config)
-    for kind, a, b in (("image", source.encode_images(pixels), result.encode_images(pixels)),
-                       ("text", source.encode_texts(ids), result.encode_texts(ids))):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        if a.shape != b.shape:
-            raise ConvertError(f"verification failed: {kind} embeddings have shape {b.shape}, source {a.shape}")
-        if reduced:
-            cosine = float(np.min(np.sum(a * b, axis=-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))
-            if not cosine >= REDUCED_MIN_COSINE:
-                raise ConvertError(f"verification failed: {kind} embeddings of the converted model have cosine "
-                                   f"{cosine:.4f} to the source's (need >= {REDUCED_MIN_COSINE})")
-        else:
-            diff = float(np.max(np.abs(a - b)))
-            if not diff <= FLOAT32_TOLERANCE:
-                raise ConvertError(f"verification failed: {kind} embeddings differ by {diff:.2e} from the "
-                                   f"source's (tolerance {FLOAT32_TOLERANCE:.0e})")

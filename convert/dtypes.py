@@ -10,9 +10,11 @@ import numpy as np
 
 from convert.safetensors_io import FLOAT_TAGS, STORAGE, Tensor
 from mlx_clip.errors import ConvertError
+from mlx_clip.policy import DTYPES
 
-DTYPE_TAGS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 TAG_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+# The dtypes a user may ask for are the toolkit's one list; this is where each is stored.
+DTYPE_TAGS = {name: tag for tag, name in TAG_NAMES.items() if name in DTYPES}
 
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
@@ -65,4 +67,4 @@ def check_dtype(dtype: str) -> str:
     try:
         return DTYPE_TAGS[dtype]
     except KeyError:
-        raise ConvertError(f"dtype must be one of {', '.join(DTYPE_TAGS)}, got {dtype!r}") from None
+        raise ConvertError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}") from None

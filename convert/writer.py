@@ -19,6 +19,8 @@ from convert.open_clip_config import layout_of, open_clip_config_for
 from convert.safetensors_io import FLOAT_TAGS, Tensor, write_safetensors
 from mlx_clip.config import CLIPConfig
 from mlx_clip.errors import ConvertError
+from mlx_clip.image_processing import OPENAI_MEAN, OPENAI_STD
+from mlx_clip.version import __version__
 
 # Files that travel with the weights (tokenizer and image preprocessing), copied as they are.
 SIDE_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
@@ -26,9 +28,7 @@ SIDE_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.js
 
 
 def mlx_metadata() -> dict[str, str]:
-    import mlx_clip
-
-    return {"format": "mlx", "mlxclip_version": mlx_clip.__version__}
+    return {"format": "mlx", "mlxclip_version": __version__}
 
 
 def write_stored(folder: str | Path, to: str, config: CLIPConfig, tensors: dict[str, Tensor],
@@ -57,6 +57,32 @@ def write_checkpoint(folder: str | Path, config: CLIPConfig, tensors: dict[str, 
     (bf16 with round-to-nearest-even)."""
     stored = {n: cast(from_numpy(a), dtype) for n, a in tensors.items()}
     return write_stored(folder, to, config, stored)
+
+
+def write_model_folder(folder: Path, config: CLIPConfig, tensors: dict[str, np.ndarray], *, to: str = "hf") -> Path:
+    """A complete model folder: config.json and weights (`to` format), tokenizer files and
+    preprocessor config, so that both engines (and transformers, for "hf") load it as it is."""
+    write_checkpoint(folder, config, tensors, to=to)
+    write_side_files(folder, config)
+    return folder
+
+
+def write_side_files(folder: Path, config: CLIPConfig) -> None:
+    """OpenAI's tokenizer files and a preprocessor config for the model's image size."""
+    from mlx_clip.tokenizer import load_tokenizer
+
+    load_tokenizer().save_pretrained(folder)
+    write_preprocessor_config(folder, config.vision_config.image_size)
+
+
+def write_preprocessor_config(folder: Path, image_size: int) -> None:
+    processor = {
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(OPENAI_MEAN), "image_std": list(OPENAI_STD), "do_convert_rgb": True,
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
 
 
 def _with_dtype(config: CLIPConfig, tensors: dict[str, Tensor]) -> CLIPConfig:

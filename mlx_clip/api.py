@@ -16,6 +16,12 @@ from mlx_clip.image_processing import OPENAI_MEAN, OPENAI_STD, open_image, prepr
 from mlx_clip.tokenizer import load_tokenizer, trim_padding
 
 
+# How many images / texts reach the engine at once when embedding or evaluating; the default of
+# every function that batches, and of `--batch-size`.
+IMAGE_BATCH = 64
+TEXT_BATCH = 256
+
+
 def resolve(model: str | Path, *, allow_pickle: bool = False) -> Path:
     """A folder for `model`: a path, a built-in name (`tiny`, `vit-b32`), or a hub id."""
     if isinstance(model, str) and model in builtin_configs() and not Path(model).exists():
@@ -49,7 +55,7 @@ class CLIP:
         return np.stack([preprocess(open_image(im), self.image_size, mean=self.mean, std=self.std)
                          for im in images])
 
-    def encode_images(self, images: Sequence | np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def encode_images(self, images: Sequence | np.ndarray, batch_size: int = IMAGE_BATCH) -> np.ndarray:
         """Paths, bytes or PIL images (or already-preprocessed (B,H,W,3) pixels) -> (B, P)."""
         parts = []
         for start in range(0, len(images), batch_size):
@@ -58,7 +64,7 @@ class CLIP:
             parts.append(self.engine.encode_images(pixels))
         return np.concatenate(parts) if parts else np.zeros((0, self.config.projection_dim), np.float32)
 
-    def encode_texts(self, texts: Sequence[str] | np.ndarray, batch_size: int = 256) -> np.ndarray:
+    def encode_texts(self, texts: Sequence[str] | np.ndarray, batch_size: int = TEXT_BATCH) -> np.ndarray:
         parts = []
         for start in range(0, len(texts), batch_size):
             chunk = texts[start:start + batch_size]

@@ -1,6 +1,7 @@
-"""The engine boundary. The trainer, evaluation and server talk to an engine only through this
-protocol, with numpy arrays: channels-last float32 pixels, int64 token ids. Each engine imports
-its own framework, lazily, so a machine with only one of them can still use the toolkit.
+"""The engine boundary. The trainer, evaluation, the converters' verification, the CLI and the
+benchmarks talk to an engine only through this protocol, with numpy arrays: channels-last float32
+pixels, int64 token ids. Each engine imports its own framework, lazily, so a machine with only one
+of them can still use the toolkit with that engine.
 """
 
 from __future__ import annotations
@@ -17,32 +18,69 @@ BACKENDS = ("mlx", "torch")
 
 
 class Backend(Protocol):
+    """One CLIP in one framework: inference always, training after `prepare_training`."""
+
     name: str
     config: CLIPConfig
 
+    # --- inference ---
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) normalized float32 -> (B, P) L2-normalised float32."""
 
     def encode_texts(self, token_ids: np.ndarray) -> np.ndarray:
         """(B, L) int64 -> (B, P) L2-normalised float32."""
 
-    def save(self, folder: str | Path) -> None:
-        """config.json + model.safetensors in this engine's native layout."""
+    def save(self, folder: str | Path, *, to: str | None = None) -> Path:
+        """A plain model folder (LoRA merged; weights, config, tokenizer and preprocessor files)
+        in format `to` ("mlx" | "hf" | "open_clip"; default: the engine's own layout), loadable by
+        both engines."""
 
     def memory(self) -> dict[str, int]:
         """Peak / active bytes as the engine sees them."""
 
+    # --- training ---
+    def prepare_training(self, cfg: Any) -> None:
+        """Apply the `policy.training_plan` of a TrainConfig; build the optimizer and the step."""
 
-def load_backend(name: str, folder: str | Path, *, device: str | None = None,
-                 dtype: str | None = None, allow_pickle: bool = False, **kwargs: Any) -> Backend:
+    def trainable_count(self) -> int:
+        """Parameters the optimizer updates."""
+
+    def train_step(self, batch: Any, lr: float) -> dict:
+        """One update on a `data.loader.Batch`: {loss, grad_norm, ok, logit_scale}. A step with
+        a non-finite loss or gradient (ok False) changes no weight and no optimizer state."""
+
+    def save_state(self, folder: Path) -> None:
+        """Weights and optimizer state, enough to continue bit for bit."""
+
+    def load_state(self, folder: Path) -> None:
+        """Restore what `save_state` wrote."""
+
+
+def engine_class(name: str) -> type:
+    """The class of engine `name`, imported on first use."""
     if name == "mlx":
-        if device not in (None, "cpu", "gpu", "auto"):
-            raise ConfigError(f"--device {device!r} is not an MLX device (use cpu or gpu)")
-        from mlx_clip.mlx_backend import MLXBackend
+        from mlx_clip.mlx_backend.backend import MLXBackend
 
-        return MLXBackend.from_folder(folder, dtype=dtype, allow_pickle=allow_pickle, device=device, **kwargs)
+        return MLXBackend
     if name == "torch":
         from torch_backend.backend import TorchBackend
 
-        return TorchBackend.from_folder(folder, dtype=dtype, allow_pickle=allow_pickle, device=device, **kwargs)
+        return TorchBackend
     raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+
+
+def load_backend(name: str, folder: str | Path, *, device: str | None = None,
+                 dtype: str | None = None, allow_pickle: bool = False) -> Backend:
+    """The engine `name` ("mlx" | "torch") holding the model in `folder` (any supported format)."""
+    return engine_class(name).from_folder(folder, dtype=dtype, allow_pickle=allow_pickle, device=device)
+
+
+def describe_engines() -> list[str]:
+    """One line per engine: its framework's version and the device it would pick, or why not."""
+    lines = []
+    for name in BACKENDS:
+        try:
+            lines.append(engine_class(name).describe())
+        except ImportError as err:
+            lines.append(f"{name}: not available ({err})")
+    return lines

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from convert.writer import write_model_folder
 from mlx_clip.config import CLIPConfig, tiny_config
 from mlx_clip.errors import ConfigError
 
@@ -69,31 +70,6 @@ def random_weights(config: CLIPConfig, seed: int = 0) -> dict[str, np.ndarray]:
     return weights
 
 
-def write_hf_folder(folder: Path, config: CLIPConfig, weights: dict[str, np.ndarray]) -> Path:
-    """A folder transformers loads: config.json, model.safetensors (format=pt), tokenizer files."""
-    from convert import write_checkpoint
-    from mlx_clip.tokenizer import load_tokenizer
-
-    write_checkpoint(folder, config, weights, to="hf")
-    load_tokenizer().save_pretrained(folder)
-    write_preprocessor_config(folder, config.vision_config.image_size)
-    return folder
-
-
-def write_preprocessor_config(folder: Path, image_size: int) -> None:
-    import json
-
-    from mlx_clip.image_processing import OPENAI_MEAN, OPENAI_STD
-
-    processor = {
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
-        "resample": 3, "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(OPENAI_MEAN), "image_std": list(OPENAI_STD), "do_convert_rgb": True,
-    }
-    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
-
-
 def cache_root() -> Path:
     base = os.environ.get("MLXCLIP_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "mlxclip")
     return Path(base).expanduser()
@@ -108,7 +84,7 @@ def materialize(name: str, seed: int = 0) -> Path:
     if (folder / "model.safetensors").exists():
         return folder
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    write_hf_folder(tmp, configs[name], random_weights(configs[name], seed))
+    write_model_folder(tmp, configs[name], random_weights(configs[name], seed))
     try:
         tmp.rename(folder)
     except OSError:  # another process won the race; its folder is identical

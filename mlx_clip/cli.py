@@ -7,8 +7,9 @@ import sys
 
 import click
 
+from mlx_clip.api import IMAGE_BATCH
 from mlx_clip.errors import MlxClipError
-from mlx_clip.train_config import DTYPES
+from mlx_clip.policy import DTYPES
 
 
 def domain_errors(fn):
@@ -69,7 +70,7 @@ def embed(model, images, texts, out, backend, device, dtype, allow_pickle):
 @domain_errors
 def convert(src, dst, target, dtype, allow_pickle, overwrite, no_verify):
     """Convert a CLIP checkpoint (format detected) to MLX, Hugging Face or open_clip safetensors."""
-    from convert import convert as run
+    from mlx_clip.conversion import convert as run
     from mlx_clip.api import resolve
 
     out = run(resolve(src, allow_pickle=allow_pickle), dst, to=target, dtype=dtype, allow_pickle=allow_pickle,
@@ -80,24 +81,13 @@ def convert(src, dst, target, dtype, allow_pickle, overwrite, no_verify):
 @main.command()
 def info():
     """Show the engines, devices and BLAS this machine gives mlxclip."""
+    from mlx_clip.backend import describe_engines
     from mlx_clip.blas import blas_info
 
     choice = blas_info()
     click.echo(f"BLAS for MLX: {choice.name}" + (f" ({choice.path})" if choice.path else ""))
-    try:
-        import mlx.core as mx
-
-        click.echo(f"mlx {mx.__version__}: default device {mx.default_device()}")
-    except ImportError:
-        click.echo("mlx: not installed")
-    try:
-        import torch
-
-        from torch_backend.model import select_device
-
-        click.echo(f"torch {torch.__version__}: auto device {select_device(None)}")
-    except ImportError:
-        click.echo("torch: not installed")
+    for line in describe_engines():
+        click.echo(line)
 
 
 def train_config_options(fn):
@@ -184,7 +174,7 @@ def wise_ft(zero_shot, fine_tuned, alpha, sweep, eval_target, eval_control, cont
 @click.option("--classes", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--tasks", default=None, help="Comma list: zero_shot, retrieval, linear_probe.")
 @click.option("--out", required=True, type=click.Path(), help="report.json, or a folder for the reports.")
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--batch-size", default=IMAGE_BATCH, show_default=True, help="Images per engine call.")
 @backend_option
 @device_option
 @domain_errors

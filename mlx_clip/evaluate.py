@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_clip.api import CLIP, load
+from mlx_clip.api import CLIP, IMAGE_BATCH, TEXT_BATCH, load
 from mlx_clip.data.records import Dataset, load_dataset, split_samples
 from mlx_clip.data.sample import Sample
 from mlx_clip.data.templates import DEFAULT_TEMPLATES, check_templates, fill
@@ -104,9 +104,9 @@ def encode_dataset(
     clip: CLIP,
     samples: Sequence[Sample],
     *,
-    batch_size: int = 64,
+    batch_size: int = IMAGE_BATCH,
     texts: bool = True,
-    text_batch_size: int = 256,
+    text_batch_size: int = TEXT_BATCH,
     workers: int | None = None,
 ) -> EncodedDataset:
     """Encode each distinct image once (samples sharing `image_id` share it) and, with `texts`,
@@ -168,7 +168,7 @@ def encode_dataset(
 
 
 def class_embeddings(clip: CLIP, class_names: Sequence[str], templates: Sequence[str], *,
-                     batch_size: int = 256) -> np.ndarray:
+                     batch_size: int = TEXT_BATCH) -> np.ndarray:
     """(C, P) zero-shot classifier: each class's prompts encoded and ensembled (CLIP, Radford et
     al. 2021, sec. 3.1.4). Classes are encoded a few at a time so C x T prompts never coexist."""
     if not class_names:
@@ -199,7 +199,7 @@ def _require(dataset: Dataset, kind: str, task: str) -> None:
 
 
 def _zero_shot_metrics(clip: CLIP, encoded: EncodedDataset, class_names: list[str],
-                       templates: Sequence[str], *, text_batch_size: int = 256) -> dict:
+                       templates: Sequence[str], *, text_batch_size: int = TEXT_BATCH) -> dict:
     if encoded.labels is None:
         raise DataError("zero-shot classification needs labelled samples (class folders)")
     logits = zero_shot_logits(encoded.image_embeds,
@@ -212,7 +212,7 @@ def _zero_shot_metrics(clip: CLIP, encoded: EncodedDataset, class_names: list[st
 
 
 def zero_shot(clip: CLIP, dataset: Dataset, templates: Sequence[str] | None = None, *,
-              batch_size: int = 64) -> dict:
+              batch_size: int = IMAGE_BATCH) -> dict:
     """acc1, acc5, mean_per_class_recall (CLIP_benchmark's names) + per_class, confusion_matrix,
     class_names, images, unreadable_images. Templates default to the dataset's, then CLIP's."""
     _require(dataset, "class_folders", "zero-shot classification")
@@ -222,7 +222,7 @@ def zero_shot(clip: CLIP, dataset: Dataset, templates: Sequence[str] | None = No
 
 
 def retrieval(clip: CLIP, dataset: Dataset, *, ks: Sequence[int] = RECALL_KS,
-              batch_size: int = 64) -> dict:
+              batch_size: int = IMAGE_BATCH) -> dict:
     """image_retrieval_recall@K and text_retrieval_recall@K, several captions per image."""
     _require(dataset, "captions", "retrieval")
     encoded = encode_dataset(clip, eval_samples(dataset), batch_size=batch_size)
@@ -242,7 +242,7 @@ def _relabel(samples: list[Sample], names: list[str], onto: list[str], where: st
 
 
 def linear_probe_eval(clip: CLIP, train_dataset: Dataset, test_dataset: Dataset,
-                      val_fraction: float = 0.2, *, seed: int = 0, batch_size: int = 64) -> dict:
+                      val_fraction: float = 0.2, *, seed: int = 0, batch_size: int = IMAGE_BATCH) -> dict:
     """Logistic regression on frozen image features: `train_dataset.samples` split by
     `val_fraction` (seeded, per class) to choose the L2 strength, scored on the test dataset's
     evaluation samples (its val/ split if it has one)."""
@@ -337,7 +337,7 @@ def load_jobs(data, *, control=None, templates=None, classes=None, tasks=None) -
     return jobs
 
 
-def evaluate_clip(clip: CLIP, jobs: Sequence[_Job], *, model_name: str, batch_size: int = 64,
+def evaluate_clip(clip: CLIP, jobs: Sequence[_Job], *, model_name: str, batch_size: int = IMAGE_BATCH,
                   val_fraction: float = 0.2, seed: int = 0) -> list[dict]:
     """Run the jobs' tasks with an already-loaded model -> CLIP_benchmark-shaped result dicts."""
     results = []
@@ -370,7 +370,7 @@ def _out_json(out: str | Path, stem: str) -> Path:
 
 
 def evaluate(model, data, *, backend: str = "mlx", templates=None, classes=None, out: str | Path | None = None,
-             tasks=None, control=None, batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0,
+             tasks=None, control=None, batch_size: int = IMAGE_BATCH, val_fraction: float = 0.2, seed: int = 0,
              device: str | None = None, dtype: str | None = None, allow_pickle: bool = False) -> list[dict]:
     """Evaluate `model` (folder, built-in name or hub id) on `data` (one or more dataset paths)
     and optional `control` domains; write `out` (a .json path, or a folder for eval.json) with its
@@ -394,7 +394,7 @@ class Comparison:
 
 
 def compare(base_model, finetuned_model, data, *, out: str | Path, backend: str = "mlx", templates=None,
-            classes=None, tasks=None, control=None, batch_size: int = 64, val_fraction: float = 0.2,
+            classes=None, tasks=None, control=None, batch_size: int = IMAGE_BATCH, val_fraction: float = 0.2,
             seed: int = 0, device: str | None = None, dtype: str | None = None,
             allow_pickle: bool = False) -> Comparison:
     """Evaluate both models on the same data (one at a time, so only one is in memory) and write,

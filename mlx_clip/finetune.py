@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_clip.api import CLIP, preprocessor_stats, resolve
+from mlx_clip.backend import Backend, load_backend
 from mlx_clip.checkpoint import RunFolder
 from mlx_clip.data.loader import BatchLoader
 from mlx_clip.data.records import Dataset, load_dataset, split_samples
@@ -85,14 +86,10 @@ def make_evaluator(data: DomainData, folder: Path, batch_size: int):
     return evaluate
 
 
-def build_engine(cfg: TrainConfig, folder: Path):
-    if cfg.backend == "mlx":
-        from mlx_clip.mlx_backend import MLXTrainEngine
-
-        return MLXTrainEngine.from_folder(folder, cfg)
-    from torch_backend.backend import TorchTrainEngine
-
-    return TorchTrainEngine.from_folder(folder, cfg)
+def build_engine(cfg: TrainConfig, folder: Path) -> Backend:
+    engine = load_backend(cfg.backend, folder, device=cfg.device, dtype=cfg.dtype)
+    engine.prepare_training(cfg)
+    return engine
 
 
 @dataclass
@@ -130,14 +127,14 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool = True, evaluate: b
         trainer.restore(checkpoint)
         echo(f"resumed from {checkpoint} at step {trainer.step}")
     elif evaluator:
-        before = evaluator(engine.encoder())
+        before = evaluator(engine)
         trainer.log.write({"step": 0, "eval": before})
     trainer.baseline = before or first_evaluation(run)
     try:
         result = trainer.fit()
     finally:
         write_bad_images(run, loader)
-    after = evaluator(engine.encoder()) if evaluator else None
+    after = evaluator(engine) if evaluator else None
     if after:
         trainer.log.write({"step": trainer.step, "eval": after})
         echo(summary_table(before, after))

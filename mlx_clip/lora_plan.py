@@ -1,15 +1,18 @@
 """Where LoRA goes and how it starts, shared by both engines: numpy only, no framework import.
 
-`mlx_clip/lora.py` and `torch_backend/lora.py` each define a `LoRALinear` for their framework and
-hand that class to the functions here, which need of a model only the Hugging Face module tree
-(`<tower>.encoder.layers[i].<self_attn|mlp>.<target>`) and of a Linear only `weight.shape`.
-Keeping the walk, the option checks and the A initialisation in one place is what makes the two
-engines agree on parameter names, site order and initial bytes.
+`mlx_clip/mlx_backend/lora.py` and `torch_backend/lora.py` each define a `LoRALinear` for their
+framework and hand that class to `wrap_sites`; the functions here need of a model only the Hugging
+Face module tree (`<tower>.encoder.layers[i].<self_attn|mlp>.<target>`), of a Linear only
+`weight.shape`, and of an adapter only its `base`, `lora_a` and `lora_b`. Keeping the walk, the
+option checks, the A initialisation and the merged copy in one place is what makes the two engines
+agree on parameter names, site order and initial bytes.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
 from numbers import Integral, Real
 from typing import Iterator, Sequence
 
@@ -32,7 +35,7 @@ def wrap_sites(model, lora_class: type, *, rank: int, alpha: float, targets: Seq
     sites = list(lora_sites(model, towers, targets))
     # Checked before any change, so a refused call leaves the model as it was.
     for _, path, parent, name in sites:
-        if isinstance(getattr(parent, name), lora_class):
+        if is_adapted(getattr(parent, name)):
             raise ConfigError(f"LoRA is already applied at {path}; merge_lora first or apply it once")
     for index, path, parent, name in sites:
         base = getattr(parent, name)
@@ -40,24 +43,39 @@ def wrap_sites(model, lora_class: type, *, rank: int, alpha: float, targets: Seq
         setattr(parent, name, lora_class(base, init, alpha, dropout))
 
 
-def adapted_sites(model, lora_class: type) -> Iterator[tuple[str, object, str, object]]:
-    """(path, parent module, attribute, adapted module) of every `lora_class` instance, in the
-    canonical site order."""
+def is_adapted(module) -> bool:
+    """Whether `module` is either engine's `LoRALinear` (a base Linear plus lora_a / lora_b)."""
+    return all(hasattr(module, key) for key in ("base", "lora_a", "lora_b"))
+
+
+def adapted_sites(model) -> Iterator[tuple[str, object, str, object]]:
+    """(path, parent module, attribute, adapted module) of every adapted Linear, in the canonical
+    site order."""
     for _, path, parent, name in lora_sites(model, ALL_TOWERS, ALL_TARGETS):
         module = getattr(parent, name)
-        if isinstance(module, lora_class):
+        if is_adapted(module):
             yield path, parent, name, module
 
 
-def lora_modules(model, lora_class: type) -> Iterator[tuple[str, object]]:
+def lora_modules(model) -> Iterator[tuple[str, object]]:
     """(path, module) of every adapted Linear, in the canonical site order."""
-    for path, _, _, module in adapted_sites(model, lora_class):
+    for path, _, _, module in adapted_sites(model):
         yield path, module
 
 
-def lora_parameter_names(model, lora_class: type) -> list[str]:
+def merged(model, merge_lora: Callable[[object], None]):
+    """`model` itself when it has no adapter, else a deep copy with every adapter folded in by the
+    engine's `merge_lora` (so saving never changes the model that is still training)."""
+    if next(lora_modules(model), None) is None:
+        return model
+    model = copy.deepcopy(model)
+    merge_lora(model)
+    return model
+
+
+def lora_parameter_names(model) -> list[str]:
     """`<path>.lora_a`, `<path>.lora_b` of every adapted Linear, in the canonical site order."""
-    return [f"{path}.{key}" for path, _ in lora_modules(model, lora_class) for key in ("lora_a", "lora_b")]
+    return [f"{path}.{key}" for path, _ in lora_modules(model) for key in ("lora_a", "lora_b")]
 
 
 def init_lora_a(seed: int, index: int, rank: int, in_features: int) -> np.ndarray:

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from mlx_clip.errors import ConfigError
+from mlx_clip.policy import DTYPES
 
 STRATEGIES = ("full", "lora", "lock-image", "lock-text")
 LOSS_NAMES = ("clip", "siglip")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass

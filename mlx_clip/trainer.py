@@ -1,6 +1,7 @@
-"""The one training loop. It imports neither framework: an engine does the step on numpy batches,
-and everything else — data order, schedule, clipping policy, NaN guard, evaluation, checkpoints,
-logging, interruption — is decided here, the same for both engines."""
+"""The one training loop. It imports neither framework: an engine (`mlx_clip.backend.Backend`,
+after `prepare_training`) does the step on numpy batches, and everything else — data order,
+schedule, clipping policy, NaN guard, evaluation, checkpoints, logging, interruption — is decided
+here, the same for both engines."""
 
 from __future__ import annotations
 
@@ -9,24 +10,14 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
+from mlx_clip.backend import Backend
 from mlx_clip.checkpoint import RunFolder, read_trainer_state
 from mlx_clip.errors import MlxClipError
 from mlx_clip.monitor import MetricsLog, Progress
 from mlx_clip.schedule import lr_at
 from mlx_clip.train_config import TrainConfig
-
-
-class TrainEngine(Protocol):
-    name: str
-
-    def train_step(self, batch: Any, lr: float) -> dict: ...
-    def save_state(self, folder) -> None: ...
-    def load_state(self, folder) -> None: ...
-    def save_model(self, folder): ...
-    def encoder(self) -> Any: ...
-    def memory(self) -> dict[str, int]: ...
 
 
 class TrainingStopped(MlxClipError):
@@ -47,7 +38,7 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, engine: TrainEngine, loader: Any, run: RunFolder, total_steps: int, *,
+    def __init__(self, cfg: TrainConfig, engine: Backend, loader: Any, run: RunFolder, total_steps: int, *,
                  evaluate: Callable[[Any], dict] | None = None, progress: bool = True,
                  stop_after: int | None = None):
         self.cfg, self.engine, self.loader, self.run = cfg, engine, loader, run
@@ -127,7 +118,7 @@ class Trainer:
                     if self._forgetting_exceeded(result.evaluations[-1]["eval"], progress):
                         break
             self.save_checkpoint()
-            result.final_model = self.engine.save_model(self.run.final)
+            result.final_model = self.engine.save(self.run.final, to="hf")
         except TrainingStopped:  # Interrupted included: both have saved what they should
             raise
         except BaseException:
@@ -172,7 +163,7 @@ class Trainer:
         return True
 
     def _evaluate(self, progress: Progress) -> dict:
-        metrics = self.evaluate(self.engine.encoder())
+        metrics = self.evaluate(self.engine)
         record = {"step": self.step, "eval": metrics}
         self.log.write(record)
         progress.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlx_clip.api import IMAGE_BATCH
 from mlx_clip.errors import CheckpointError, ConfigError
 
 MAX_SWEEP_POINTS = 1001
@@ -175,7 +176,7 @@ def wise_ft(zero_shot_dir: str | Path, fine_tuned_dir: str | Path, alpha: float,
 
 def wise_ft_sweep(zero_shot_dir: str | Path, fine_tuned_dir: str | Path, alphas: Sequence[float] | str,
                   eval_target, eval_control, *, backend: str = "mlx", out_json: str | Path,
-                  control_floor: float | None = None, templates=None, classes=None, batch_size: int = 64,
+                  control_floor: float | None = None, templates=None, classes=None, batch_size: int = IMAGE_BATCH,
                   metric: str = "acc1", device: str | None = None, dtype: str | None = None,
                   allow_pickle: bool = False):
     """For each alpha: interpolate in memory, evaluate zero-shot on target and control, then write

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from convert import convert, detect_format, read_checkpoint
+from convert import detect_format, read_checkpoint
+from mlx_clip.conversion import convert
 from mlx_clip.errors import CheckpointError, ConfigError
 from tests.helpers import save_hf, tiny_hf_clip
 

@@ -11,7 +11,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from convert.layout import torch_to_mlx
-from mlx_clip.loss import clip_loss as mlx_clip_loss
+from mlx_clip.mlx_backend.loss import clip_loss as mlx_clip_loss
 from tests.helpers import random_pixels, random_tokens, rel_err, tiny_hf_clip
 from tests.test_model_parity import mlx_from_hf
 from torch_backend.loss import clip_loss as torch_clip_loss

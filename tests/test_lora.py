@@ -19,9 +19,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from convert.layout import mlx_to_torch, torch_to_mlx
-from mlx_clip import lora as mlx_lora
+from mlx_clip.mlx_backend import lora as mlx_lora
 from mlx_clip.errors import ConfigError
-from mlx_clip.loss import clip_loss as mlx_clip_loss
+from mlx_clip.mlx_backend.loss import clip_loss as mlx_clip_loss
 from tests.helpers import hf_clip, random_pixels, random_tokens, rel_err
 from tests.test_model_parity import mlx_from_hf
 from torch_backend import lora as torch_lora

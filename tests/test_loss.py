@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from mlx_clip import loss as mlx_loss
+from mlx_clip.mlx_backend import loss as mlx_loss
 from mlx_clip.errors import ConfigError
 from torch_backend import loss as torch_loss
 

@@ -10,7 +10,7 @@ import torch
 import mlx.core as mx
 from convert.layout import torch_to_mlx
 from mlx_clip.config import CLIPConfig
-from mlx_clip.model import CLIPModel, init_weights
+from mlx_clip.mlx_backend.model import CLIPModel, init_weights
 from tests.helpers import hf_clip, random_pixels, random_tokens, rel_err
 
 TOL = 1e-5
@@ -104,7 +104,7 @@ def test_mlx_save_then_load_is_exact_and_idempotent(tmp_path):
     from mlx.utils import tree_flatten
 
     from mlx_clip.config import tiny_config
-    from mlx_clip.mlx_backend import load_mlx_model, save_mlx_model
+    from mlx_clip.mlx_backend.backend import load_mlx_model, save_mlx_model
     from torch_backend.backend import TorchBackend
 
     model = CLIPModel(tiny_config())
@@ -129,7 +129,7 @@ def test_mlx_save_then_load_is_exact_and_idempotent(tmp_path):
 def test_cpu_exp_is_exact_to_float32_and_differentiable():
     """The polynomial exp the CPU path uses, against numpy's float64 exp: <= 2e-7 relative
     (float32 rounding is 6e-8; Cephes' expf is specified at ~1e-7). Its gradient is exp itself."""
-    from mlx_clip.model import cpu_exp, softmax
+    from mlx_clip.mlx_backend.model import cpu_exp, softmax
 
     x = np.concatenate([np.linspace(-87, 88, 20001), np.random.default_rng(0).normal(0, 5, 5000)]).astype(np.float32)
     ours = np.array(cpu_exp(mx.array(x)), dtype=np.float64)

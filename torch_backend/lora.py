@@ -1,6 +1,6 @@
-"""LoRA for the torch engine: the twin of `mlx_clip/lora.py` (same functions, same parameter
-names `<path>.base.weight`, `<path>.lora_a`, `<path>.lora_b`, same initialisation from the same
-numpy seed); the formulas and choices are documented there.
+"""LoRA for the torch engine: the twin of `mlx_clip/mlx_backend/lora.py` (same functions, same
+parameter names `<path>.base.weight`, `<path>.lora_a`, `<path>.lora_b`, same initialisation from
+the same numpy seed); the formulas and choices are documented there.
 
 The site walk, option checks and A initialisation are numpy-only and shared with the MLX engine
 through `mlx_clip/lora_plan.py` (this module may not import the MLX one: each engine imports only
@@ -9,7 +9,7 @@ its own framework); `tests/test_lora.py` holds the two engines to identical resu
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,8 @@ from torch import nn
 
 from mlx_clip import lora_plan
 # Re-exported: callers know these as part of each engine's LoRA module.
-from mlx_clip.lora_plan import ALL_TARGETS, ALL_TOWERS, check_lora_options, init_lora_a  # noqa: F401
+from mlx_clip.lora_plan import (  # noqa: F401
+    ALL_TARGETS, ALL_TOWERS, check_lora_options, init_lora_a, lora_modules, lora_parameter_names)
 
 
 class LoRALinear(nn.Module):
@@ -68,18 +69,13 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float,
 def merge_lora(model: nn.Module) -> None:
     """Replace every `LoRALinear` by its base Linear holding W + (alpha / rank) B A (bias as it
     was), so `save_pretrained` writes the plain Hugging Face names and shapes."""
-    for _, parent, name, lora in list(lora_plan.adapted_sites(model, LoRALinear)):
+    for _, parent, name, lora in list(lora_plan.adapted_sites(model)):
         merged = lora.merged_weight()
         with torch.no_grad():
             lora.base.weight.copy_(merged)
         setattr(parent, name, lora.base)
 
 
-def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
-    """(path, module) of every adapted Linear, in the canonical site order."""
-    return lora_plan.lora_modules(model, LoRALinear)
-
-
-def lora_parameter_names(model: nn.Module) -> list[str]:
-    """`<path>.lora_a`, `<path>.lora_b` of every adapted Linear, in the canonical site order."""
-    return lora_plan.lora_parameter_names(model, LoRALinear)
+def merged(model: nn.Module) -> nn.Module:
+    """`model`, or a copy with its adapters folded in (plain Hugging Face names) when it has any."""
+    return lora_plan.merged(model, merge_lora)

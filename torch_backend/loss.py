@@ -1,7 +1,7 @@
 """Contrastive losses for the torch engine: CLIP's InfoNCE and SigLIP's sigmoid loss.
 
-The twin of `mlx_clip/loss.py`: same functions, same signatures, same maths (the docstrings there
-and here carry the formulas). Both equal open_clip's `ClipLoss` / `SigLipLoss` on one device.
+The twin of `mlx_clip/mlx_backend/loss.py`: same functions, same signatures, same maths (the
+docstrings there and here carry the formulas). Both equal open_clip's `ClipLoss` / `SigLipLoss` on one device.
 
 A loss is a plain function
 

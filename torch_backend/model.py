@@ -11,19 +11,11 @@ from pathlib import Path
 import torch
 
 from mlx_clip.config import CLIPConfig
-from mlx_clip.errors import ConfigError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEVICES = ("auto", "cpu", "cuda", "mps")
+from mlx_clip.policy import check_dtype, choose_device
 
 
 def torch_dtype(name: str | None) -> torch.dtype:
-    if name is None:
-        return torch.float32
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}") from None
+    return getattr(torch, check_dtype(name))
 
 
 def select_device(requested: str | None = None, *, cuda_available: bool | None = None,
@@ -34,21 +26,7 @@ def select_device(requested: str | None = None, *, cuda_available: bool | None =
     neither accelerator."""
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
     mps = torch.backends.mps.is_available() if mps_available is None else mps_available
-    choice = (requested or "auto").lower()
-    kind = choice.split(":")[0]
-    if kind not in DEVICES:
-        raise ConfigError(f"--device must be one of {', '.join(DEVICES)} (or cuda:N), got {requested!r}")
-    if choice == "auto":
-        return torch.device("mps" if mps else "cuda" if cuda else "cpu")
-    if kind == "cuda" and not cuda:
-        raise ConfigError(f"--device {requested}: CUDA is not available to this torch build")
-    if kind == "mps" and not mps:
-        raise ConfigError(f"--device {requested}: MPS is not available on this machine")
-    try:
-        return torch.device(choice)
-    except RuntimeError:  # "auto:1", "cuda:x", "cuda:-1": torch's message is a multi-line parse error
-        raise ConfigError(f"--device {requested!r}: expected a device name with an optional index "
-                          "such as cuda:1") from None
+    return torch.device(choose_device(requested, "torch", {"cuda": cuda, "mps": mps}))
 
 
 def hf_config(config: CLIPConfig):

@@ -43,6 +43,12 @@ class Batch:
     image_ids: np.ndarray  # (B,) int64: captions of one image share an id
     indices: np.ndarray  # (B,) int64 positions in the sample list
 
+    @property
+    def positive_ids(self) -> np.ndarray:
+        """(B,) ids whose equality marks positive pairs for the loss: the class for class-folder
+        data (FLYP-style), else the image (several captions of one image are all positives)."""
+        return self.labels if self.labels is not None else self.image_ids
+
 
 @dataclass(frozen=True)
 class _Pass:

@@ -5,7 +5,8 @@ trainable update, y = W x + b + (alpha / rank) * B (A dropout(x)), with A (rank,
 
 `torch_backend/lora.py` is the twin for the torch engine: same functions, same parameter names,
 same initialisation from the same numpy seed, so both engines start a run from equal weights. The
-framework-free part (site walk, option checks, A initialisation) lives once in `lora_plan.py`.
+framework-free part (site walk, option checks, A initialisation, merged copy) lives once in
+`mlx_clip/lora_plan.py`.
 
 - Names: an adapted Linear at `<path>` holds `<path>.base.weight`, `<path>.base.bias`,
   `<path>.lora_a`, `<path>.lora_b` in both engines, so a full state dict of an adapted model
@@ -22,7 +23,7 @@ framework-free part (site walk, option checks, A initialisation) lives once in `
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -31,7 +32,8 @@ from mlx.utils import tree_flatten
 
 from mlx_clip import lora_plan
 # Re-exported: callers know these as part of each engine's LoRA module.
-from mlx_clip.lora_plan import ALL_TARGETS, ALL_TOWERS, check_lora_options, init_lora_a  # noqa: F401
+from mlx_clip.lora_plan import (  # noqa: F401
+    ALL_TARGETS, ALL_TOWERS, check_lora_options, init_lora_a, lora_modules, lora_parameter_names)
 
 
 class LoRALinear(nn.Module):
@@ -64,7 +66,7 @@ class LoRALinear(nn.Module):
 def apply_lora(model: nn.Module, *, rank: int, alpha: float,
                targets: Sequence[str] = ALL_TARGETS, towers: Sequence[str] = ALL_TOWERS,
                dropout: float = 0.0, seed: int = 0) -> int:
-    """Wrap each targeted Linear of `model` (an `mlx_clip.model.CLIPModel`) in a `LoRALinear`, in
+    """Wrap each targeted Linear of `model` (an `mlx_clip.mlx_backend.model.CLIPModel`) in a `LoRALinear`, in
     place, and freeze everything but the LoRA tensors. Returns the number of trainable parameters.
 
     The caller may unfreeze more afterwards, e.g. `model.unfreeze(keys=["logit_scale"], recurse=False)`.
@@ -80,17 +82,12 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float,
 def merge_lora(model: nn.Module) -> None:
     """Replace every `LoRALinear` by its base Linear holding W + (alpha / rank) B A (bias as it
     was), so the model has the plain Hugging Face names and shapes again."""
-    for _, parent, name, lora in list(lora_plan.adapted_sites(model, LoRALinear)):
+    for _, parent, name, lora in list(lora_plan.adapted_sites(model)):
         # The base module keeps its frozen flags: merging changes values, not what trains.
         lora.base.weight = lora.merged_weight()
         setattr(parent, name, lora.base)
 
 
-def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
-    """(path, module) of every adapted Linear, in the canonical site order."""
-    return lora_plan.lora_modules(model, LoRALinear)
-
-
-def lora_parameter_names(model: nn.Module) -> list[str]:
-    """`<path>.lora_a`, `<path>.lora_b` of every adapted Linear, in the canonical site order."""
-    return lora_plan.lora_parameter_names(model, LoRALinear)
+def merged(model: nn.Module) -> nn.Module:
+    """`model`, or a copy with its adapters folded in (plain Hugging Face names) when it has any."""
+    return lora_plan.merged(model, merge_lora)

@@ -1,0 +1,139 @@
+"""The MLX engine behind the `Backend` protocol (`mlx_clip/backend.py`): loads any supported
+checkpoint folder into `model.CLIPModel`, encodes numpy batches, trains with the compiled step of
+`train.py`, saves plain model folders. `torch_backend/backend.py` is its twin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from convert.layout import mlx_to_torch, torch_to_mlx
+from convert.writer import mlx_metadata, write_model_folder, write_side_files
+from mlx_clip.config import CLIPConfig
+from mlx_clip.mlx_backend.lora import merged
+from mlx_clip.mlx_backend.model import CLIPModel, init_weights, normalize
+from mlx_clip.policy import check_dtype, choose_device
+
+STATE_FILE = "engine_state.safetensors"
+
+
+def mlx_dtype(name: str | None):
+    return getattr(mx, check_dtype(name))
+
+
+def select_device(requested: str | None = None, *, gpu_available: bool | None = None) -> str:
+    """MLX on a Mac uses the GPU through Metal; its Linux CPU build has only the CPU.
+
+    `gpu_available` exists so the selection logic can be tested on a machine without Metal."""
+    gpu = mx.metal.is_available() if gpu_available is None else gpu_available
+    return choose_device(requested, "mlx", {"gpu": gpu})
+
+
+
+def load_mlx_model(folder: str | Path, *, dtype: str | None = None, allow_pickle: bool = False) -> CLIPModel:
+    from convert import read_checkpoint
+
+    checkpoint = read_checkpoint(folder, allow_pickle=allow_pickle)
+    model = CLIPModel(checkpoint.config)
+    weights = [(name, mx.array(torch_to_mlx(name, array))) for name, array in checkpoint.tensors.items()]
+    model.load_weights(weights, strict=True)
+    if check_dtype(dtype) != "float32":
+        model.set_dtype(mlx_dtype(dtype))
+    mx.eval(model.parameters())
+    return model
+
+
+def save_mlx_model(model: CLIPModel, folder: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """config.json + model.safetensors in MLX's layout, written by MLX's own safetensors writer."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save(folder)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={**mlx_metadata(), **(metadata or {})})
+    return folder
+
+
+def torch_layout_numpy(model: CLIPModel) -> dict[str, np.ndarray]:
+    """Parameters as numpy in torch layout (float32), for engines and converters that need it."""
+    return {name: mlx_to_torch(name, np.array(value.astype(mx.float32)))
+            for name, value in tree_flatten(model.parameters())}
+
+
+class MLXBackend:
+    name = "mlx"
+    training = None  # train.Training, once prepare_training has run
+
+    def __init__(self, model: CLIPModel, device: str = "cpu"):
+        mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+        self.model = model.eval()
+        self.config: CLIPConfig = model.config
+
+    @staticmethod
+    def describe() -> str:
+        return f"mlx {mx.__version__}: default device {mx.default_device()}"
+
+    @classmethod
+    def from_folder(cls, folder, *, dtype=None, allow_pickle=False, device=None) -> "MLXBackend":
+        chosen = select_device(device)  # refused before any weight is read
+        return cls(load_mlx_model(folder, dtype=dtype, allow_pickle=allow_pickle), chosen)
+
+    @classmethod
+    def random(cls, config: CLIPConfig, seed: int = 0) -> "MLXBackend":
+        model = CLIPModel(config)
+        init_weights(model, seed)
+        return cls(model)
+
+    # --- inference --------------------------------------------------------------------------
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        features = self.model.get_image_features(mx.array(pixels))
+        return np.array(normalize(features.astype(mx.float32)))
+
+    def encode_texts(self, token_ids: np.ndarray) -> np.ndarray:
+        features = self.model.get_text_features(mx.array(np.asarray(token_ids, dtype=np.int32)))
+        return np.array(normalize(features.astype(mx.float32)))
+
+    def save(self, folder: str | Path, *, to: str | None = None) -> Path:
+        """A plain model folder (LoRA merged) that both engines and, for "hf", transformers load;
+        MLX's own layout by default."""
+        model = merged(self.model)
+        if to in (None, "mlx"):
+            save_mlx_model(model, folder)
+            write_side_files(Path(folder), self.config)
+            return Path(folder)
+        return write_model_folder(Path(folder), self.config, torch_layout_numpy(model), to=to)
+
+    def memory(self) -> dict[str, int]:
+        return {"peak_bytes": int(mx.get_peak_memory()), "active_bytes": int(mx.get_active_memory())}
+
+    # --- training ---------------------------------------------------------------------------
+    def prepare_training(self, cfg) -> None:
+        from mlx_clip.mlx_backend.train import prepare
+
+        self.training = prepare(self.model, cfg)
+
+    def trainable_count(self) -> int:
+        return sum(int(np.prod(p.shape)) for _, p in tree_flatten(self.training.module.trainable_parameters()))
+
+    def train_step(self, batch, lr: float) -> dict:
+        module, optimizer, step = self.training
+        loss, norm, ok = step(mx.array(batch.pixels), mx.array(batch.input_ids.astype(np.int32)),
+                              mx.array(batch.positive_ids.astype(np.int32)), mx.array(lr, dtype=mx.float32))
+        mx.eval(loss, norm, ok, module.state, optimizer.state)
+        return {"loss": float(loss), "grad_norm": float(norm), "ok": bool(ok),
+                "logit_scale": float(mx.exp(self.model.logit_scale))}
+
+    def save_state(self, folder: Path) -> None:
+        module, optimizer, _ = self.training
+        tensors = {f"model/{k}": v for k, v in tree_flatten(module.parameters())}
+        tensors.update({f"optim/{k}": v for k, v in tree_flatten(optimizer.state)})
+        mx.save_safetensors(str(Path(folder) / STATE_FILE), tensors, metadata={"engine": "mlx"})
+
+    def load_state(self, folder: Path) -> None:
+        module, optimizer, _ = self.training
+        tensors = mx.load(str(Path(folder) / STATE_FILE))
+        module.update(tree_unflatten([(k[6:], v) for k, v in tensors.items() if k.startswith("model/")]))
+        optimizer.state.update(tree_unflatten([(k[6:], v) for k, v in tensors.items() if k.startswith("optim/")]))
+        mx.eval(module.state, optimizer.state)

@@ -1,0 +1,120 @@
+"""Decisions both engines execute, made once and without a framework: which dtype names exist,
+which device an engine runs on, and what a training run trains.
+
+Each engine turns these answers into its framework's objects (`mx.bfloat16`, `torch.device`,
+`freeze()` / `requires_grad_`), so the two engines cannot drift apart on policy.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from mlx_clip.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Zhai et al. 2023 start SigLIP's learnable bias at -10 so that the many negatives of a batch begin
+# near their target (sigmoid(-10) ~ 0) instead of dominating the first steps.
+SIGLIP_LOGIT_BIAS_INIT = -10.0
+
+
+def check_dtype(name: str | None) -> str:
+    """The dtype name (float32 when None), or a ConfigError listing the valid ones."""
+    if name is None:
+        return "float32"
+    if name not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return name
+
+
+# --- devices ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceRules:
+    """What one engine can run on: accelerators in order of preference, why each may be missing,
+    and whether device names take an index (`cuda:1`)."""
+
+    engine: str
+    accelerators: tuple[str, ...]
+    missing: dict[str, str]
+    indexed: bool
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return ("auto", "cpu", *sorted(self.accelerators))
+
+
+DEVICE_RULES = {
+    "mlx": DeviceRules("mlx", ("gpu",), {"gpu": "this MLX build has no GPU (Metal is not available)"}, indexed=False),
+    "torch": DeviceRules("torch", ("mps", "cuda"), {"cuda": "CUDA is not available to this torch build",
+                                                    "mps": "MPS is not available on this machine"}, indexed=True),
+}
+
+
+def choose_device(requested: str | None, engine: str, available: dict[str, bool]) -> str:
+    """The device `engine` runs on: the first available accelerator for auto (or None), else the
+    user's explicit choice, checked and never silently replaced. Returns a name like `cuda:1`."""
+    rules = DEVICE_RULES[engine]
+    choice = (requested or "auto").lower()
+    match = re.fullmatch(r"(\w+)(:\d+)?", choice)
+    kind = match.group(1) if match else None
+    if kind not in rules.names or (match.group(2) and (kind == "auto" or not rules.indexed)):
+        index_hint = " (or cuda:N)" if rules.indexed else ""
+        raise ConfigError(f"--device must be one of {', '.join(rules.names)}{index_hint} for the {engine} engine, "
+                          f"got {requested!r}")
+    if kind == "auto":
+        return next((name for name in rules.accelerators if available.get(name)), "cpu")
+    if kind != "cpu" and not available.get(kind):
+        raise ConfigError(f"--device {requested}: {rules.missing[kind]}")
+    return choice
+
+
+# --- what a run trains ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    seed: int
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What an engine sets up before the first step.
+
+    frozen: top-level submodules of the CLIP whose parameters do not train;
+    lora: adapters to add (everything else is then frozen, except `kept_trainable`);
+    kept_trainable: top-level parameters that still train after LoRA's freeze;
+    logit_bias: the initial SigLIP bias, None when the loss has none;
+    loss_options: keyword arguments of the loss function beyond embeddings, scale and bias.
+    """
+
+    frozen: tuple[str, ...] = ()
+    lora: LoraSpec | None = None
+    kept_trainable: tuple[str, ...] = ()
+    logit_bias: float | None = None
+    loss_options: tuple[tuple[str, float], ...] = ()
+
+
+def parse_lora_targets(text: str) -> tuple[str, ...]:
+    """`"q_proj, v_proj"` -> ("q_proj", "v_proj"); names are checked where LoRA is applied."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def training_plan(cfg) -> TrainingPlan:
+    """The plan for a `TrainConfig`."""
+    frozen = {"lock-image": ("vision_model", "visual_projection"),
+              "lock-text": ("text_model", "text_projection")}.get(cfg.strategy, ())
+    lora = None
+    kept: tuple[str, ...] = ()
+    if cfg.strategy == "lora":
+        lora = LoraSpec(cfg.lora_rank, cfg.lora_alpha, parse_lora_targets(cfg.lora_targets), cfg.seed)
+        kept = ("logit_scale",)  # the temperature keeps adapting, as in full fine-tuning
+    if cfg.loss == "siglip":
+        return TrainingPlan(frozen, lora, kept, SIGLIP_LOGIT_BIAS_INIT)
+    options = (("label_smoothing", cfg.label_smoothing), ("hard_negative_beta", cfg.hard_negative_beta))
+    return TrainingPlan(frozen, lora, kept, None, options)

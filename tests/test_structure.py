@@ -1,0 +1,164 @@
+"""The package layering, read from the source with `ast` (every import statement, also the lazy
+ones inside functions, since those run too):
+
+- no import cycle between files;
+- `convert/` stands on the framework-free core only, and the core on nothing above it;
+- each engine imports only its own framework, and the toolkit reaches engines only through
+  `mlx_clip/backend.py`.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("mlx_clip", "torch_backend", "convert", "benchmarks")
+
+# Framework-free modules with no dependency above themselves: what `convert/` may stand on.
+CORE = {"mlx_clip.errors", "mlx_clip.version", "mlx_clip.config", "mlx_clip.policy", "mlx_clip.tokenizer",
+        "mlx_clip.image_processing"}
+# What an engine may use of the toolkit besides the core and `convert/`: policy decided once for
+# both engines (LoRA sites, schedule constants), numpy maths, the built-in random initialisation.
+ENGINE_SUPPORT = {"mlx_clip.lora_plan", "mlx_clip.schedule", "mlx_clip.interpolate", "mlx_clip.builtin"}
+ENGINES = {"mlx": "mlx_clip.mlx_backend", "torch": "torch_backend"}
+FRAMEWORKS = {"mlx": "mlx", "torch": "torch", "transformers": "torch"}  # top-level import -> engine
+# torch's unpickler with weights_only=True is the one safe reader of `.bin` files (lazy import).
+FRAMEWORK_EXCEPTIONS = {("convert.pickle_weights", "torch")}
+BOUNDARY = "mlx_clip.backend"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def our_modules() -> dict[str, Path]:
+    return {module_name(p): p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))}
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> tuple[set[str], set[str]]:
+    """(our modules it imports, top-level names of the other packages it imports)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    ours, others = set(), set()
+
+    def add(target: str) -> None:
+        if target in known:
+            ours.add(target)
+        elif target.split(".")[0] not in PACKAGES:
+            others.add(target.split(".")[0])
+
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                add(alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            for alias in node.names:
+                submodule = f"{base}.{alias.name}"
+                add(submodule if submodule in known else base)
+    return ours, others
+
+
+def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    modules = our_modules()
+    graph, external = {}, {}
+    for name, path in modules.items():
+        graph[name], external[name] = imports_of(name, path, set(modules))
+    return graph, external
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path that returns to its start, or None (iterative DFS, 3 colours)."""
+    state: dict[str, int] = {}  # 1 on the current path, 2 finished
+    for start in sorted(graph):
+        if state.get(start):
+            continue
+        path, stack = [start], [iter(sorted(graph[start]))]
+        state[start] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            elif not state.get(nxt):
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(sorted(graph.get(nxt, ()))))
+    return None
+
+
+def engine_of(module: str) -> str | None:
+    return next((engine for engine, prefix in ENGINES.items()
+                 if module == prefix or module.startswith(prefix + ".")), None)
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return import_graph()
+
+
+def test_the_walker_sees_lazy_imports_and_the_detector_finds_cycles(graph):
+    ours, _ = graph
+    assert "mlx_clip.backend" in ours["mlx_clip.api"]  # module level
+    assert "mlx_clip.mlx_backend.backend" in ours["mlx_clip.backend"]  # inside a function
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"a"}}) == ["a", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_import_cycle(graph):
+    ours, _ = graph
+    cycle = find_cycle(ours)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_convert_and_the_core_stand_on_the_core_only(graph):
+    ours, _ = graph
+    for module, targets in ours.items():
+        if module.startswith("convert"):
+            above = {t for t in targets if not t.startswith("convert") and t not in CORE}
+            assert not above, f"{module} imports {sorted(above)}, above the core"
+        if module in CORE:
+            above = targets - CORE
+            assert not above, f"core module {module} imports {sorted(above)}"
+
+
+def test_each_engine_imports_only_its_own_framework(graph):
+    _, external = graph
+    for module, packages in external.items():
+        engine = engine_of(module)
+        for package in packages & set(FRAMEWORKS):
+            if (module, package) in FRAMEWORK_EXCEPTIONS or module.startswith("benchmarks"):
+                continue
+            assert engine == FRAMEWORKS[package], f"{module} imports {package}"
+
+
+def test_engines_stand_on_core_convert_and_shared_policy(graph):
+    ours, _ = graph
+    for module, targets in ours.items():
+        engine = engine_of(module)
+        if engine is None:
+            continue
+        for target in targets:
+            allowed = (engine_of(target) == engine or target.startswith("convert") or target in CORE
+                       or target in ENGINE_SUPPORT)
+            assert allowed, f"engine module {module} imports {target}"
+
+
+def test_the_toolkit_reaches_engines_only_through_the_boundary(graph):
+    ours, _ = graph
+    for module, targets in ours.items():
+        if engine_of(module) or module == BOUNDARY:
+            continue
+        reached = {t for t in targets if engine_of(t)}
+        assert not reached, f"{module} imports {sorted(reached)}; go through {BOUNDARY}"

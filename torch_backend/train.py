@@ -1,0 +1,97 @@
+"""The torch engine's training step, built once as a function of module, optimizer and config: the
+twin of `mlx_clip/mlx_backend/train.py` (same policy, same order of operations), in eager torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from mlx_clip.policy import TrainingPlan, training_plan
+from mlx_clip.schedule import LOGIT_SCALE_MAX, decays
+from torch_backend.loss import LOSSES
+
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor, bool]]
+
+
+class TrainModule(torch.nn.Module):
+    """What the optimizer sees: the CLIP, plus SigLIP's learnable bias when that loss is used.
+    Parameter names ("clip.…", "logit_bias") are the same in the MLX engine's state."""
+
+    def __init__(self, clip, logit_bias: float | None):
+        super().__init__()
+        self.clip = clip
+        self.logit_bias = None if logit_bias is None else torch.nn.Parameter(torch.tensor(logit_bias))
+
+
+class Training(NamedTuple):
+    module: TrainModule
+    optimizer: torch.optim.AdamW
+    step: Step
+
+
+def prepare(clip, cfg, device: torch.device) -> Training:
+    """Everything a run needs beside the data, from a `TrainConfig`: `clip` is adapted in place."""
+    plan = training_plan(cfg)
+    module = TrainModule(clip, plan.logit_bias).to(device)
+    apply_plan(clip, plan)
+    if cfg.gradient_checkpointing:
+        clip.gradient_checkpointing_enable()
+    module.train()
+    optimizer = make_optimizer(module, cfg)
+    return Training(module, optimizer, make_train_step(module, optimizer, cfg, plan))
+
+
+def apply_plan(clip, plan: TrainingPlan) -> None:
+    """Freeze and adapt `clip` (a `transformers.CLIPModel`) in place as the plan says."""
+    if plan.lora is not None:
+        from torch_backend.lora import apply_lora
+
+        lora = plan.lora
+        apply_lora(clip, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, seed=lora.seed)
+        for name in plan.kept_trainable:
+            getattr(clip, name).requires_grad_(True)
+    for name in plan.frozen:
+        getattr(clip, name).requires_grad_(False)
+
+
+def trainable(module: TrainModule) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def make_optimizer(module: TrainModule, cfg) -> torch.optim.AdamW:
+    named = trainable(module)
+    groups = [{"params": [p for n, p in named if decays(n, p.ndim)], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in named if not decays(n, p.ndim)], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             foreach=False)
+
+
+def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan: TrainingPlan) -> Step:
+    """`step(pixels, ids, labels, lr) -> (loss, grad_norm, ok)`; a non-finite step changes nothing."""
+    loss_fn = LOSSES[cfg.loss]
+    options = dict(plan.loss_options)
+    params = [p for _, p in trainable(module)]
+    clip = module.clip
+
+    def step(pixels, ids, labels, lr):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        image = clip.get_image_features(pixel_values=pixels).pooler_output
+        text = clip.get_text_features(input_ids=ids).pooler_output
+        image = image / image.norm(dim=-1, keepdim=True)
+        text = text / text.norm(dim=-1, keepdim=True)
+        loss = loss_fn(image, text, clip.logit_scale.exp(), module.logit_bias, labels=labels, **options)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        ok = bool(torch.isfinite(loss) and torch.isfinite(norm))
+        if ok:
+            optimizer.step()
+            with torch.no_grad():
+                clip.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+        return loss.detach(), norm, ok
+
+    return step
