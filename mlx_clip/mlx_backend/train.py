@@ -14,7 +14,7 @@ from typing import NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
+from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
 from mlx_clip.mlx_backend.loss import LOSSES
 from mlx_clip.mlx_backend.model import CLIPModel, normalize
@@ -68,8 +68,8 @@ def apply_plan(clip: CLIPModel, plan: TrainingPlan) -> None:
 
 
 def make_optimizer(module: TrainModule, cfg) -> optim.Adam:
-    # Adam with the weight decay applied by the step (decoupled, on matrices only), as torch's
-    # AdamW over two parameter groups; torch corrects bias, MLX's default does not.
+    """Adam's state (step, m, v) as MLX keeps it; `make_train_step` applies the update itself, as
+    torch's AdamW does (bias-corrected, decoupled weight decay on matrices only)."""
     optimizer = optim.Adam(learning_rate=0.0, betas=[cfg.beta1, cfg.beta2], eps=cfg.eps, bias_correction=True)
     optimizer.init(module.trainable_parameters())
     return optimizer
@@ -77,11 +77,17 @@ def make_optimizer(module: TrainModule, cfg) -> optim.Adam:
 
 def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: TrainingPlan) -> Step:
     """`step(pixels, ids, labels, lr) -> (loss, grad_norm, ok)`, compiled; a non-finite step
-    leaves parameters and optimizer moments as they were."""
+    leaves parameters and optimizer moments as they were.
+
+    Clipping, weight decay, the Adam update and the non-finite guard are one expression per
+    parameter, so `mx.compile` fuses each parameter's update into one pass over its memory
+    (MLX's `apply_gradients` plus separate clip and guard passes read every weight 4 more times).
+    """
     loss_fn = LOSSES[cfg.loss]
     options = dict(plan.loss_options)
     decay_mask = dict(tree_flatten(tree_map_with_path(lambda path, p: decays(path, p.ndim),
                                                       module.trainable_parameters())))
+    beta1, beta2, eps = cfg.beta1, cfg.beta2, cfg.eps
 
     def compute_loss(module, pixels, ids, labels):
         image = normalize(module.clip.get_image_features(pixels))
@@ -91,29 +97,45 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
     loss_and_grad = nn.value_and_grad(module, compute_loss)
     state = [module.state, optimizer.state]
 
+    def update(name, param, grad, moments, scalars):
+        lr, c1, c2, keep1, new1, keep2, new2 = scalars
+        m = keep1 * moments["m"] + new1 * grad
+        v = keep2 * moments["v"] + new2 * mx.square(grad)
+        decayed = param * (1 - lr * cfg.weight_decay) if decay_mask[name] else param
+        new = decayed - (c1.astype(grad.dtype) * m) / (mx.sqrt(v) * c2.astype(grad.dtype) + eps)
+        if name == "clip.logit_scale":
+            new = mx.clip(new, 0.0, LOGIT_SCALE_MAX)
+        return new, {"m": m, "v": v}
+
     def step(pixels, ids, labels, lr):
         loss, grads = loss_and_grad(module, pixels, ids, labels)
-        flat = tree_flatten(grads)
-        grads = tree_unflatten(flat)  # drops the empty branches of frozen towers
-        norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in flat))
-        if cfg.grad_clip > 0:  # as torch.nn.utils.clip_grad_norm_: always scale by min(1, c/(n+1e-6))
-            coef = mx.minimum(cfg.grad_clip / (norm + 1e-6), 1.0)
-            grads = tree_map(lambda g: (g * coef).astype(g.dtype), grads)
+        grads = dict(tree_flatten(grads))  # frozen towers have no entry
+        norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for g in grads.values()))
         ok = mx.isfinite(loss) & mx.isfinite(norm)
-        old_params = dict(tree_flatten(module.trainable_parameters()))
-        # apply_gradients mutates the optimizer's dict in place: keep the old arrays aside.
-        old_state = dict(tree_flatten(optimizer.state))
-        decayed = tree_unflatten([(k, p * (1 - lr * cfg.weight_decay) if decay_mask[k] else p)
-                                  for k, p in old_params.items()])
-        optimizer.learning_rate = lr
-        new_params = dict(tree_flatten(optimizer.apply_gradients(grads, decayed)))
-        if "clip.logit_scale" in new_params:
-            new_params["clip.logit_scale"] = mx.clip(new_params["clip.logit_scale"], 0.0, LOGIT_SCALE_MAX)
-        module.update(tree_unflatten([(k, mx.where(ok, v, old_params[k])) for k, v in new_params.items()]))
-        kept = [(k, mx.where(ok, v, old_state[k]) if k in old_state else v)
-                for k, v in tree_flatten(optimizer.state)]
+        # A non-finite step changes nothing, without a select per output (each would cost a pass
+        # over memory): the gradient becomes 0, the moments keep all of their old value and the
+        # learning rate is 0, so every update below reproduces its inputs bit for bit.
+        coef = mx.minimum(cfg.grad_clip / (norm + 1e-6), 1.0) if cfg.grad_clip > 0 else 1.0
+        lr = mx.where(ok, mx.array(lr, dtype=mx.float32), 0.0)
+        steps = optimizer.state["step"] + 1
+        c1 = lr / (1 - beta1 ** steps)
+        c2 = mx.rsqrt(1 - beta2 ** steps)
+        scalars = (lr, c1, c2, mx.where(ok, beta1, 1.0), mx.where(ok, 1 - beta1, 0.0),
+                   mx.where(ok, beta2, 1.0), mx.where(ok, 1 - beta2, 0.0))
+        params = dict(tree_flatten(module.trainable_parameters()))
+        moments = dict(tree_flatten(optimizer.state, is_leaf=lambda node: isinstance(node, dict) and "m" in node))
+        new_params, new_moments = [], []
+        for name, grad in grads.items():
+            # as torch.nn.utils.clip_grad_norm_: always scale by min(1, c / (n + 1e-6))
+            grad = mx.where(ok, (grad * coef).astype(grad.dtype), 0.0).astype(grad.dtype)
+            param, moment = update(name, params[name], grad, moments[name], scalars)
+            new_params.append((name, param))
+            new_moments.append((name, moment))
+        module.update(tree_unflatten(new_params))
         # Updated in place: the compiled function captures this dict object, not the name.
-        optimizer.state.update(tree_unflatten(kept))
+        optimizer.state.update(tree_unflatten(new_moments))
+        optimizer.state["step"] = mx.where(ok, steps, optimizer.state["step"])
+        optimizer.state["learning_rate"] = mx.where(ok, lr, optimizer.state["learning_rate"])
         return loss, norm, ok
 
     return mx.compile(step, inputs=state, outputs=state)
