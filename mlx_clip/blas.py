@@ -15,6 +15,14 @@ Candidates, best first (each must load and export ``cblas_sgemm``):
 3. the system's OpenBLAS (``libopenblas.so.0``, e.g. Debian's ``libopenblas0``);
 4. Intel MKL from the ``mkl`` wheel (no Fortran runtime needed; dispatches on any x86_64 CPU).
 
+A library loaded with ``RTLD_GLOBAL`` also answers every other library's lookups of the names it
+exports. PyTorch's wheels carry MKL and call its *extensions* by name (``cblas_sgemm_batch`` for
+``torch.bmm``); OpenBLAS 0.3.27 and later export functions of the same names with another calling
+convention, and ``torch.bmm`` then dies with a segmentation fault. So a candidate other than MKL is
+read first (its ELF dynamic symbol table, without loading it) and refused when it exports one of
+those names; the reason is kept for ``mlxclip info``. Standard CBLAS/LAPACK names are shared by
+every BLAS with one signature and are safe to interpose.
+
 ``OPENBLAS_CORETYPE`` is never touched: where a machine sets it, it does so for a reason.
 """
 
@@ -25,6 +33,7 @@ import ctypes.util
 import glob
 import importlib.util
 import os
+import struct
 import sys
 import warnings
 from dataclasses import dataclass
@@ -34,18 +43,62 @@ _ENV = "MLXCLIP_BLAS"
 SLOWDOWN = "float32 matmuls run ~25x slower (benchmarks/blas.py measures it)"
 
 
+# MKL's BLAS extensions that PyTorch calls; OpenBLAS's functions of these names differ in ABI.
+MKL_ONLY_ABI = ("cblas_sgemm_batch", "cblas_dgemm_batch", "cblas_cgemm_batch", "cblas_zgemm_batch",
+                "cblas_sgemm_batch_strided", "cblas_dgemm_batch_strided", "sgemm_batch_", "dgemm_batch_")
+
+
 @dataclass(frozen=True)
 class BlasChoice:
     name: str
     path: str | None
-    reason: str = ""
+    reason: str = ""  # why the candidates before this one were not taken
 
 
 _choice: BlasChoice | None = None
 
 
+def exported_symbols(path: str) -> set[str] | None:
+    """Names of the functions and objects an ELF64 shared library defines in its dynamic symbol
+    table, read from the file (nothing is loaded or run); None if it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:  # 64-bit little-endian only
+        return None
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    names = set()
+    for _name, kind, _flags, _addr, offset, size, link, _info, _align, entsize in sections:
+        if kind != 11 or not entsize:  # SHT_DYNSYM
+            continue
+        strtab = sections[link][4]
+        for start in range(offset, offset + size, entsize):
+            name_at, info, _other, section_index = struct.unpack_from("<IBBH", data, start)
+            if section_index and (info >> 4) in (1, 2):  # defined, STB_GLOBAL or STB_WEAK
+                end = data.index(b"\0", strtab + name_at)
+                names.add(data[strtab + name_at:end].decode("ascii", "replace"))
+    return names
+
+
+def abi_conflicts(path: str) -> list[str]:
+    """MKL-extension names a library other than MKL exports with its own ABI (see the module
+    docstring); MKL itself is recognised by its version query."""
+    names = exported_symbols(path)
+    if names is None or "mkl_get_version_string" in names:
+        return []
+    return [n for n in MKL_ONLY_ABI if n in names]
+
+
 def _try_load(path: str, deps: tuple[str, ...] = ()) -> str | None:
-    """Load `path` globally; return None on success or the reason it failed."""
+    """Load `path` globally; return None on success or the reason it failed or was refused."""
+    conflicts = abi_conflicts(path)
+    if conflicts:
+        return (f"{path} exports {', '.join(conflicts[:2])}, which PyTorch calls with MKL's signature "
+                "(loading it would crash torch.bmm)")
     try:
         for dep in deps:
             ctypes.CDLL(dep, mode=ctypes.RTLD_GLOBAL)
@@ -92,7 +145,7 @@ def _first_loadable(candidates: list[tuple[str, str, tuple[str, ...]]]) -> tuple
     for name, path, deps in candidates:
         error = _try_load(path, deps)
         if error is None:
-            return BlasChoice(name, path), failures
+            return BlasChoice(name, path, "; ".join(failures)), failures
         failures.append(f"{name}: {error}")
     return None, failures
 
