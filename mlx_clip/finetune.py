@@ -87,7 +87,7 @@ def make_evaluator(data: DomainData, folder: Path, batch_size: int):
 
 
 def build_engine(cfg: TrainConfig, folder: Path) -> Backend:
-    engine = load_backend(cfg.backend, folder, device=cfg.device, dtype=cfg.dtype)
+    engine = load_backend(cfg.backend, folder, device=cfg.device, dtype=cfg.parameter_dtype)
     engine.prepare_training(cfg)
     return engine
 

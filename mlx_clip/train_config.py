@@ -18,6 +18,8 @@ from mlx_clip.errors import ConfigError
 from mlx_clip.policy import DTYPES
 
 STRATEGIES = ("full", "lora", "lock-image", "lock-text")
+PRECISIONS = ("fp32", "amp_bf16", "amp_fp16", "bf16", "fp16")
+PURE_PRECISIONS = {"bf16": "bfloat16", "fp16": "float16"}
 LOSS_NAMES = ("clip", "siglip")
 
 
@@ -38,6 +40,9 @@ class TrainConfig:
     backend: str = field(default="mlx", metadata={"help": "Engine: mlx or torch."})
     device: str | None = field(default=None, metadata={"help": "Override device detection (torch: cpu|cuda|mps)."})
     dtype: str = field(default="float32", metadata={"help": "Parameter dtype: float32, bfloat16 or float16."})
+    precision: str = field(default="fp32", metadata={
+        "help": "Compute precision (open_clip's names): fp32; amp_bf16 / amp_fp16 (autocast, float32 master "
+                "weights and optimizer state); bf16 / fp16 (parameters in that dtype, as --dtype)."})
     steps: int | None = field(default=None, metadata={"help": "Optimizer steps (default: from --epochs)."})
     epochs: float = field(default=1.0, metadata={"help": "Passes over the training data when --steps is not given."})
     batch_size: int = field(default=32, metadata={"help": "Pairs per step (all are negatives of each other)."})
@@ -134,6 +139,23 @@ class TrainConfig:
         check(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}")
         check(self.loss in LOSS_NAMES, "loss", f"must be one of {', '.join(LOSS_NAMES)}")
         check(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
+        check(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
+        if self.precision in PURE_PRECISIONS and self.dtype not in ("float32", PURE_PRECISIONS[self.precision]):
+            raise ConfigError(f"precision {self.precision} keeps the parameters in {PURE_PRECISIONS[self.precision]}, "
+                              f"but dtype is {self.dtype}; give one of the two")
+        if self.precision.startswith("amp_") and self.dtype != "float32":
+            raise ConfigError(f"precision {self.precision} keeps float32 master weights; dtype must be float32, "
+                              f"got {self.dtype}")
+
+    @property
+    def parameter_dtype(self) -> str:
+        """The dtype the parameters live in: bf16 / fp16 precision imply it, else `dtype`."""
+        return PURE_PRECISIONS.get(self.precision, self.dtype)
+
+    @property
+    def autocast_dtype(self) -> str | None:
+        """The low-precision compute dtype of mixed precision (amp_*), else None."""
+        return {"amp_bf16": "bfloat16", "amp_fp16": "float16"}.get(self.precision)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

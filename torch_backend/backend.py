@@ -102,8 +102,12 @@ class TorchBackend:
     def save_state(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
-        module, optimizer, _ = self.training
+        module, optimizer, _, scaler = self.training
         tensors = {f"model/{k}": v.detach().contiguous() for k, v in module.state_dict().items()}
+        if scaler is not None:
+            state = scaler.state_dict()
+            tensors["scaler/scale"] = torch.tensor(state["scale"], dtype=torch.float64)
+            tensors["scaler/growth_tracker"] = torch.tensor(state["_growth_tracker"], dtype=torch.int64)
         for name, param in self._trainable():
             for key, value in optimizer.state.get(param, {}).items():
                 tensors[f"optim/{name}.{key}"] = value.detach().contiguous()
@@ -113,8 +117,11 @@ class TorchBackend:
     def load_state(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
-        module, optimizer, _ = self.training
+        module, optimizer, _, scaler = self.training
         tensors = load_file(str(Path(folder) / STATE_FILE))
+        if scaler is not None and "scaler/scale" in tensors:
+            scaler.load_state_dict({**scaler.state_dict(), "scale": float(tensors["scaler/scale"]),
+                                    "_growth_tracker": int(tensors["scaler/growth_tracker"])})
         module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
         for name, param in self._trainable():
             state = {key: tensors[f"optim/{name}.{key}"].to(self.device)

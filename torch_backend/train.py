@@ -30,6 +30,7 @@ class Training(NamedTuple):
     module: TrainModule
     optimizer: torch.optim.AdamW
     step: Step
+    scaler: torch.amp.GradScaler | None  # float16 mixed precision only
 
 
 def prepare(clip, cfg, device: torch.device) -> Training:
@@ -41,7 +42,10 @@ def prepare(clip, cfg, device: torch.device) -> Training:
         clip.gradient_checkpointing_enable()
     module.train()
     optimizer = make_optimizer(module, cfg)
-    return Training(module, optimizer, make_train_step(module, optimizer, cfg, plan))
+    # float16's narrow range needs loss scaling; bfloat16 has float32's exponent and does not.
+    scaler = torch.amp.GradScaler(device.type) if cfg.autocast_dtype == "float16" else None
+    step = make_train_step(module, optimizer, cfg, plan, device=device, scaler=scaler)
+    return Training(module, optimizer, step, scaler)
 
 
 def apply_plan(clip, plan: TrainingPlan) -> None:
@@ -69,27 +73,45 @@ def make_optimizer(module: TrainModule, cfg) -> torch.optim.AdamW:
                              foreach=False)
 
 
-def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan: TrainingPlan) -> Step:
-    """`step(pixels, ids, labels, lr) -> (loss, grad_norm, ok)`; a non-finite step changes nothing."""
+def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan: TrainingPlan, *,
+                    device: torch.device, scaler: torch.amp.GradScaler | None = None) -> Step:
+    """`step(pixels, ids, labels, lr) -> (loss, grad_norm, ok)`; a non-finite step changes nothing.
+
+    Mixed precision (`cfg.autocast_dtype`) runs the towers under `torch.autocast`, with float32
+    master weights and optimizer state; the loss is computed in float32 (see `loss._logits`).
+    """
     loss_fn = LOSSES[cfg.loss]
     options = dict(plan.loss_options)
     params = [p for _, p in trainable(module)]
     clip = module.clip
+    autocast_dtype = getattr(torch, cfg.autocast_dtype) if cfg.autocast_dtype else None
 
     def step(pixels, ids, labels, lr):
         for group in optimizer.param_groups:
             group["lr"] = lr
-        image = clip.get_image_features(pixel_values=pixels).pooler_output
-        text = clip.get_text_features(input_ids=ids).pooler_output
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            image = clip.get_image_features(pixel_values=pixels).pooler_output
+            text = clip.get_text_features(input_ids=ids).pooler_output
+        image, text = image.float(), text.float()
         image = image / image.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)
         loss = loss_fn(image, text, clip.logit_scale.exp(), module.logit_bias, labels=labels, **options)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         ok = bool(torch.isfinite(loss) and torch.isfinite(norm))
-        if ok:
+        if scaler:
+            # An overflow of the scaled float16 gradients is the scaler's business: it skips the
+            # update and lowers the scale. The step counts as non-finite only if the loss is.
+            if ok:
+                scaler.step(optimizer)
+            scaler.update()
+            ok = bool(torch.isfinite(loss))
+        elif ok:
             optimizer.step()
+        if ok:
             with torch.no_grad():
                 clip.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
         return loss.detach(), norm, ok

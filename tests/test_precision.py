@@ -1,0 +1,91 @@
+"""Mixed precision (`--precision`, open_clip's names): float32 master weights and optimizer state,
+low-precision compute, the loss in float32; exact resume; the MLX engine's CPU fallback.
+
+Tolerances: bfloat16 keeps 8 mantissa bits (relative rounding 4e-3), so a loss after a bf16 forward
+differs from float32's by ~1e-2 on these tiny models; 3e-2 is the bound (STYLE: bf16 3e-2).
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from mlx_clip.errors import ConfigError
+from mlx_clip.train_config import TrainConfig
+from mlx_clip.trainer import Interrupted
+from tests.train_helpers import assert_same_weights, final_weights, run, small_config
+
+BF16_REL = 3e-2
+
+
+@pytest.mark.parametrize("precision", ["amp_bf16", "amp_fp16"])
+def test_torch_mixed_precision_trains_close_to_float32_with_float32_master_weights(tmp_path, precision):
+    fp32 = run(small_config(tmp_path / "fp32", "torch", steps=6, save_every=0)).train.losses
+    mixed = run(small_config(tmp_path / precision, "torch", steps=6, save_every=0, precision=precision)).train.losses
+    assert np.all(np.isfinite(mixed))
+    assert abs(mixed[0] - fp32[0]) / fp32[0] <= BF16_REL
+    weights = final_weights(tmp_path / precision)
+    assert all(w.dtype == np.float32 for w in weights.values())
+
+
+def test_torch_mixed_precision_resumes_bit_identically(tmp_path):
+    full = run(small_config(tmp_path / "full", "torch", precision="amp_bf16"))
+    with pytest.raises(Interrupted):
+        run(small_config(tmp_path / "cut", "torch", precision="amp_bf16"), stop_after=5)
+    resumed = run(small_config(tmp_path / "cut", "torch", precision="amp_bf16", resume="latest"))
+    assert resumed.train.losses == full.train.losses[5:]
+    assert_same_weights(final_weights(tmp_path / "cut"), final_weights(tmp_path / "full"))
+
+
+def test_mlx_on_the_cpu_says_so_and_trains_in_float32(tmp_path):
+    plain = run(small_config(tmp_path / "plain", "mlx", steps=4, save_every=0)).train.losses
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mixed = run(small_config(tmp_path / "amp", "mlx", steps=4, save_every=0, precision="amp_bf16")).train.losses
+    assert any("trains in float32" in str(w.message) for w in caught)
+    assert mixed == plain
+
+
+def test_mlx_mixed_precision_step_keeps_float32_master_weights():
+    """The GPU path (low-precision copies inside the differentiated function), run on the CPU."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_clip.api import resolve
+    from mlx_clip.backend import load_backend
+    from mlx_clip.mlx_backend.train import make_train_step
+    from mlx_clip.policy import training_plan
+
+    cfg = TrainConfig(model="tiny", lr=1e-3)
+    rng = np.random.default_rng(0)
+    pixels = mx.array(rng.standard_normal((4, 32, 32, 3)).astype(np.float32))
+    ids = mx.array(np.array([[49406, 320, 49407, 0]] * 4, dtype=np.int32))
+    labels = mx.arange(4)
+    losses = {}
+    for name, dtype in (("fp32", None), ("bf16", mx.bfloat16)):
+        engine = load_backend("mlx", resolve("tiny"))
+        engine.prepare_training(cfg)
+        module, optimizer, _ = engine.training
+        step = make_train_step(module, optimizer, cfg, training_plan(cfg), compute_dtype=dtype)
+        loss, norm, ok = step(pixels, ids, labels, mx.array(1e-3))
+        mx.eval(loss, module.state, optimizer.state)
+        assert bool(ok)
+        assert all(p.dtype == mx.float32 for _, p in tree_flatten(module.parameters()))
+        losses[name] = float(loss)
+    assert abs(losses["bf16"] - losses["fp32"]) / losses["fp32"] <= BF16_REL
+
+
+@pytest.mark.parametrize("flags,message", [
+    ({"precision": "fp8"}, "precision must be one of"),
+    ({"precision": "bf16", "dtype": "float16"}, "give one of the two"),
+    ({"precision": "amp_bf16", "dtype": "bfloat16"}, "float32 master weights"),
+])
+def test_bad_precision_is_refused(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.resolve(None, flags)
+
+
+def test_pure_precision_sets_the_parameter_dtype():
+    assert TrainConfig.resolve(None, {"precision": "bf16"}).parameter_dtype == "bfloat16"
+    assert TrainConfig.resolve(None, {"precision": "amp_fp16"}).autocast_dtype == "float16"
+    assert TrainConfig.resolve(None, {}).autocast_dtype is None
