@@ -28,8 +28,10 @@ every BLAS with one signature and are safe to interpose.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import functools
 import glob
 import importlib.util
 import os
@@ -187,3 +189,38 @@ def load_optimized_blas() -> BlasChoice:
 
 def blas_info() -> BlasChoice:
     return load_optimized_blas()
+
+
+# Thread-count controls of the BLAS libraries we load, by the names each exports.
+_THREAD_CONTROLS = (("MKL_Set_Num_Threads", "MKL_Get_Max_Threads"),
+                    ("openblas_set_num_threads", "openblas_get_num_threads"))
+
+
+@functools.cache
+def _thread_controls():
+    choice = blas_info()
+    if choice.path is None:
+        return None
+    library = ctypes.CDLL(choice.path)
+    return next(((getattr(library, s), getattr(library, g)) for s, g in _THREAD_CONTROLS
+                 if hasattr(library, s) and hasattr(library, g)), None)
+
+
+@contextlib.contextmanager
+def blas_threads(count: int):
+    """Run the block with the loaded BLAS limited to `count` threads, then restore its setting.
+
+    For MLX's CPU streams: when each stream works on its own slice of the batch, one BLAS thread
+    per stream keeps the cores busy without oversubscribing them. The setting is process-wide
+    (torch's matmuls go through the same library once it is loaded globally), hence the restore."""
+    controls = _thread_controls()
+    if controls is None:
+        yield
+        return
+    set_threads, get_threads = controls
+    previous = get_threads()
+    set_threads(count)
+    try:
+        yield
+    finally:
+        set_threads(previous)

@@ -79,6 +79,33 @@ def convert(src, dst, target, dtype, allow_pickle, overwrite, no_verify):
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--no-measure", is_flag=True, help="Skip the matmul measurement (a second or two).")
+def env(as_json, no_measure):
+    """Machine, engines, versions and the BLAS MLX uses with its GFLOP/s: paste it into a bug report."""
+    import json
+
+    from mlx_clip.environment import format_report, report
+
+    data = report(measure=not no_measure)
+    click.echo(json.dumps(data, indent=2) if as_json else format_report(data))
+
+
+@main.command()
+@click.option("--size", type=click.Choice(["tiny", "b32"]), default="tiny", show_default=True,
+              help="tiny: seconds, for CI; b32: OpenAI's ViT-B/32 at 224 px, batch 32 (minutes).")
+@click.option("--out", default="benchmarks/results", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for results.json, results.md and results.png.")
+@click.option("--steps", type=int, default=None, help="Timed train steps per row (after warm-up).")
+@domain_errors
+def bench(size, out, steps):
+    """Both engines side by side: train images/s, MFU, inference, data pipeline, memory, peers."""
+    from benchmarks.suite import run
+
+    run(size, out, steps=steps, echo=click.echo)
+
+
+@main.command()
 def info():
     """Show the engines, devices and BLAS this machine gives mlxclip."""
     from mlx_clip.backend import describe_engines

@@ -7,6 +7,7 @@ Each engine turns these answers into its framework's objects (`mx.bfloat16`, `to
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -69,6 +70,19 @@ def choose_device(requested: str | None, engine: str, available: dict[str, bool]
     if kind != "cpu" and not available.get(kind):
         raise ConfigError(f"--device {requested}: {rules.missing[kind]}")
     return choice
+
+
+def cpu_streams() -> int:
+    """How many slices the MLX engine cuts a batch into on the CPU, one stream (one core) each:
+    MLX runs each stream's elementwise work on one thread, so one stream leaves the other cores
+    idle between matmuls. `MLXCLIP_CPU_STREAMS` overrides; the usable cores, at most 8, otherwise."""
+    override = os.environ.get("MLXCLIP_CPU_STREAMS", "").strip()
+    if override:
+        if not override.isdigit() or int(override) < 1:
+            raise ConfigError(f"MLXCLIP_CPU_STREAMS must be a positive integer, got {override!r}")
+        return int(override)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 8))
 
 
 # --- what a run trains ------------------------------------------------------------------------

@@ -26,7 +26,21 @@ class TorchBackend:
 
     @staticmethod
     def describe() -> str:
-        return f"torch {torch.__version__}: auto device {select_device(None)}"
+        return f"torch {torch.__version__}: auto device {select_device(None)}, {torch.get_num_threads()} threads"
+
+    @staticmethod
+    def matmul_gflops(size: int, repeats: int = 5, dtype: str = "float32") -> float:
+        """(size x size) @ (size x size) throughput on the CPU in `dtype`, median after a warm-up."""
+        import time
+
+        a, b = (torch.randn(size, size, dtype=getattr(torch, dtype)) for _ in range(2))
+        a @ b
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return 2 * size ** 3 / sorted(times)[len(times) // 2] / 1e9
 
     @classmethod
     def from_folder(cls, folder, *, dtype=None, allow_pickle=False, device=None) -> "TorchBackend":

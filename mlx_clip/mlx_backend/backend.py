@@ -15,6 +15,7 @@ from convert.writer import mlx_metadata, write_model_folder, write_side_files
 from mlx_clip.config import CLIPConfig
 from mlx_clip.mlx_backend.lora import merged
 from mlx_clip.mlx_backend.model import CLIPModel, init_weights, normalize
+from mlx_clip.mlx_backend.parallel import BatchSplit
 from mlx_clip.policy import check_dtype, choose_device
 
 STATE_FILE = "engine_state.safetensors"
@@ -68,12 +69,41 @@ class MLXBackend:
 
     def __init__(self, model: CLIPModel, device: str = "cpu"):
         mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+        if device == "cpu":
+            # MLX's CPU allocator keeps only 32 MB of freed buffers (Metal keeps up to the memory
+            # limit): every larger activation went back to the OS and came back as fresh pages,
+            # faulted in and zeroed each step. Cache as Metal does.
+            mx.set_cache_limit(max(mx.get_memory_limit(), 32 << 20))
         self.model = model.eval()
         self.config: CLIPConfig = model.config
+        self.split = BatchSplit()
+        # Compiled once (per input shape, by MLX), with the weights as inputs rather than baked-in
+        # constants, so that encoding in the middle of training sees the current weights.
+        state = self.model.state
+
+        def features(tower):
+            return mx.compile(lambda x: normalize(self.split(tower, x).astype(mx.float32)), inputs=state)
+
+        self._image_features = features(lambda x: self.model.get_image_features(x))
+        self._text_features = features(lambda x: self.model.get_text_features(x))
 
     @staticmethod
     def describe() -> str:
         return f"mlx {mx.__version__}: default device {mx.default_device()}"
+
+    @staticmethod
+    def matmul_gflops(size: int, repeats: int = 5) -> float:
+        """Float32 (size x size) @ (size x size) throughput, median of `repeats` after a warm-up."""
+        import time
+
+        a, b = mx.random.normal((size, size)), mx.random.normal((size, size))
+        mx.eval(a, b, a @ b)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            mx.eval(a @ b)
+            times.append(time.perf_counter() - start)
+        return 2 * size ** 3 / sorted(times)[len(times) // 2] / 1e9
 
     @classmethod
     def from_folder(cls, folder, *, dtype=None, allow_pickle=False, device=None) -> "MLXBackend":
@@ -88,12 +118,12 @@ class MLXBackend:
 
     # --- inference --------------------------------------------------------------------------
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        features = self.model.get_image_features(mx.array(pixels))
-        return np.array(normalize(features.astype(mx.float32)))
+        with self.split.evaluating():
+            return np.array(self._image_features(mx.array(pixels)))
 
     def encode_texts(self, token_ids: np.ndarray) -> np.ndarray:
-        features = self.model.get_text_features(mx.array(np.asarray(token_ids, dtype=np.int32)))
-        return np.array(normalize(features.astype(mx.float32)))
+        with self.split.evaluating():
+            return np.array(self._text_features(mx.array(np.asarray(token_ids, dtype=np.int32))))
 
     def save(self, folder: str | Path, *, to: str | None = None) -> Path:
         """A plain model folder (LoRA merged) that both engines and, for "hf", transformers load;
@@ -112,7 +142,7 @@ class MLXBackend:
     def prepare_training(self, cfg) -> None:
         from mlx_clip.mlx_backend.train import prepare
 
-        self.training = prepare(self.model, cfg)
+        self.training = prepare(self.model, cfg, self.split)
 
     def trainable_count(self) -> int:
         return sum(int(np.prod(p.shape)) for _, p in tree_flatten(self.training.module.trainable_parameters()))
@@ -121,7 +151,8 @@ class MLXBackend:
         module, optimizer, step = self.training
         loss, norm, ok = step(mx.array(batch.pixels), mx.array(batch.input_ids.astype(np.int32)),
                               mx.array(batch.positive_ids.astype(np.int32)), mx.array(lr, dtype=mx.float32))
-        mx.eval(loss, norm, ok, module.state, optimizer.state)
+        with self.split.evaluating():
+            mx.eval(loss, norm, ok, module.state, optimizer.state)
         return {"loss": float(loss), "grad_norm": float(norm), "ok": bool(ok),
                 "logit_scale": float(mx.exp(self.model.logit_scale))}
 

@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from mlx_clip.mlx_backend.loss import LOSSES
 from mlx_clip.mlx_backend.model import CLIPModel, normalize
+from mlx_clip.mlx_backend.parallel import BatchSplit
 from mlx_clip.policy import TrainingPlan, training_plan
 from mlx_clip.schedule import LOGIT_SCALE_MAX, decays
 
@@ -45,7 +46,7 @@ class Training(NamedTuple):
     step: Step
 
 
-def prepare(clip: CLIPModel, cfg) -> Training:
+def prepare(clip: CLIPModel, cfg, split: BatchSplit | None = None) -> Training:
     """Everything a run needs beside the data, from a `TrainConfig`: `clip` is adapted in place."""
     plan = training_plan(cfg)
     module = TrainModule(clip, plan.logit_bias)
@@ -60,7 +61,8 @@ def prepare(clip: CLIPModel, cfg) -> Training:
                       "(mixed precision applies on the GPU)", RuntimeWarning, stacklevel=2)
     elif cfg.autocast_dtype:
         compute_dtype = getattr(mx, cfg.autocast_dtype)
-    return Training(module, optimizer, make_train_step(module, optimizer, cfg, plan, compute_dtype=compute_dtype))
+    step = make_train_step(module, optimizer, cfg, plan, compute_dtype=compute_dtype, split=split)
+    return Training(module, optimizer, step)
 
 
 def apply_plan(clip: CLIPModel, plan: TrainingPlan) -> None:
@@ -84,13 +86,14 @@ def make_optimizer(module: TrainModule, cfg) -> optim.Adam:
 
 
 def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: TrainingPlan, *,
-                    compute_dtype=None) -> Step:
+                    compute_dtype=None, split: BatchSplit | None = None) -> Step:
     """`step(pixels, ids, labels, lr) -> (loss, grad_norm, ok)`, compiled; a non-finite step
     leaves parameters and optimizer moments as they were.
 
     With `compute_dtype` (mixed precision), the towers run on copies of the weights cast to it,
     inside the differentiated function, so the gradients reach the float32 master weights; the
-    loss is computed in float32 (see `loss._logits`).
+    loss is computed in float32 (see `loss._logits`). `split` computes the towers slice by slice
+    on CPU streams (`parallel.BatchSplit`); the loss always sees the whole batch.
 
     Clipping, weight decay, the Adam update and the non-finite guard are one expression per
     parameter, so `mx.compile` fuses each parameter's update into one pass over its memory
@@ -98,6 +101,7 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
     """
     loss_fn = LOSSES[cfg.loss]
     options = dict(plan.loss_options)
+    towers = split or (lambda tower, batch: tower(batch))
     decay_mask = dict(tree_flatten(tree_map_with_path(lambda path, p: decays(path, p.ndim),
                                                       module.trainable_parameters())))
     beta1, beta2, eps = cfg.beta1, cfg.beta2, cfg.eps
@@ -107,8 +111,8 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
         if compute_dtype is not None:
             clip.update(tree_map(lambda p: p.astype(compute_dtype), clip.parameters()))
             pixels = pixels.astype(compute_dtype)
-        image = normalize(clip.get_image_features(pixels).astype(mx.float32))
-        text = normalize(clip.get_text_features(ids).astype(mx.float32))
+        image = normalize(towers(clip.get_image_features, pixels).astype(mx.float32))
+        text = normalize(towers(clip.get_text_features, ids).astype(mx.float32))
         return loss_fn(image, text, mx.exp(clip.logit_scale.astype(mx.float32)), module.bias(), labels=labels,
                        **options)
 
@@ -131,7 +135,7 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
         if compute_dtype is not None:
             module.update(master)  # the loss left its low-precision copies in the module
         grads = dict(tree_flatten(grads))  # frozen towers have no entry
-        norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for g in grads.values()))
+        norm = mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for g in grads.values()))  # not ** 2: pow()
         ok = mx.isfinite(loss) & mx.isfinite(norm)
         # A non-finite step changes nothing, without a select per output (each would cost a pass
         # over memory): the gradient becomes 0, the moments keep all of their old value and the

@@ -1,0 +1,41 @@
+"""Data parallelism over MLX's CPU streams.
+
+MLX's CPU backend runs the elementwise, reduction and copy work of a stream on one thread; only
+the BLAS calls use more cores. So the engine cuts a batch into slices, one stream each, with one
+BLAS thread per stream: every core then works all the time (measured on ViT-B/32 forward passes
+at batch 32 on 2 cores: image 2.15 -> 1.85 s, text 1.98 -> 1.54 s). The towers treat samples
+independently, so the slices' features, concatenated, are the batch's; gradients flow back through
+the concatenation, and each slice's backward pass runs on its own stream too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import mlx.core as mx
+
+from mlx_clip.blas import blas_threads
+from mlx_clip.policy import cpu_streams
+
+
+class BatchSplit:
+    def __init__(self, count: int | None = None):
+        count = cpu_streams() if count is None and mx.default_device() == mx.cpu else (count or 1)
+        self.streams = [mx.new_stream(mx.cpu) for _ in range(count)] if count > 1 else []
+
+    def __call__(self, fn: Callable[[mx.array], mx.array], batch: mx.array) -> mx.array:
+        """fn(batch), computed slice by slice on the streams (rows 0..B split as evenly as they go)."""
+        parts = min(len(self.streams), batch.shape[0])
+        if parts < 2:
+            return fn(batch)
+        bounds = [round(i * batch.shape[0] / parts) for i in range(1, parts)]
+        outputs = []
+        for stream, piece in zip(self.streams, mx.split(batch, bounds, axis=0)):
+            with mx.stream(stream):
+                outputs.append(fn(piece))
+        return mx.concatenate(outputs, axis=0)
+
+    def evaluating(self):
+        """The context to evaluate in: one BLAS thread per stream while the streams run."""
+        return blas_threads(1) if self.streams else contextlib.nullcontext()

@@ -1,0 +1,83 @@
+"""`mlxclip bench` and `mlxclip env`: the report files and the figures they rest on.
+
+The FLOP count (the numerator of MFU) is held to torch's own `FlopCounterMode` on a transformers
+CLIP, which counts every matmul, convolution and attention call it dispatches.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from benchmarks.flops import forward_flops
+from mlx_clip.cli import main
+from tests.helpers import tiny_hf_clip
+
+
+@pytest.mark.parametrize("text_length", [77, 13])
+def test_forward_flops_equal_torch_flop_counter(text_length):
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mlx_clip.config import CLIPConfig
+
+    import transformers
+
+    # Eager attention: torch's counter has no formula for the CPU sdpa kernel, and would skip it.
+    config = CLIPConfig.from_dict(tiny_hf_clip(projection_dim=24).config.to_dict())
+    model = transformers.CLIPModel._from_config(transformers.CLIPConfig.from_dict(config.to_dict()),
+                                                attn_implementation="eager").eval()
+    pixels = torch.zeros(1, 3, 32, 32)
+    ids = torch.ones(1, text_length, dtype=torch.long)
+    counted = {}
+    for name, run in (("image", lambda: model.get_image_features(pixel_values=pixels)),
+                      ("text", lambda: model.get_text_features(input_ids=ids))):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            run()
+        counted[name] = counter.get_total_flops()
+    assert forward_flops(config, text_length) == counted
+
+
+@pytest.mark.slow
+def test_bench_tiny_writes_json_markdown_and_png(tmp_path):
+    from matplotlib.image import imread
+
+    result = CliRunner().invoke(main, ["bench", "--size", "tiny", "--out", str(tmp_path), "--steps", "3"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "results.json").read_text())
+    names = [row["name"] for row in data["train"]]
+    assert names[:3] == ["mlx fp32", "torch fp32", "torch amp_bf16"]
+    for row in data["train"]:
+        assert "error" not in row, row
+        for key in ("images_per_s", "mfu", "loss", "peak_memory_bytes", "step_seconds"):
+            assert math.isfinite(row[key]) and row[key] > 0, (row["name"], key, row[key])
+        assert row["mfu"] < 1  # a figure above the measured peak would be a counting error
+    # Same weights, same data: every engine and peer reaches the same loss (float32 rounding apart).
+    losses = np.array([row["loss"] for row in data["train"] if "fp32" in row["name"]])
+    assert np.ptp(losses) / losses.mean() <= 1e-5
+    for engine in ("mlx", "torch"):
+        assert data["inference"][engine]["images_per_s"] > 0 and data["inference"][engine]["texts_per_s"] > 0
+    assert data["data_pipeline"]["images_per_s"] > 0
+    assert all(value is not None and value > 0 for value in data["ratios"].values())
+    markdown = (tmp_path / "results.md").read_text()
+    for name in names:
+        assert f"| {name} |" in markdown
+    image = imread(tmp_path / "results.png")
+    assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_env_reports_the_machine_as_numpy_detects_it():
+    result = CliRunner().invoke(main, ["env", "--json", "--no-measure"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__ as features
+    for ours, numpy_name in (("avx2", "AVX2"), ("avx512f", "AVX512F"), ("fma", "FMA3")):
+        assert (ours in data["cpu"]["flags"]) == bool(features.get(numpy_name)), ours
+    assert data["versions"]["mlxclip"] and data["mlx_blas"]["name"]
+    text = CliRunner().invoke(main, ["env", "--no-measure"]).output
+    assert "MLX BLAS" in text and "engine    mlx" in text and "engine    torch" in text
