@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from convert.layout import mlx_to_torch, torch_to_mlx
 from convert.writer import mlx_metadata, write_model_folder, write_side_files
 from mlx_clip.config import CLIPConfig
+from mlx_clip.mlx_backend.jit import enable_vectorized_kernels
 from mlx_clip.mlx_backend.lora import merged
 from mlx_clip.mlx_backend.model import CLIPModel, init_weights, normalize
 from mlx_clip.mlx_backend.parallel import BatchSplit
@@ -74,6 +75,7 @@ class MLXBackend:
             # limit): every larger activation went back to the OS and came back as fresh pages,
             # faulted in and zeroed each step. Cache as Metal does.
             mx.set_cache_limit(max(mx.get_memory_limit(), 32 << 20))
+            enable_vectorized_kernels()
         self.model = model.eval()
         self.config: CLIPConfig = model.config
         self.split = BatchSplit()
