@@ -79,6 +79,24 @@ def convert(src, dst, target, dtype, allow_pickle, overwrite, no_verify):
 
 
 @main.command()
+@click.argument("model")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--to", "target", type=click.Choice(["onnx"]), required=True)
+@click.option("--opset", type=int, default=None,
+              help="ONNX opset [default: the oldest torch's exporter writes, which most runtimes load].")
+@pickle_option
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
+@domain_errors
+def export(model, out_dir, target, opset, allow_pickle, overwrite):
+    """Write the image and text encoders as ONNX graphs (dynamic batch), with tokenizer and
+    preprocessing files; kept only if onnxruntime matches the torch engine on a random batch."""
+    from mlx_clip.export import export_onnx
+
+    given = {} if opset is None else {"opset": opset}
+    click.echo(f"wrote {export_onnx(model, out_dir, overwrite=overwrite, allow_pickle=allow_pickle, **given)}")
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--no-measure", is_flag=True, help="Skip the matmul measurement (a second or two).")
 def env(as_json, no_measure):
@@ -103,6 +121,79 @@ def bench(size, out, steps):
     from benchmarks.suite import run
 
     run(size, out, steps=steps, echo=click.echo)
+
+
+model_option = click.option("--model", required=True,
+                            help="Model folder, built-in name (tiny, small, vit-b32) or hub id org/name.")
+
+
+@main.command()
+@model_option
+@backend_option
+@device_option
+@dtype_option
+@pickle_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (loopback unless told).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--index", "index_dir", type=click.Path(file_okay=False), default=None,
+              help="An index folder from `mlxclip index`, served by /v1/search.")
+@click.option("--max-batch-size", type=click.IntRange(1), default=32, show_default=True,
+              help="Rows per engine call when requests are micro-batched (1: no batching).")
+@click.option("--max-wait-ms", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="How long a batch waits for more requests before it runs.")
+@click.option("--max-body-mb", type=click.FloatRange(0, min_open=True), default=16.0, show_default=True)
+@click.option("--max-items", type=click.IntRange(1), default=64, show_default=True,
+              help="Images or texts per request.")
+@click.option("--max-labels", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--max-concurrent-requests", type=click.IntRange(1), default=64, show_default=True,
+              help="Requests in flight; more are answered 429 at once.")
+@click.option("--max-image-pixels", type=click.IntRange(1), default=40_000_000, show_default=True,
+              help="Width x height above which an image is refused from its header (413).")
+@click.option("--no-truncate", is_flag=True, help="Refuse texts over the context (422) instead of cutting them.")
+@click.option("--api-key", envvar="MLXCLIP_API_KEY", show_envvar=True, default=None,
+              help="Require 'Authorization: Bearer KEY' on every route but /health.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+              default="info", show_default=True)
+@domain_errors
+def serve(model, backend, device, dtype, allow_pickle, host, port, index_dir, max_batch_size, max_wait_ms,
+          max_body_mb, max_items, max_labels, max_concurrent_requests, max_image_pixels, no_truncate, api_key,
+          log_level):
+    """HTTP API: embeddings (also OpenAI's /v1/embeddings), zero-shot classify, search; docs at /docs."""
+    from pathlib import Path
+
+    from mlx_clip.serve.inputs import Limits
+    from mlx_clip.serve.server import serve as run
+    from mlx_clip.serve.service import ServeSettings
+
+    limits = Limits(max_body_bytes=int(max_body_mb * 2 ** 20), max_items=max_items, max_labels=max_labels,
+                    max_image_pixels=max_image_pixels, max_concurrent_requests=max_concurrent_requests,
+                    truncate=not no_truncate)
+    settings = ServeSettings(model=model, backend=backend, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                             index=Path(index_dir) if index_dir else None, max_batch_size=max_batch_size,
+                             max_wait_ms=max_wait_ms, limits=limits, api_key=api_key or None)
+    run(settings, host=host, port=port, log_level=log_level)
+
+
+@main.command()
+@click.argument("image_dir", type=click.Path(file_okay=False))
+@model_option
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Index folder (created or updated).")
+@backend_option
+@device_option
+@dtype_option
+@pickle_option
+@click.option("--batch-size", type=click.IntRange(1), default=IMAGE_BATCH, show_default=True)
+@domain_errors
+def index(image_dir, model, out, backend, device, dtype, allow_pickle, batch_size):
+    """Embed every image under IMAGE_DIR for `serve --index`; a rerun embeds only new or changed files."""
+    from mlx_clip.index import build_index
+
+    report = build_index(image_dir, model, out, backend=backend, device=device, dtype=dtype,
+                         allow_pickle=allow_pickle, batch_size=batch_size)
+    click.echo(f"wrote {report.out}: {report.images} images ({report.embedded} embedded, {report.reused} "
+               f"unchanged, {report.removed} removed), {len(report.bad)} unreadable")
+    if report.bad:
+        click.echo(f"unreadable images are listed in {report.out / 'bad_images.txt'}", err=True)
 
 
 @main.command()

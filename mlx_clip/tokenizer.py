@@ -113,6 +113,11 @@ class CLIPTokenizer:
             row[1 + len(ids)] = self.eot_id
         return out
 
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens each text needs before `encode` cuts it, SOT and EOT included."""
+        encodings = self._backend.encode_batch([clean_text(t) for t in texts], add_special_tokens=False)
+        return [len(e.ids) + 2 for e in encodings]
+
     def __call__(self, texts: str | list[str], context_length: int = CONTEXT_LENGTH) -> np.ndarray:
         return self.encode(texts, context_length)
 

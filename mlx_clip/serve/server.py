@@ -1,0 +1,43 @@
+"""`mlxclip serve`: the app on uvicorn, the model loading while `/health` answers 503."""
+
+from __future__ import annotations
+
+import socket
+
+from mlx_clip.errors import ConfigError
+from mlx_clip.serve.service import ServeSettings
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a taken port before anything loads (uvicorn would log it and exit 1 after startup)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+
+
+def serve(settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    import uvicorn
+
+    from mlx_clip.api import resolve
+    from mlx_clip.serve.app import create_app
+
+    resolve(settings.model, allow_pickle=settings.allow_pickle)  # a bad --model fails now, in one line
+    if settings.index is not None and not (settings.index / "index.json").is_file():
+        raise ConfigError(f"--index {settings.index}: not an index folder (build one with `mlxclip index`)")
+    check_port(host, port)
+    failure: list[str] = []
+
+    def on_load_failure(message: str) -> None:
+        failure.append(message)
+        server.should_exit = True
+
+    app = create_app(settings, on_load_failure=on_load_failure)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=5))
+    server.run()
+    if failure:
+        raise ConfigError(failure[0])
