@@ -38,14 +38,12 @@ def convert(src: str | Path, dst: str | Path, *, to: str, verify: Verifier | Non
     if dtype is not None:
         check_dtype(dtype)
     src, dst = Path(src), Path(dst)
-    _check_destination(src, dst, overwrite)
+    check_destination(src, dst, overwrite)
     stored = read_stored(src, allow_pickle=allow_pickle)
     tensors = {n: cast(t, dtype) for n, t in stored.tensors.items()}
     extras = {n: cast(t, dtype) for n, t in stored.extra_tensors.items()}
     reduced = any(t.dtype in ("F16", "BF16") for t in [*tensors.values(), *stored.tensors.values()])
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = dst.parent / f".{dst.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    staging.mkdir()
+    staging = staging_folder(dst)
     try:
         write_stored(staging, to, stored.config, tensors, extras, preprocess_cfg=preprocess_cfg_from_hf(src))
         copy_side_files(src, staging)
@@ -54,13 +52,15 @@ def convert(src: str | Path, dst: str | Path, *, to: str, verify: Verifier | Non
                 verify(src, staging, to, reduced)
             except ConvertError as err:
                 raise ConvertError(f"{src} -> {dst}: {err}; {dst} left untouched") from None
-        _move_into_place(staging, dst)
+        move_into_place(staging, dst)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return dst
 
 
-def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    """ConvertError unless `dst` may receive a result made from `src`: absent, empty, or
+    (with `overwrite`) a non-empty folder that is not `src` itself."""
     if dst.exists() and not dst.is_dir():
         raise ConvertError(f"{dst}: destination exists and is not a folder")
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
@@ -70,7 +70,16 @@ def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
                            "to replace it")
 
 
-def _move_into_place(staging: Path, dst: Path) -> None:
+def staging_folder(dst: Path) -> Path:
+    """A new hidden sibling of `dst` to write into; renamed over `dst` only once verified."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = dst.parent / f".{dst.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    return staging
+
+
+def move_into_place(staging: Path, dst: Path) -> None:
+    """Rename `staging` to `dst`, replacing an existing `dst` only once the new one is there."""
     if not dst.exists():
         staging.rename(dst)
         return

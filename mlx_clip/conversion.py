@@ -34,14 +34,15 @@ def convert(src: str | Path, dst: str | Path, *, to: str, dtype: str | None = No
                              overwrite=overwrite)
 
 
-def verify_batch(config: CLIPConfig, batch: int = VERIFY_BATCH,
-                 seed: int = VERIFY_SEED) -> tuple[np.ndarray, np.ndarray]:
+def verify_batch(config: CLIPConfig, batch: int = VERIFY_BATCH, seed: int = VERIFY_SEED,
+                 length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Seeded (pixels (B,H,W,3) float32, token ids (B,L) int64) with one EOT per row where the
-    config's pooling will find it (first `eos_token_id`, or the row's maximum for legacy id 2)."""
+    config's pooling will find it (first `eos_token_id`, or the row's maximum for legacy id 2).
+    L is `length` (at least 2), by default the full context."""
     rng = np.random.default_rng(seed)
     v, t = config.vision_config, config.text_config
     pixels = rng.standard_normal((batch, v.image_size, v.image_size, v.num_channels)).astype(np.float32)
-    length, vocab, eos = t.max_position_embeddings, t.vocab_size, t.eos_token_id
+    length, vocab, eos = length or t.max_position_embeddings, t.vocab_size, t.eos_token_id
     legacy = eos == 2
     top = vocab - 1 if legacy else vocab
     ids = rng.integers(0, top, size=(batch, length)).astype(np.int64)

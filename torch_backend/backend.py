@@ -81,6 +81,15 @@ class TorchBackend:
         tensors = {k: v.detach().float().cpu().numpy() for k, v in merged(self.model).state_dict().items()}
         return write_model_folder(Path(folder), self.config, tensors, to=to or "hf")
 
+    def export_onnx(self, folder: Path, pixels: np.ndarray, token_ids: np.ndarray, *, opset: int,
+                    image_file: str, text_file: str) -> dict:
+        """The two towers as ONNX graphs in `folder` (see `torch_backend/export.py`), traced on
+        the example batch; returns the exporter's name and the logit scale."""
+        from torch_backend.export import export_towers
+
+        return export_towers(self.model, Path(folder), pixels, token_ids, opset=opset, image_file=image_file,
+                             text_file=text_file)
+
     def memory(self) -> dict[str, int]:
         if self.device.type == "cuda":
             return {"peak_bytes": int(torch.cuda.max_memory_allocated(self.device)),
