@@ -115,9 +115,16 @@ def env(as_json, no_measure):
 @click.option("--out", default="benchmarks/results", show_default=True, type=click.Path(file_okay=False),
               help="Folder for results.json, results.md and results.png.")
 @click.option("--steps", type=int, default=None, help="Timed train steps per row (after warm-up).")
+@click.option("--serving", is_flag=True,
+              help="Instead: load-test `mlxclip serve` (concurrent clients, micro-batched vs not).")
 @domain_errors
-def bench(size, out, steps):
+def bench(size, out, steps, serving):
     """Both engines side by side: train images/s, MFU, inference, data pipeline, memory, peers."""
+    if serving:
+        from benchmarks.serving import run as run_serving
+
+        run_serving(size, out, echo=click.echo)
+        return
     from benchmarks.suite import run
 
     run(size, out, steps=steps, echo=click.echo)

@@ -81,3 +81,19 @@ def test_env_reports_the_machine_as_numpy_detects_it():
     assert data["versions"]["mlxclip"] and data["mlx_blas"]["name"]
     text = CliRunner().invoke(main, ["env", "--no-measure"]).output
     assert "MLX BLAS" in text and "engine    mlx" in text and "engine    torch" in text
+
+
+@pytest.mark.slow
+def test_serving_load_benchmark_tiny(tmp_path):
+    result = CliRunner().invoke(main, ["bench", "--serving", "--size", "tiny", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "serving.json").read_text())
+    seen = {(row["engine"], row["mode"], row["clients"]) for row in data["rows"]}
+    assert seen == {(e, m, c) for e in ("mlx", "torch") for m in ("batched", "unbatched") for c in data["levels"]}
+    for row in data["rows"]:
+        assert row["failed"] == 0 and 0 < row["answered"] <= 64, row
+        assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"], row
+        # Each client waits for its answer before sending again, so the rate is bounded by latency.
+        assert row["requests_per_s"] <= row["clients"] / (row["p50_ms"] / 1000) * 2, row
+    assert set(data["ratios"]) == {"mlx", "torch"}
+    assert "| mlx | batched | 16 |" in (tmp_path / "serving.md").read_text()

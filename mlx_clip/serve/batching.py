@@ -2,7 +2,8 @@
 
 Each request's rows are queued as jobs of at most `max_batch_size` rows. A worker takes the first
 waiting job, keeps taking jobs until the batch is full or `max_wait_ms` has passed since it began
-waiting, runs the engine once on the stacked rows (in the one engine thread, off the event loop)
+waiting (it waits only while `expecting()` says more rows are on their way, e.g. images still being
+decoded, so a lone request is not delayed for nothing), runs the engine once on the stacked rows (in the one engine thread, off the event loop)
 and hands each job its own slice. A job never straddles two batches, so a request's answer is in
 its own order. `max_batch_size=1` is the unbatched server the benchmark compares against.
 """
@@ -30,12 +31,14 @@ class MicroBatcher:
     """Groups rows for `run((N, ...) array) -> (N, D) array`, executed on `executor`."""
 
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], executor: Executor, *, max_batch_size: int,
-                 max_wait_ms: float, observe: Callable[[int, list[float], int], None] | None = None):
+                 max_wait_ms: float, observe: Callable[[int, list[float], int], None] | None = None,
+                 expecting: Callable[[], bool] = lambda: True):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.run, self.executor = run, executor
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
         self.observe = observe  # (batch size, queue seconds per job, rows still waiting)
+        self.expecting = expecting
         self._jobs: deque[_Job] = deque()
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task | None = None
@@ -79,7 +82,7 @@ class MicroBatcher:
                 size += len(job.rows)
                 continue
             remaining = deadline - time.perf_counter()
-            if remaining <= 0:
+            if remaining <= 0 or not self.expecting():
                 break
             self._arrived.clear()
             try:

@@ -51,10 +51,13 @@ class ModelService:
         self.engine_thread = ThreadPoolExecutor(1, thread_name_prefix="mlxclip-engine")
         self.decode_pool = ThreadPoolExecutor(max(2, (os.cpu_count() or 2)), thread_name_prefix="mlxclip-decode")
         batching = dict(max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms)
+        self.decoding = 0  # image requests between arrival and their rows reaching the batcher
         self.images = MicroBatcher(self._encode_images, self.engine_thread, observe=metrics.observer("image"),
-                                   **batching)
+                                   expecting=lambda: self.decoding > 0, **batching)
+        # Texts are tokenized on the event loop, so none is ever half-way: a text batch is what has
+        # queued while the engine was busy.
         self.texts = MicroBatcher(self._encode_texts, self.engine_thread, observe=metrics.observer("text"),
-                                  **batching)
+                                  expecting=lambda: False, **batching)
         self._classifiers: OrderedDict[tuple, np.ndarray] = OrderedDict()
 
     # --- life cycle -------------------------------------------------------------------------
@@ -122,8 +125,12 @@ class ModelService:
             return image_pixels(data, name, image_size=clip.image_size, mean=clip.mean, std=clip.std,
                                 max_pixels=limits.max_image_pixels)
 
-        pixels = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, decode, name, data)
-                                        for name, data in blobs))
+        self.decoding += 1
+        try:
+            pixels = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, decode, name, data)
+                                            for name, data in blobs))
+        finally:
+            self.decoding -= 1
         return await self.images.submit(np.stack(pixels))
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, int]:
