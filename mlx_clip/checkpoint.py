@@ -20,15 +20,27 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from mlx_clip.errors import CheckpointError
+from mlx_clip.errors import CheckpointError, ConfigError
 
 TRAINER_FILE = "trainer.json"
+# What every engine's save_state writes beside it (weights, optimizer and scaler state).
+ENGINE_STATE_FILE = "engine_state.safetensors"
 
 
 def _fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable: until the directory itself is synced, a power cut
+    can bring back the old entry even though the renamed files' data is on disk."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -38,6 +50,7 @@ def _write_atomic(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 class RunFolder:
@@ -46,6 +59,21 @@ class RunFolder:
         self.checkpoints = self.root / "checkpoints"
         self.metrics_path = self.root / "metrics.jsonl"
         self.final = self.root / "final"
+
+    # What a run leaves in its folder; another run may not mix into them.
+    RUN_FILES = ("metrics.jsonl", "checkpoints", "final", "bad_images.txt", "config.json", "tensorboard")
+
+    def claim(self, *, overwrite: bool) -> None:
+        """Refuse a folder that holds another run, or clear it with `overwrite`."""
+        present = [name for name in self.RUN_FILES if (self.root / name).exists()]
+        if not present:
+            return
+        if not overwrite:
+            raise ConfigError(f"--out {self.root} already holds a run ({', '.join(present)}); continue it with "
+                              f"--resume latest, replace it with --overwrite, or choose another --out")
+        for name in present:
+            path = self.root / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def prepare(self) -> None:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -65,6 +93,7 @@ class RunFolder:
         if final.exists():  # re-saving a step after a resume: the old copy is equivalent
             shutil.rmtree(final)
         os.rename(tmp, final)
+        fsync_dir(self.checkpoints)
         _write_atomic(self.checkpoints / "latest", name + "\n")
         self._prune(keep, protect=final)
         return final

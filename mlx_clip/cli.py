@@ -221,13 +221,14 @@ def train_config_options(fn):
 
     from mlx_clip.train_config import TrainConfig
 
+    types = TrainConfig.field_types()
     for f in reversed(dataclasses.fields(TrainConfig)):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} [default: {f.default}]"
-        if f.type in ("bool", bool):
+        kind, _ = types[f.name]
+        if kind is bool:
             fn = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None, help=help_text)(fn)
         else:
-            kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
             fn = click.option(flag, f.name, type=kind, default=None, help=help_text)(fn)
     return fn
 

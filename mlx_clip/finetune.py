@@ -22,8 +22,9 @@ from mlx_clip.trainer import Trainer, TrainResult
 def demo_preset() -> dict[str, Any]:
     """The built-in default: the 'small' random model on the rendered shapes domain. Values sit
     between the defaults and the user's file/flags, so any of them can still be overridden."""
+    # The demo's folder is the toolkit's own scratch: running the demo again replaces it.
     return {"model": "small", "lr": 2e-3, "steps": 1000, "batch_size": 48, "warmup_steps": 40,
-            "weight_decay": 0.05, "out": "runs/demo", "log_every": 20, "save_every": 250}
+            "weight_decay": 0.05, "out": "runs/demo", "log_every": 20, "save_every": 250, "overwrite": True}
 
 
 @dataclass
@@ -103,17 +104,20 @@ class FinetuneResult:
 def finetune(cfg: TrainConfig, *, echo=print, progress: bool = True, evaluate: bool | None = None,
              stop_after: int | None = None) -> FinetuneResult:
     echo("mlxclip finetune, resolved config:\n" + cfg.describe())
+    data = prepare_data(cfg)  # every input problem surfaces here, before any model is resolved or built
+    run = RunFolder(cfg.out)
+    if not cfg.resume:
+        run.claim(overwrite=cfg.overwrite)
     folder = resolve(cfg.model)
-    data = prepare_data(cfg)  # every input problem surfaces here, before any model is built
     tokenizer = load_tokenizer(folder)
     engine = build_engine(cfg, folder)
     mean, std = preprocessor_stats(folder)
     loader = BatchLoader(data.train, batch_size=cfg.batch_size, image_size=engine.config.vision_config.image_size,
                          tokenize=lambda texts: trim_padding(tokenizer.encode(texts)), seed=cfg.seed, augment=cfg.augment,
                          num_workers=cfg.num_workers, max_bad_fraction=cfg.max_bad_fraction,
-                         crop_scale=(cfg.crop_scale_min, 1.0), mean=mean, std=std)
+                         crop_scale=(cfg.crop_scale_min, 1.0), mean=mean, std=std,
+                         multi_positive=cfg.multi_positive)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * len(loader)))
-    run = RunFolder(cfg.out)
     run.prepare()
     cfg.save(run.root / "config.json")
     evaluate = cfg.evaluate if evaluate is None else evaluate

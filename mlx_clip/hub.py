@@ -26,6 +26,15 @@ class _Never(Exception):
     """Stands in for an exception type the installed huggingface_hub does not define."""
 
 
+def looks_local(text: str) -> bool:
+    """A name meant as a path, never to be asked of the hub: absolute, relative to `.`/`~`, or
+    `dir/name` where `dir` exists here (`runs/mine` mistyped is a missing folder, not a hub id)."""
+    if text.startswith((".", "/", "~")) or "\\" in text:
+        return True
+    parent = Path(text).expanduser().parent
+    return parent != Path(".") and parent.is_dir()
+
+
 def resolve_model(name: str | Path, *, allow_pickle: bool = False, revision: str | None = None,
                   cache_dir: str | Path | None = None) -> Path:
     """Return a local folder holding the model `name` names."""
@@ -35,6 +44,8 @@ def resolve_model(name: str | Path, *, allow_pickle: bool = False, revision: str
             raise CheckpointError(f"{path}: expected a model folder (config.json + weights), got a file")
         return path
     text = str(name)
+    if looks_local(text):
+        raise CheckpointError(f"{text}: no such folder")
     if not _HUB_ID.match(text):
         raise CheckpointError(f"{text}: no such folder, and not a hub id of the form org/name")
     try:

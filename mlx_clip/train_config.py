@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,11 +91,45 @@ class TrainConfig:
     @classmethod
     def resolve(cls, file: str | Path | None = None, flags: dict[str, Any] | None = None,
                 preset: dict[str, Any] | None = None) -> "TrainConfig":
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace a run already in --out (its metrics, checkpoints and final/); without it such a folder "
+                "is refused unless --resume."})
         """flag > file > preset > default. `flags` holds only options the user actually gave."""
         values: dict[str, Any] = {}
         for source, layer in (("preset", preset or {}), (str(file), read_config_file(file) if file else {}),
                               ("flags", flags or {})):
             unknown = sorted(set(layer) - set(cls.field_names()))
+    @classmethod
+    def field_types(cls) -> dict[str, tuple[type, bool]]:
+        """name -> (value type, whether None is allowed), from the real annotations (the module
+        uses postponed annotations, so `Field.type` is only a string)."""
+        out = {}
+        for name, hint in typing.get_type_hints(cls).items():
+            args = typing.get_args(hint)
+            optional = type(None) in args
+            out[name] = (next(a for a in args if a is not type(None)) if optional else hint, optional)
+        return out
+
+    @classmethod
+    def check_types(cls, values: dict[str, Any], source: str) -> None:
+        """Refuse a value of the wrong type from a file or preset before it can be misused:
+        `steps = true`, `val_fraction = "0.1"`, `lora_targets = ["q_proj"]`."""
+        types = cls.field_types()
+        for name, value in values.items():
+            kind, optional = types[name]
+            if value is None and optional:
+                continue
+            if kind is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif kind is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, kind)
+            if not ok:
+                expected = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}[kind]
+                raise ConfigError(f"{source}: {name} must be {expected}{' or null' if optional else ''}, "
+                                  f"got {value!r} ({type(value).__name__})")
+
             if unknown:
                 raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; "
                                   f"valid options: {', '.join(cls.field_names())}")
@@ -106,6 +141,7 @@ class TrainConfig:
     def validate(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:
             if not ok:
+            cls.check_types(layer, source)
                 raise ConfigError(f"{name} {rule}, got {getattr(self, name)!r}")
 
         for name in ("batch_size", "log_every", "max_nan_steps", "lora_rank", "keep_checkpoints"):

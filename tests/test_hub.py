@@ -170,8 +170,29 @@ def test_missing_hub_id_offline_is_one_line(offline, tmp_path):
 
 
 def test_not_a_folder_nor_a_hub_id(offline, tmp_path):
-    with pytest.raises(CheckpointError, match=r"no such folder, and not a hub id of the form org/name$"):
+    with pytest.raises(CheckpointError, match=r"absent: no such folder$"):
         resolve_model(str(tmp_path / "absent"))
+    with pytest.raises(CheckpointError, match=r"no such folder, and not a hub id of the form org/name$"):
+        resolve_model("a/b/c")
     (tmp_path / "weights.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"weights\.safetensors: expected a model folder"):
         resolve_model(tmp_path / "weights.safetensors")
+
+
+@pytest.mark.parametrize("name", ["runs/mine", "./mine", "../x/y", "~/nowhere-at-all/m"])
+def test_a_mistyped_local_path_is_never_asked_of_the_hub(offline, tmp_path, monkeypatch, name):
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda *a, **k: pytest.fail(f"{name} was looked up on the hub"))
+    with pytest.raises(CheckpointError) as info:
+        resolve_model(name)
+    assert str(info.value) == f"{name}: no such folder"
+
+
+def test_a_name_whose_first_part_is_not_a_folder_is_a_hub_id(offline, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache"):
+        resolve_model("openai/clip-vit-base-patch32")

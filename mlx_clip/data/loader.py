@@ -42,11 +42,15 @@ class Batch:
     labels: np.ndarray | None  # (B,) int64 for class-folder data, else None
     image_ids: np.ndarray  # (B,) int64: captions of one image share an id
     indices: np.ndarray  # (B,) int64 positions in the sample list
+    multi_positive: bool = True
 
     @property
     def positive_ids(self) -> np.ndarray:
         """(B,) ids whose equality marks positive pairs for the loss: the class for class-folder
-        data (FLYP-style), else the image (several captions of one image are all positives)."""
+        data (FLYP-style), else the image (several captions of one image are all positives).
+        Without `multi_positive`, only each pair itself (CLIP's one-hot targets)."""
+        if not self.multi_positive:
+            return np.arange(len(self.indices), dtype=np.int64)
         return self.labels if self.labels is not None else self.image_ids
 
 
@@ -81,6 +85,7 @@ class BatchLoader:
         mean: Sequence[float] = OPENAI_MEAN,
         std: Sequence[float] = OPENAI_STD,
         decoded_cache_bytes: int = 256 << 20,
+        multi_positive: bool = True,
     ) -> None:
         if len(samples) == 0:
             raise DataError("the dataset has no samples")
@@ -98,6 +103,7 @@ class BatchLoader:
             )
         self.samples = list(samples)
         self.batch_size = batch_size
+        self.multi_positive = multi_positive
         self.image_size = image_size
         self.tokenize = tokenize
         self.seed = seed
@@ -345,6 +351,7 @@ class BatchLoader:
             labels=labels,
             image_ids=np.array([s.image_id for s in chosen], dtype=np.int64),
             indices=indices,
+            multi_positive=self.multi_positive,
         )
 
     def _record_bad(self, index: int, reason: str) -> None:
