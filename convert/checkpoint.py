@@ -131,7 +131,8 @@ def _check(tensors: dict[str, Tensor], expected: dict[str, Shape], label: str,
     found = {n: t for n, t in tensors.items() if not is_buffer(n)}
     _check_names(found, expected, set(EXTRA_TENSORS), label, config_path)
     model = {n: found[n] for n in expected}
-    extras = {n: found[n] for n in EXTRA_TENSORS if n in found}
+    # SigLIP's own logit_bias is a model tensor, not an extra.
+    extras = {n: found[n] for n in EXTRA_TENSORS if n in found and n not in expected}
     for name, tensor in extras.items():
         if tensor.array.size != 1:
             raise CheckpointError(f"{label}: tensor {name} has shape {tensor.shape}, expected a single value")

@@ -1,7 +1,8 @@
-"""The tensors a CLIP config implies: Hugging Face names, torch layout.
+"""The tensors a CLIP or SigLIP config implies: Hugging Face names, torch layout.
 
-This is `transformers.CLIPModel(config).state_dict()` without buffers, written out so that a
-checkpoint can be checked before any framework is imported; a test holds it to transformers.
+This is `transformers.CLIPModel(config).state_dict()` (or `SiglipModel`'s) without buffers,
+written out so that a checkpoint can be checked before any framework is imported; a test holds it
+to transformers.
 """
 
 from __future__ import annotations
@@ -64,8 +65,43 @@ def vision_shapes(v: CLIPVisionConfig) -> dict[str, Shape]:
     }
 
 
+def siglip_shapes(config: CLIPConfig) -> dict[str, Shape]:
+    """`transformers.SiglipModel`: no class token or pre-norm, a biased patch conv, the vision
+    attention-pooling head (torch `nn.MultiheadAttention`, fused in_proj), the text head."""
+    t, v = config.text_config, config.vision_config
+    d, inner = v.hidden_size, v.intermediate_size
+    return {
+        "text_model.embeddings.token_embedding.weight": (t.vocab_size, t.hidden_size),
+        "text_model.embeddings.position_embedding.weight": (t.max_position_embeddings, t.hidden_size),
+        **_encoder("text_model", t.hidden_size, t.intermediate_size, t.num_hidden_layers),
+        **_norm("text_model.final_layer_norm", t.hidden_size),
+        "text_model.head.weight": (t.projection_size, t.hidden_size),
+        "text_model.head.bias": (t.projection_size,),
+        "vision_model.embeddings.patch_embedding.weight": (d, v.num_channels, v.patch_size, v.patch_size),
+        "vision_model.embeddings.patch_embedding.bias": (d,),
+        "vision_model.embeddings.position_embedding.weight": (v.num_positions, d),
+        **_encoder("vision_model", d, inner, v.num_hidden_layers),
+        **_norm("vision_model.post_layernorm", d),
+        "vision_model.head.probe": (1, 1, d),
+        "vision_model.head.attention.in_proj_weight": (3 * d, d),
+        "vision_model.head.attention.in_proj_bias": (3 * d,),
+        "vision_model.head.attention.out_proj.weight": (d, d),
+        "vision_model.head.attention.out_proj.bias": (d,),
+        **_norm("vision_model.head.layernorm", d),
+        "vision_model.head.mlp.fc1.weight": (inner, d),
+        "vision_model.head.mlp.fc1.bias": (inner,),
+        "vision_model.head.mlp.fc2.weight": (d, inner),
+        "vision_model.head.mlp.fc2.bias": (d,),
+        "logit_scale": (1,),
+        "logit_bias": (1,),
+    }
+
+
 def expected_shapes(config: CLIPConfig) -> dict[str, Shape]:
-    """name -> shape of every parameter of `transformers.CLIPModel(config)` (torch layout)."""
+    """name -> shape of every parameter of `transformers.CLIPModel(config)` (torch layout), or of
+    `transformers.SiglipModel(config)` for a SigLIP config."""
+    if config.is_siglip:
+        return siglip_shapes(config)
     return {
         **text_shapes(config.text_config),
         **vision_shapes(config.vision_config),

@@ -19,7 +19,7 @@ from convert.open_clip_config import layout_of, open_clip_config_for
 from convert.safetensors_io import FLOAT_TAGS, Tensor, write_safetensors
 from mlx_clip.config import CLIPConfig
 from mlx_clip.errors import ConvertError
-from mlx_clip.image_processing import OPENAI_MEAN, OPENAI_STD
+from mlx_clip.image_processing import OPENAI_MEAN, OPENAI_STD, SIGLIP_MEAN, SIGLIP_STD
 from mlx_clip.version import __version__
 
 # Files that travel with the weights (tokenizer and image preprocessing), copied as they are.
@@ -38,6 +38,10 @@ def write_stored(folder: str | Path, to: str, config: CLIPConfig, tensors: dict[
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     extra_tensors = extra_tensors or {}
+    if to == "open_clip" and config.is_siglip:
+        raise ConvertError("SigLIP cannot be written as open_clip: open_clip's SigLIP models put a timm "
+                           "image trunk beside its own text tower, a layout this converter does not map; "
+                           "use --to hf or --to mlx")
     if to == "open_clip":
         _write_open_clip(folder, config, tensors, extra_tensors, preprocess_cfg)
     elif to in ("mlx", "hf"):
@@ -59,23 +63,41 @@ def write_checkpoint(folder: str | Path, config: CLIPConfig, tensors: dict[str, 
     return write_stored(folder, to, config, stored)
 
 
-def write_model_folder(folder: Path, config: CLIPConfig, tensors: dict[str, np.ndarray], *, to: str = "hf") -> Path:
+def write_model_folder(folder: Path, config: CLIPConfig, tensors: dict[str, np.ndarray], *, to: str = "hf",
+                       source: Path | None = None) -> Path:
     """A complete model folder: config.json and weights (`to` format), tokenizer files and
     preprocessor config, so that both engines (and transformers, for "hf") load it as it is."""
     write_checkpoint(folder, config, tensors, to=to)
-    write_side_files(folder, config)
+    write_side_files(folder, config, source)
     return folder
 
 
-def write_side_files(folder: Path, config: CLIPConfig) -> None:
-    """OpenAI's tokenizer files and a preprocessor config for the model's image size."""
+def write_side_files(folder: Path, config: CLIPConfig, source: Path | None = None) -> None:
+    """CLIP: OpenAI's tokenizer files and a preprocessor config for the model's image size.
+    SigLIP: the tokenizer and preprocessor files of `source` (the folder the model came from: a
+    SigLIP tokenizer cannot be made up), and SigLIP's preprocessor config where it has none."""
+    if config.is_siglip:
+        copied = copy_side_files(source, folder) if source is not None and Path(source).is_dir() else []
+        if "preprocessor_config.json" not in copied:
+            write_preprocessor_config(folder, config.vision_config.image_size, siglip=True)
+        return
     from mlx_clip.tokenizer import load_tokenizer
 
     load_tokenizer().save_pretrained(folder)
     write_preprocessor_config(folder, config.vision_config.image_size)
 
 
-def write_preprocessor_config(folder: Path, image_size: int) -> None:
+def write_preprocessor_config(folder: Path, image_size: int, *, siglip: bool = False) -> None:
+    if siglip:
+        # SiglipImageProcessor: a square bicubic resize, no crop, mean = std = 0.5.
+        processor = {
+            "image_processor_type": "SiglipImageProcessor", "do_resize": True,
+            "size": {"height": image_size, "width": image_size}, "resample": 3, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(SIGLIP_MEAN),
+            "image_std": list(SIGLIP_STD), "do_convert_rgb": True,
+        }
+        (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+        return
     processor = {
         "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
         "resample": 3, "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
@@ -113,6 +135,9 @@ def _write_open_clip(folder: Path, config: CLIPConfig, tensors: dict[str, Tensor
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        return [name for name in SIDE_FILES if (src / name).is_file()]
     copied = []
     for name in SIDE_FILES:
         if (src / name).is_file():

@@ -12,8 +12,8 @@ from mlx_clip.builtin import builtin_configs, materialize
 from mlx_clip.config import read_json
 from mlx_clip.errors import ConfigError
 from mlx_clip.hub import resolve_model
-from mlx_clip.image_processing import OPENAI_MEAN, OPENAI_STD, open_image, preprocess
-from mlx_clip.tokenizer import load_tokenizer, trim_padding
+from mlx_clip.image_processing import OPENAI_MEAN, OPENAI_STD, SIGLIP_MEAN, SIGLIP_STD, open_image, preprocess
+from mlx_clip.tokenizer import load_tokenizer
 
 
 # How many images / texts reach the engine at once when embedding or evaluating; the default of
@@ -30,14 +30,28 @@ def resolve(model: str | Path, *, allow_pickle: bool = False) -> Path:
 
 
 def preprocessor_stats(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The mean/std a model folder was trained with (preprocessor_config.json), else OpenAI's."""
+    """The mean/std a model folder was trained with (preprocessor_config.json), else its family's."""
+    mean, std, _ = preprocessor_settings(folder)
+    return mean, std
+
+
+def preprocessor_settings(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...], bool]:
+    """(mean, std, crop) from the folder's preprocessor_config.json: crop is CLIP's center crop
+    (`do_center_crop`, or a `shortest_edge` size), False for SigLIP's square resize. Without the
+    file, the family's defaults: OpenAI's stats with a crop, or SigLIP's 0.5 / 0.5 without."""
+    from mlx_clip.siglip_tokenizer import is_siglip_folder
+
+    siglip = is_siglip_folder(folder)
+    default_mean, default_std = (SIGLIP_MEAN, SIGLIP_STD) if siglip else (OPENAI_MEAN, OPENAI_STD)
     path = folder / "preprocessor_config.json"
     if not path.is_file():
-        return OPENAI_MEAN, OPENAI_STD
+        return default_mean, default_std, not siglip
     data = read_json(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: not a valid preprocessor config (expected a JSON object)")
-    return tuple(data.get("image_mean", OPENAI_MEAN)), tuple(data.get("image_std", OPENAI_STD))
+    size = data.get("size")
+    crop = data.get("do_center_crop", isinstance(size, dict) and "shortest_edge" in size)
+    return tuple(data.get("image_mean", default_mean)), tuple(data.get("image_std", default_std)), bool(crop)
 
 
 class CLIP:
@@ -49,10 +63,10 @@ class CLIP:
         self.config = engine.config
         self.image_size = engine.config.vision_config.image_size
         self.tokenizer = load_tokenizer(folder)
-        self.mean, self.std = preprocessor_stats(folder)
+        self.mean, self.std, self.crop = preprocessor_settings(folder)
 
     def preprocess(self, images: Sequence) -> np.ndarray:
-        return np.stack([preprocess(open_image(im), self.image_size, mean=self.mean, std=self.std)
+        return np.stack([preprocess(open_image(im), self.image_size, mean=self.mean, std=self.std, crop=self.crop)
                          for im in images])
 
     def encode_images(self, images: Sequence | np.ndarray, batch_size: int = IMAGE_BATCH) -> np.ndarray:
@@ -68,7 +82,7 @@ class CLIP:
         parts = []
         for start in range(0, len(texts), batch_size):
             chunk = texts[start:start + batch_size]
-            ids = chunk if isinstance(chunk, np.ndarray) else trim_padding(self.tokenizer.encode(list(chunk)))
+            ids = chunk if isinstance(chunk, np.ndarray) else self.tokenizer.trim(self.tokenizer.encode(list(chunk)))
             parts.append(self.engine.encode_texts(ids))
         return np.concatenate(parts) if parts else np.zeros((0, self.config.projection_dim), np.float32)
 

@@ -1,9 +1,16 @@
-"""CLIP architecture configs with Hugging Face field names.
+"""CLIP and SigLIP architecture configs with Hugging Face field names.
 
 `CLIPConfig.from_dict` reads a real `config.json` (as `transformers.CLIPConfig.save_pretrained`
 writes it), tolerates keys it does not know and keeps them, so `to_dict` gives them back and a
 config survives a round trip through mlxclip unchanged. Every architectural choice the model
 makes comes from here; `model.py` holds no literal the config could supply.
+
+Two families share one top-level `CLIPConfig` (the type every engine and command takes), told apart
+by `model_type`: "clip" (`transformers.CLIPModel`: class token, causal text tower, projections)
+and "siglip" (`transformers.SiglipModel`, which also loads the fixed-resolution SigLIP 2
+checkpoints: no class token, attention-pooling image head, bidirectional text tower pooled at the
+last position through a head, a learnable logit bias). Each family has its own tower dataclasses,
+with transformers' fields and defaults.
 """
 
 from __future__ import annotations
@@ -103,22 +110,8 @@ class CLIPTextConfig(_TowerConfig):
                         max_position_embeddings=self.max_position_embeddings)
 
 
-@dataclass
-class CLIPVisionConfig(_TowerConfig):
-    MODEL_TYPE = "clip_vision_model"
-    SECTION = "vision_config"
-
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    projection_dim: int = 512
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    num_channels: int = 3
-    image_size: int = 224
-    patch_size: int = 32
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    extras: dict[str, Any] = field(default_factory=dict, repr=False)
+class _VisionChecks:
+    """Square image and patch sizes, the image a whole number of patches."""
 
     @classmethod
     def _normalize(cls, known: dict[str, Any]) -> dict[str, Any]:
@@ -140,37 +133,156 @@ class CLIPVisionConfig(_TowerConfig):
                               f"({self.patch_size}), got {self.image_size}")
 
     @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class CLIPVisionConfig(_VisionChecks, _TowerConfig):
+    MODEL_TYPE = "clip_vision_model"
+    SECTION = "vision_config"
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
     def num_positions(self) -> int:
-        return (self.image_size // self.patch_size) ** 2 + 1
+        return self.grid ** 2 + 1  # the class token, then the patches
+
+
+@dataclass
+class SiglipTextConfig(_TowerConfig):
+    """`transformers.SiglipTextConfig`: no projection; `head` maps the last position's state to
+    `projection_size` (the hidden size when unset)."""
+
+    MODEL_TYPE = "siglip_text_model"
+    SECTION = "text_config"
+
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 64
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 49406
+    eos_token_id: int | None = 49407
+    projection_size: int | None = None
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.projection_size is None:
+            self.projection_size = self.hidden_size
+
+    def validate(self) -> None:
+        super().validate()
+        _check_positive(self.SECTION, vocab_size=self.vocab_size, projection_size=self.projection_size,
+                        max_position_embeddings=self.max_position_embeddings)
+
+
+@dataclass
+class SiglipVisionConfig(_VisionChecks, _TowerConfig):
+    """`transformers.SiglipVisionConfig`: patches without a class token, pooled by the
+    multihead-attention head (`vision_use_head`)."""
+
+    MODEL_TYPE = "siglip_vision_model"
+    SECTION = "vision_config"
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+    vision_use_head: bool = True
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.vision_use_head is not True:
+            raise ConfigError("vision_config.vision_use_head must be true: without the attention-pooling head "
+                              f"SiglipModel has no image embedding, got {self.vision_use_head!r}")
+
+    @property
+    def num_positions(self) -> int:
+        return self.grid ** 2  # patches only
+
+
+MODEL_TYPES = ("clip", "siglip")
+# Which tower classes each family reads, and the architecture transformers names in config.json.
+_TOWERS = {"clip": (CLIPTextConfig, CLIPVisionConfig, "CLIPModel"),
+           "siglip": (SiglipTextConfig, SiglipVisionConfig, "SiglipModel")}
+# Top-level fields that only CLIP's config.json carries.
+_CLIP_ONLY = ("projection_dim", "logit_scale_init_value")
 
 
 @dataclass
 class CLIPConfig:
-    text_config: CLIPTextConfig = field(default_factory=CLIPTextConfig)
-    vision_config: CLIPVisionConfig = field(default_factory=CLIPVisionConfig)
+    """A whole model of either family (`model_type` "clip" or "siglip"). For SigLIP,
+    `projection_dim` is the embedding width the towers' heads produce (derived, not written)."""
+
+    text_config: CLIPTextConfig | SiglipTextConfig = field(default_factory=CLIPTextConfig)
+    vision_config: CLIPVisionConfig | SiglipVisionConfig = field(default_factory=CLIPVisionConfig)
     projection_dim: int = 512
     logit_scale_init_value: float = 2.6592
+    model_type: str = "clip"
     extras: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.model_type == "siglip":
+            self.projection_dim = self.vision_config.hidden_size
+
+    @property
+    def is_siglip(self) -> bool:
+        return self.model_type == "siglip"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "CLIPConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         model_type = data.get("model_type")
-        if model_type is not None and model_type != "clip":
-            raise ConfigError(f"{source} is not a CLIP config (model_type={model_type!r}, expected 'clip')")
+        if model_type == "siglip2":
+            raise ConfigError(f"{source}: SigLIP 2 NaFlex models (model_type 'siglip2', Siglip2Model: variable "
+                              "resolution and aspect ratio) are not supported; the fixed-resolution SigLIP 2 "
+                              "checkpoints (model_type 'siglip') are")
+        if model_type is not None and model_type not in MODEL_TYPES:
+            raise ConfigError(f"{source} is not a CLIP or SigLIP config (model_type={model_type!r}, "
+                              f"expected one of {', '.join(map(repr, MODEL_TYPES))})")
         if model_type is None and not ("text_config" in data and "vision_config" in data):
             raise ConfigError(f"{source} is not a CLIP config (no model_type, text_config or vision_config)")
+        family = model_type or "clip"
+        text_cls, vision_cls, _ = _TOWERS[family]
         known, extras = _split_known(cls, data)
+        known.pop("model_type", None)
+        if family == "siglip":
+            extras.update({k: known.pop(k) for k in _CLIP_ONLY if k in known})
         try:
-            text = CLIPTextConfig.from_dict(known.pop("text_config", None) or {})
-            vision = CLIPVisionConfig.from_dict(known.pop("vision_config", None) or {})
-            cfg = cls(text_config=text, vision_config=vision, **known, extras=extras)
+            text = text_cls.from_dict(known.pop("text_config", None) or {})
+            vision = vision_cls.from_dict(known.pop("vision_config", None) or {})
+            cfg = cls(text_config=text, vision_config=vision, **known, model_type=family, extras=extras)
         except TypeError as err:
             raise ConfigError(f"{source}: {err}") from None
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
         _check_positive("config", projection_dim=cfg.projection_dim)
+        if family == "siglip" and text.projection_size != vision.hidden_size:
+            raise ConfigError(f"{source}: text_config.projection_size ({text.projection_size}) must equal "
+                              f"vision_config.hidden_size ({vision.hidden_size}): SigLIP compares the two "
+                              "towers' pooled states directly")
         return cfg
 
     @classmethod
@@ -178,15 +290,16 @@ class CLIPConfig:
         return cls.from_dict(read_json(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
+        architecture = _TOWERS[self.model_type][2]
         out = dict(self.extras)
         out.update({
-            "architectures": self.extras.get("architectures", ["CLIPModel"]),
-            "model_type": "clip",
-            "projection_dim": self.projection_dim,
-            "logit_scale_init_value": self.logit_scale_init_value,
+            "architectures": self.extras.get("architectures", [architecture]),
+            "model_type": self.model_type,
             "text_config": self.text_config.to_dict(),
             "vision_config": self.vision_config.to_dict(),
         })
+        if not self.is_siglip:
+            out.update(projection_dim=self.projection_dim, logit_scale_init_value=self.logit_scale_init_value)
         return out
 
     def save(self, folder: str | Path) -> Path:
@@ -216,3 +329,17 @@ def tiny_config(**overrides: Any) -> CLIPConfig:
     vision.update(overrides.pop("vision", {}))
     return CLIPConfig(text_config=CLIPTextConfig(**text), vision_config=CLIPVisionConfig(**vision),
                       projection_dim=overrides.pop("projection_dim", 64), **overrides)
+
+
+def siglip_tiny_config(vocab_size: int = 1024, **overrides: Any) -> CLIPConfig:
+    """A small SigLIP for tests and the built-in demo: width 64, 64-token text, 32 px images."""
+    # Token ids of `siglip_tokenizer.build_demo_tokenizer`: `</s>` (1) ends and pads every row.
+    text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=16, pad_token_id=1, eos_token_id=1,
+                bos_token_id=None)
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=32, patch_size=8)
+    text.update(overrides.pop("text", {}))
+    vision.update(overrides.pop("vision", {}))
+    return CLIPConfig(text_config=SiglipTextConfig(**text), vision_config=SiglipVisionConfig(**vision),
+                      model_type="siglip", **overrides)

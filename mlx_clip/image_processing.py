@@ -6,7 +6,8 @@ Three steps, each matched to a reference we did not write:
   neither does: a pixel-count check before decoding, 16-bit grayscale scaled rather than clipped,
   and every failure reported as one `ImageError` line.
 - evaluation transform (`preprocess`): the CLIP processor's PIL path (`image_processing_backends.
-  PilBackend`): shortest side -> `image_size` with PIL bicubic, center crop, x/255, (x-mean)/std.
+  PilBackend`): shortest side -> `image_size` with PIL bicubic, center crop, x/255, (x-mean)/std;
+  for SigLIP (`crop=False`), `SiglipImageProcessor`'s: a square bicubic resize, then the same.
 - training augmentation (`random_resized_crop`): torchvision's `RandomResizedCrop.get_params`,
   driven by a numpy Generator so a run can be reproduced and resumed.
 """
@@ -25,6 +26,8 @@ from mlx_clip.errors import ConfigError, ImageError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)  # transformers' IMAGENET_STANDARD_MEAN, as google/siglip-* use
+SIGLIP_STD = (0.5, 0.5, 0.5)
 
 # Pillow's own decompression-bomb warning threshold: far above any photo CLIP trains on, far below
 # what a crafted header can claim (a 1 KB PNG can announce 4 billion pixels).
@@ -119,15 +122,25 @@ def normalize(
     return (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
+def resize_square(image: Image.Image, size: int) -> Image.Image:
+    """Bicubic resize to size x size whatever the aspect ratio: SigLIP's transform
+    (`SiglipImageProcessor`, `size={"height": s, "width": s}`, no crop)."""
+    return image.resize((size, size), resample=Image.Resampling.BICUBIC)
+
+
 def preprocess(
     image: Image.Image,
     image_size: int,
     *,
     mean: Sequence[float] = OPENAI_MEAN,
     std: Sequence[float] = OPENAI_STD,
+    crop: bool = True,
 ) -> np.ndarray:
-    """The CLIP evaluation transform: PIL image -> float32 (image_size, image_size, 3)."""
+    """The evaluation transform: PIL image -> float32 (image_size, image_size, 3). With `crop`
+    (CLIP), shortest side to `image_size` then center crop; without (SigLIP), a square resize."""
     _check_size(image_size)
+    if not crop:
+        return normalize(np.asarray(resize_square(to_rgb(image), image_size)), mean, std)
     resized = resize_shortest_side(to_rgb(image), image_size)
     return normalize(center_crop(np.asarray(resized), image_size), mean, std)
 
@@ -138,11 +151,12 @@ def preprocess_batch(
     *,
     mean: Sequence[float] = OPENAI_MEAN,
     std: Sequence[float] = OPENAI_STD,
+    crop: bool = True,
 ) -> np.ndarray:
     """`preprocess` over a list -> float32 (N, image_size, image_size, 3)."""
     if len(images) == 0:
         return np.zeros((0, image_size, image_size, 3), np.float32)
-    return np.stack([preprocess(im, image_size, mean=mean, std=std) for im in images])
+    return np.stack([preprocess(im, image_size, mean=mean, std=std, crop=crop) for im in images])
 
 
 def random_resized_crop_params(

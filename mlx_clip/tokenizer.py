@@ -121,6 +121,11 @@ class CLIPTokenizer:
     def __call__(self, texts: str | list[str], context_length: int = CONTEXT_LENGTH) -> np.ndarray:
         return self.encode(texts, context_length)
 
+    def trim(self, ids: np.ndarray) -> np.ndarray:
+        """The ids as the engine takes them: the padding columns every row has are dropped
+        (`trim_padding`; exact for CLIP). SigLIP's tokenizer keeps them."""
+        return trim_padding(ids)
+
     def save_pretrained(self, directory: str | Path) -> list[Path]:
         """Write files `transformers.CLIPTokenizer.from_pretrained(directory)` loads to the same ids.
 
@@ -163,13 +168,18 @@ class CLIPTokenizer:
         return written
 
 
-def load_tokenizer(model_dir: str | Path | None = None) -> CLIPTokenizer:
-    """`CLIPTokenizer.from_pretrained_or_default`, cached while the files stay unchanged."""
+def load_tokenizer(model_dir: str | Path | None = None):
+    """`CLIPTokenizer.from_pretrained_or_default`, cached while the files stay unchanged; for a
+    SigLIP model folder, its own tokenizer (`siglip_tokenizer.SiglipTokenizer`, same methods)."""
     if model_dir is None:
         return _cached_load("gz", (_stamp(DEFAULT_VOCAB_PATH),))
     folder = Path(model_dir)
     if not folder.is_dir():
         raise CheckpointError(f"model folder {folder} does not exist or is not a directory")
+    from mlx_clip.siglip_tokenizer import is_siglip_folder, load_siglip_tokenizer
+
+    if is_siglip_folder(folder):
+        return load_siglip_tokenizer(folder)
     tokenizer_json = folder / "tokenizer.json"
     vocab_json, merges_txt = folder / "vocab.json", folder / "merges.txt"
     if tokenizer_json.is_file():

@@ -1,4 +1,5 @@
-"""The PyTorch engine's model: `transformers.CLIPModel` with sdpa attention, on the best device.
+"""The PyTorch engine's model: `transformers.CLIPModel` (or `transformers.SiglipModel` for a
+SigLIP config) with sdpa attention, on the best device.
 
 It stands on transformers rather than a second hand-written CLIP: it is the model users already
 load, and it brings sdpa attention, gradient checkpointing and position-embedding interpolation.
@@ -32,13 +33,16 @@ def select_device(requested: str | None = None, *, cuda_available: bool | None =
 def hf_config(config: CLIPConfig):
     import transformers
 
+    if config.is_siglip:
+        return transformers.SiglipConfig.from_dict(config.to_dict())
     return transformers.CLIPConfig.from_dict(config.to_dict())
 
 
 def build_model(config: CLIPConfig):
     import transformers
 
-    return transformers.CLIPModel._from_config(hf_config(config), attn_implementation="sdpa")
+    model_class = transformers.SiglipModel if config.is_siglip else transformers.CLIPModel
+    return model_class._from_config(hf_config(config), attn_implementation="sdpa")
 
 
 def load_torch_model(folder: str | Path, *, device: torch.device | None = None, dtype: str | None = None,

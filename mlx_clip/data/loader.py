@@ -84,6 +84,7 @@ class BatchLoader:
         crop_scale: tuple[float, float] = (0.9, 1.0),
         mean: Sequence[float] = OPENAI_MEAN,
         std: Sequence[float] = OPENAI_STD,
+        crop: bool = True,
         decoded_cache_bytes: int = 256 << 20,
         multi_positive: bool = True,
     ) -> None:
@@ -115,6 +116,7 @@ class BatchLoader:
         self.max_pixels = max_pixels
         self.crop_scale = crop_scale
         self.mean, self.std = tuple(mean), tuple(std)  # a model folder's preprocessor stats
+        self.crop = crop  # center crop (CLIP) or square resize (SigLIP) when not augmenting
         self._has_labels = all(labelled)
         self.decoded_cache_bytes = decoded_cache_bytes
         self._decoded_cache: dict[Path, Image.Image] = {}
@@ -331,7 +333,7 @@ class BatchLoader:
         except ImageError as err:
             return err
         if not run.augment:
-            return preprocess(image, self.image_size, mean=self.mean, std=self.std)
+            return preprocess(image, self.image_size, mean=self.mean, std=self.std, crop=self.crop)
         rng = np.random.default_rng([self.seed, run.epoch, index])
         crop = random_resized_crop(image, self.image_size, rng, scale=self.crop_scale)
         return normalize(np.asarray(crop), self.mean, self.std)

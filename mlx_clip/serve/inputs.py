@@ -98,9 +98,10 @@ def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
         raise ApiError(422, "invalid_image", f"{name}: {err}") from None
 
 
-def image_pixels(data: bytes, name: str, *, image_size: int, mean, std, max_pixels: int) -> np.ndarray:
+def image_pixels(data: bytes, name: str, *, image_size: int, mean, std, max_pixels: int,
+                 crop: bool = True) -> np.ndarray:
     """Bytes -> (H, W, 3) float32 pixels, the same transform `mlxclip embed` applies."""
-    return preprocess(decode_image(data, name, max_pixels), image_size, mean=mean, std=std)
+    return preprocess(decode_image(data, name, max_pixels), image_size, mean=mean, std=std, crop=crop)
 
 
 _DATA_URI = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.ASCII)

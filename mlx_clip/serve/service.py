@@ -17,7 +17,6 @@ from mlx_clip.metrics import build_class_embeds, zero_shot_logits
 from mlx_clip.serve.batching import MicroBatcher
 from mlx_clip.serve.inputs import ApiError, Limits, image_pixels
 from mlx_clip.serve.metrics import ServerMetrics
-from mlx_clip.tokenizer import trim_padding
 
 # One prompt per label unless a request names its own: each template multiplies the text work of
 # a request whose labels are not cached yet.
@@ -114,7 +113,7 @@ class ModelService:
         return self.clip.engine.encode_images(pixels)
 
     def _encode_texts(self, ids: np.ndarray) -> np.ndarray:
-        return self.clip.engine.encode_texts(trim_padding(ids))
+        return self.clip.engine.encode_texts(self.clip.tokenizer.trim(ids))
 
     # --- requests (event loop) ----------------------------------------------------------------
     async def embed_images(self, blobs: list[tuple[str, bytes]]) -> np.ndarray:
@@ -123,7 +122,7 @@ class ModelService:
 
         def decode(name: str, data: bytes) -> np.ndarray:
             return image_pixels(data, name, image_size=clip.image_size, mean=clip.mean, std=clip.std,
-                                max_pixels=limits.max_image_pixels)
+                                max_pixels=limits.max_image_pixels, crop=clip.crop)
 
         self.decoding += 1
         try:
