@@ -19,7 +19,7 @@ from mlx_clip.policy import SIGLIP_LOGIT_BIAS_INIT
 SIGLIP_LOGIT_SCALE_INIT = float(np.log(10.0))
 SIGLIP_TINY_VOCAB = 1024
 
-BUILTIN_VERSION = 2
+BUILTIN_VERSION = 3
 
 
 def builtin_configs() -> dict[str, CLIPConfig]:
@@ -70,7 +70,7 @@ def random_weights(config: CLIPConfig, seed: int = 0) -> dict[str, np.ndarray]:
         weights[f"{name}.weight"] = np.ones(width, np.float32)
         weights[f"{name}.bias"] = np.zeros(width, np.float32)
     weights["text_model.embeddings.token_embedding.weight"] = normal((t.vocab_size, t.hidden_size), 0.02)
-    weights["text_model.embeddings.position_embedding.weight"] = normal((t.max_position_embeddings, t.hidden_size), 0.01)
+    weights["text_model.embeddings.position_embedding.weight"] = normal((t.max_position_embeddings, t.hidden_size), 0.02)
     weights["vision_model.embeddings.class_embedding"] = normal((v.hidden_size,), v.hidden_size ** -0.5)
     weights["vision_model.embeddings.patch_embedding.weight"] = normal(
         (v.hidden_size, v.num_channels, v.patch_size, v.patch_size), 0.02)

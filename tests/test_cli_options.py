@@ -85,3 +85,13 @@ def test_yaml_and_integers_for_floats_are_accepted(tmp_path):
     path.write_text("lr: 1\nmax_control_drop: null\nsteps: 5\n")
     cfg = TrainConfig.resolve(path)
     assert cfg.lr == 1 and cfg.max_control_drop is None and cfg.steps == 5
+
+
+def test_bad_data_is_reported_before_the_model_is_looked_up(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda *a, **k: pytest.fail("the model was looked up before --data was checked"))
+    result = CliRunner().invoke(main, ["finetune", "--model", "org/some-model", "--data", str(tmp_path / "nope"),
+                                       "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and str(tmp_path / "nope") in result.output, result.output

@@ -9,7 +9,6 @@ nearest named RGB, independent of the generator's code paths.
 import mlx_clip  # noqa: F401  (first, as everywhere)
 
 import hashlib
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +33,7 @@ def _file_hashes(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def default_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    start = time.perf_counter()
-    paths = make_demo(root)
-    return paths, time.perf_counter() - start
+    return make_demo(root)
 
 
 def test_same_seed_gives_identical_bytes_in_different_folders(tmp_path):
@@ -51,9 +48,8 @@ def test_same_seed_gives_identical_bytes_in_different_folders(tmp_path):
     assert sum(hc[k] != ha[k] for k in ha) > 0.9 * len(ha)
 
 
-def test_default_demo_structure_and_speed(default_demo):
-    paths, seconds = default_demo
-    assert seconds < 30  # ~2.5 s on 2 shared cores; the bound only catches a pathological slowdown
+def test_default_demo_structure(default_demo):
+    paths = default_demo
     assert detect_layout(paths["target"]) == "class_folders"
     data = load_dataset(paths["target"])
     assert data.class_names == sorted(target_classes()) and len(data.class_names) == 12
@@ -69,7 +65,7 @@ def test_default_demo_structure_and_speed(default_demo):
 
 
 def test_captions_name_the_class_words(default_demo):
-    paths, _ = default_demo
+    paths = default_demo
     for split, count in (("train", 80), ("val", 20)):
         samples = read_captions(paths[f"captions_{split}"])
         assert len(samples) == 12 * count and len({s.image_id for s in samples}) == 12 * count
@@ -95,7 +91,7 @@ def _measure(path: Path) -> tuple[str, str]:
 
 
 def test_target_classes_are_visually_separable(default_demo):
-    paths, _ = default_demo
+    paths = default_demo
     images = sorted(paths["target_val"].rglob("*.png"))
     hits = [_measure(p) == tuple(p.parent.name.split("_")) for p in images]
     assert len(images) == 240

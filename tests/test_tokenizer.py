@@ -10,7 +10,6 @@ import mlx_clip  # noqa: F401  (first, by house rule)
 import gzip
 import json
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -237,15 +236,15 @@ _CAPTION_WORDS = (
 ).split()
 
 
-def test_fast_on_a_batch_of_1000(ours):
-    # Dataset-like captions: 6-20 words, mostly English, some accents, CJK and emoji.
+def test_a_batch_of_1000_equals_one_by_one(ours):
+    """Batch encoding (the fast path, timed by `python -m benchmarks.timings`) is row for row the same
+    as encoding each caption alone."""
     rng = random.Random(1234)
     captions = [" ".join(rng.choices(_CAPTION_WORDS, k=rng.randint(6, 20))) + "." for _ in range(1000)]
-    start = time.perf_counter()
     rows = ours.encode(captions)
-    elapsed = time.perf_counter() - start
     assert rows.shape == (1000, CTX)
-    assert elapsed < 1.0, f"1000 captions took {elapsed:.3f} s"
+    for i in range(0, 1000, 37):
+        np.testing.assert_array_equal(rows[i], ours.encode(captions[i])[0])
 
 
 def test_cached(ours):
