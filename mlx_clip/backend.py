@@ -61,6 +61,10 @@ def engine_class(name: str) -> type:
     if name == "mlx":
         from mlx_clip.mlx_backend.backend import MLXBackend
 
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of each `model/` tensor `save_state` writes, for checking a checkpoint
+        fits before loading it."""
+
         return MLXBackend
     if name == "torch":
         from torch_backend.backend import TorchBackend

@@ -5,6 +5,7 @@ here, the same for both engines."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
@@ -13,8 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlx_clip.backend import Backend
-from mlx_clip.checkpoint import RunFolder, read_trainer_state
-from mlx_clip.errors import MlxClipError
+from pathlib import Path
+
+from convert.safetensors_io import read_header
+from mlx_clip.checkpoint import ENGINE_STATE_FILE, RunFolder, read_trainer_state
+from mlx_clip.errors import CheckpointError, MlxClipError
 from mlx_clip.monitor import MetricsLog, Progress
 from mlx_clip.schedule import lr_at
 from mlx_clip.train_config import TrainConfig
@@ -38,6 +42,56 @@ class TrainResult:
 
 
 class Trainer:
+# What decides the set and meaning of the saved tensors: a checkpoint resumes only under the same.
+RESUME_KEYS = ("strategy", "lora_rank", "lora_alpha", "lora_targets", "loss", "precision", "parameter_dtype")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def check_resumable(checkpoint, state: dict, cfg: TrainConfig, engine: Backend) -> None:
+    """Name what differs between a checkpoint and the run resuming it, before any tensor is
+    loaded: training options, the model's architecture, then each saved tensor's name and shape."""
+    saved_cfg = state.get("config") or {}
+    if saved_cfg:
+        from mlx_clip.policy import default_loss
+
+        saved = TrainConfig(**{k: v for k, v in saved_cfg.items() if k in TrainConfig.field_names()})
+
+        def effective(c: TrainConfig, key: str):
+            value = getattr(c, key)
+            return (value or default_loss(engine.config)) if key == "loss" else value
+
+        changed = [f"{key}: checkpoint {effective(saved, key)!r}, now {effective(cfg, key)!r}"
+                   for key in RESUME_KEYS if effective(saved, key) != effective(cfg, key)]
+        if changed:
+            raise CheckpointError(f"--resume {checkpoint}: the run was started with other options ("
+                                  f"{'; '.join(changed)}); resume with the same ones or start a new --out")
+    if "model_config" in state:
+        before, now = _flat(state["model_config"]), _flat(dataclasses.asdict(engine.config))
+        changed = [f"{k}: checkpoint {before.get(k)!r}, now {now.get(k)!r}"
+                   for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        if changed:
+            raise CheckpointError(f"--resume {checkpoint}: --model {cfg.model} is not the architecture the run "
+                                  f"was started with ({'; '.join(changed[:4])})")
+    entries, _, _ = read_header(Path(checkpoint) / ENGINE_STATE_FILE)
+    stored = {name: entry.shape for name, entry in entries.items() if name.startswith("model/")}
+    expected = engine.state_shapes()
+    problems = [f"{n} missing" for n in sorted(set(expected) - set(stored))][:3]
+    problems += [f"{n} not in this model" for n in sorted(set(stored) - set(expected))][:3]
+    problems += [f"{n}: checkpoint {stored[n]}, now {expected[n]}" for n in sorted(set(stored) & set(expected))
+                 if tuple(stored[n]) != tuple(expected[n])][:3]
+    if problems:
+        raise CheckpointError(f"{Path(checkpoint) / ENGINE_STATE_FILE}: does not fit this model ({'; '.join(problems)})")
+
+
     def __init__(self, cfg: TrainConfig, engine: Backend, loader: Any, run: RunFolder, total_steps: int, *,
                  evaluate: Callable[[Any], dict] | None = None, progress: bool = True,
                  stop_after: int | None = None):
@@ -57,7 +111,8 @@ class Trainer:
     # --- state ---------------------------------------------------------------------------
     def trainer_state(self) -> dict:
         return {"loader": self.loader.state_dict(), "nan_steps": self.nan_steps, "total_steps": self.total_steps,
-                "backend": self.engine.name, "config": self.cfg.to_dict()}
+                "backend": self.engine.name, "config": self.cfg.to_dict(),
+                "model_config": dataclasses.asdict(self.engine.config)}
 
     def save_checkpoint(self):
         return self.run.save(self.step, self.engine.save_state, self.trainer_state(), self.cfg.keep_checkpoints)
@@ -74,6 +129,7 @@ class Trainer:
 
     # --- loop ----------------------------------------------------------------------------
     def _on_sigint(self, signum, frame) -> None:
+        check_resumable(checkpoint, state, self.cfg, self.engine)
         self._interrupted = True
         # A second Ctrl-C stops at once; the last complete checkpoint is still intact.
         signal.signal(signal.SIGINT, signal.default_int_handler)

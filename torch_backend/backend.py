@@ -152,3 +152,7 @@ class TorchBackend:
             if state:
                 state["step"] = state["step"].cpu()  # AdamW keeps step on CPU unless capturable
                 optimizer.state[param] = state
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        module = self.training[0]
+        return {f"model/{k}": tuple(v.shape) for k, v in module.state_dict().items()}
+

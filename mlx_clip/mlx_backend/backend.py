@@ -170,3 +170,7 @@ class MLXBackend:
         module.update(tree_unflatten([(k[6:], v) for k, v in tensors.items() if k.startswith("model/")]))
         optimizer.state.update(tree_unflatten([(k[6:], v) for k, v in tensors.items() if k.startswith("optim/")]))
         mx.eval(module.state, optimizer.state)
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        module, _, _ = self.training
+        return {f"model/{k}": tuple(v.shape) for k, v in tree_flatten(module.parameters())}
+
