@@ -61,7 +61,7 @@ class RunFolder:
         self.final = self.root / "final"
 
     # What a run leaves in its folder; another run may not mix into them.
-    RUN_FILES = ("metrics.jsonl", "checkpoints", "final", "bad_images.txt", "config.json", "tensorboard")
+    RUN_FILES = ("metrics.jsonl", "checkpoints", "final", "best", "bad_images.txt", "config.json", "tensorboard")
 
     def claim(self, *, overwrite: bool) -> None:
         """Refuse a folder that holds another run, or clear it with `overwrite`."""
@@ -74,6 +74,24 @@ class RunFolder:
         for name in present:
             path = self.root / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best"
+
+    def replace_best(self, write_model: Callable[[Path], None], record: dict) -> None:
+        """Write a model folder beside OUT/best, then swap it in: a kill mid-save keeps the old best."""
+        tmp = self.root / f".tmp-best-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_model(tmp)
+        (tmp / "best.json").write_text(json.dumps(record, indent=1) + "\n")
+        _fsync_tree(tmp)
+        old = self.root / f".old-best-{os.getpid()}"
+        if self.best.exists():
+            os.rename(self.best, old)
+        os.rename(tmp, self.best)
+        fsync_dir(self.root)
+        shutil.rmtree(old, ignore_errors=True)
 
     def prepare(self) -> None:
         self.checkpoints.mkdir(parents=True, exist_ok=True)

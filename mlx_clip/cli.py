@@ -252,7 +252,19 @@ def finetune(config_file, **flags):
     file_values = read_config_file(config_file) if config_file else {}
     preset = demo_preset() if given.get("data", file_values.get("data")) is None else {}
     cfg = TrainConfig.resolve(config_file, given, preset=preset)
-    run(cfg, echo=click.echo, progress=sys.stderr.isatty())
+    run(cfg, echo=click.echo, progress="bar" if sys.stderr.isatty() else "lines")
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Folder for the report [default: RUN_DIR/report].")
+@domain_errors
+def report_command(run_dir, out):
+    """A fine-tuning run as PNG curves (loss, lr, logit scale, throughput, memory, evaluations) and a Markdown summary."""
+    from mlx_clip.run_report import write_run_report
+
+    written = write_run_report(run_dir, out)
+    click.echo(f"wrote {written.markdown} and {', '.join(p.name for p in written.figures)}")
 
 
 @main.command("wise-ft")

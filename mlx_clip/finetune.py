@@ -101,7 +101,7 @@ class FinetuneResult:
     run: RunFolder
 
 
-def finetune(cfg: TrainConfig, *, echo=print, progress: bool = True, evaluate: bool | None = None,
+def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evaluate: bool | None = None,
              stop_after: int | None = None) -> FinetuneResult:
     echo("mlxclip finetune, resolved config:\n" + cfg.describe())
     data = prepare_data(cfg)  # every input problem surfaces here, before any model is resolved or built
@@ -126,6 +126,10 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool = True, evaluate: b
     echo(f"{engine.name} engine, {engine.trainable_count():,} trainable parameters, {len(data.train)} training "
          f"samples, {len(data.val)} held out, {total} steps of {cfg.batch_size}")
     before = None
+    if not cfg.resume:
+        trainer.log.write({"step": 0, "event": "start", "engine": engine.name, "train_samples": len(data.train),
+                           "val_samples": len(data.val), "trainable_parameters": engine.trainable_count(),
+                           "total_steps": total})
     if cfg.resume:
         checkpoint = run.resolve_resume(cfg.resume)
         trainer.restore(checkpoint)
@@ -141,6 +145,8 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool = True, evaluate: b
     after = evaluator(engine) if evaluator else None
     if after:
         trainer.log.write({"step": trainer.step, "eval": after})
+        trainer.consider_best(after, echo)
+        trainer.log.close()
         echo(summary_table(before, after))
     echo(f"final model: {result.final_model}")
     return FinetuneResult(result, before, after, run)

@@ -91,6 +91,15 @@ class TrainConfig:
     @classmethod
     def resolve(cls, file: str | Path | None = None, flags: dict[str, Any] | None = None,
                 preset: dict[str, Any] | None = None) -> "TrainConfig":
+    tensorboard: bool = field(default=False, metadata={
+        "help": "Also write TensorBoard event files to OUT/tensorboard (loss, lr, logit scale, gradient norm, "
+                "images/s, memory, evaluations)."})
+    keep_best: str | None = field(default=None, metadata={
+        "help": "Keep the model with the best value of this evaluation metric in OUT/best (acc1 = held-out "
+                "zero-shot top-1, R@1 = image retrieval, or a metric name from metrics.jsonl)."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace a run already in --out (its metrics, checkpoints and final/); without it such a folder "
+                "is refused unless --resume."})
     overwrite: bool = field(default=False, metadata={
         "help": "Replace a run already in --out (its metrics, checkpoints and final/); without it such a folder "
                 "is refused unless --resume."})
@@ -175,6 +184,8 @@ class TrainConfig:
         check(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}")
         check(self.loss in LOSS_NAMES, "loss", f"must be one of {', '.join(LOSS_NAMES)}")
         check(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
+        if self.keep_best is not None and not self.evaluate:
+            raise ConfigError(f"keep_best {self.keep_best!r} needs evaluations; drop --no-evaluate")
         check(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
         if self.precision in PURE_PRECISIONS and self.dtype not in ("float32", PURE_PRECISIONS[self.precision]):
             raise ConfigError(f"precision {self.precision} keeps the parameters in {PURE_PRECISIONS[self.precision]}, "

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from convert.safetensors_io import read_header
 from mlx_clip.checkpoint import ENGINE_STATE_FILE, RunFolder, read_trainer_state
-from mlx_clip.errors import CheckpointError, MlxClipError
-from mlx_clip.monitor import MetricsLog, Progress
-from mlx_clip.schedule import lr_at
+from mlx_clip.errors import CheckpointError, ConfigError, MlxClipError
+from mlx_clip.monitor import Progress, RunLog
+from mlx_clip.policy import training_plan
+from mlx_clip.schedule import phased_lr
 from mlx_clip.train_config import TrainConfig
 
 
@@ -41,7 +42,9 @@ class TrainResult:
     evaluations: list[dict] = field(default_factory=list)
 
 
-class Trainer:
+# --keep-best names for the evaluation metrics people ask for most.
+BEST_ALIASES = {"acc1": "val_zero_shot_top1", "top1": "val_zero_shot_top1", "R@1": "val_image_retrieval_R@1",
+                "control_acc1": "control_zero_shot_top1"}
 # What decides the set and meaning of the saved tensors: a checkpoint resumes only under the same.
 RESUME_KEYS = ("strategy", "lora_rank", "lora_alpha", "lora_targets", "loss", "precision", "parameter_dtype")
 
@@ -100,7 +103,14 @@ def check_resumable(checkpoint, state: dict, cfg: TrainConfig, engine: Backend) 
         self.evaluate = evaluate
         self.progress_enabled = progress
         self.stop_after = stop_after  # tests: stop (as if interrupted) after this step
-        self.log = MetricsLog(run.metrics_path)
+        self.plan = training_plan(cfg)  # its probe_steps: LP-FT's first phase (0 for other strategies)
+        if self.plan.probe_steps >= total_steps:
+            from mlx_clip.errors import ConfigError
+
+            raise ConfigError(f"lp_steps must be below the run's {total_steps} steps, or LP-FT never trains the "
+                              f"full model, got {self.plan.probe_steps}")
+        self.log = RunLog(run.root, tensorboard=cfg.tensorboard)
+        self.best: dict | None = None  # --keep-best: {metric, value, step}
         self.baseline: dict | None = None  # metrics before training, for the forgetting budget
         self.stopped_early = False
         self.step = 0
@@ -112,7 +122,7 @@ def check_resumable(checkpoint, state: dict, cfg: TrainConfig, engine: Backend) 
     def trainer_state(self) -> dict:
         return {"loader": self.loader.state_dict(), "nan_steps": self.nan_steps, "total_steps": self.total_steps,
                 "backend": self.engine.name, "config": self.cfg.to_dict(),
-                "model_config": dataclasses.asdict(self.engine.config)}
+                "model_config": dataclasses.asdict(self.engine.config), "best": self.best}
 
     def save_checkpoint(self):
         return self.run.save(self.step, self.engine.save_state, self.trainer_state(), self.cfg.keep_checkpoints)
@@ -128,6 +138,8 @@ def check_resumable(checkpoint, state: dict, cfg: TrainConfig, engine: Backend) 
         self.nan_steps = int(state.get("nan_steps", 0))
 
     # --- loop ----------------------------------------------------------------------------
+        self.best = state.get("best")
+        self.log.resume_at(self.step)
     def _on_sigint(self, signum, frame) -> None:
         check_resumable(checkpoint, state, self.cfg, self.engine)
         self._interrupted = True
@@ -138,7 +150,7 @@ def check_resumable(checkpoint, state: dict, cfg: TrainConfig, engine: Backend) 
         self.run.prepare()
         result = TrainResult(steps=self.step, final_model=None, nan_steps=self.nan_steps)
         previous = signal.signal(signal.SIGINT, self._on_sigint)
-        progress = Progress(self.total_steps, self.step, enabled=self.progress_enabled)
+        progress = Progress(self.total_steps, self.step, self.progress_enabled)
         in_step = False
         try:
             window_start, window_images, reported = time.perf_counter(), 0, self.step
@@ -163,7 +175,7 @@ def check_resumable(checkpoint, state: dict, cfg: TrainConfig, engine: Backend) 
                               "images_per_s": window_images / elapsed if elapsed > 0 else 0.0,
                               "skipped": not metrics["ok"], **self.engine.memory()}
                     self.log.write(record)
-                    progress.update(self.step - reported, {"loss": metrics["loss"], "lr": lr})
+                    progress.update(self.step - reported, {"loss": metrics["loss"], "lr": lr}, step=self.step)
                     window_start, window_images, reported = time.perf_counter(), 0, self.step
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps \
                         and self.consecutive_nan == 0:  # never checkpoint in the middle of a NaN streak
@@ -190,6 +202,7 @@ def check_resumable(checkpoint, state: dict, cfg: TrainConfig, engine: Backend) 
             signal.signal(signal.SIGINT, previous)
         result.steps, result.nan_steps = self.step, self.nan_steps
         return result
+            self.log.close()
 
     def _nan_guard(self, metrics: dict, progress: Progress) -> None:
         if metrics["ok"]:
@@ -225,3 +238,20 @@ def check_resumable(checkpoint, state: dict, cfg: TrainConfig, engine: Backend) 
         progress.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                         if isinstance(v, float) and math.isfinite(v)))
         return record
+        self.consider_best(metrics, progress.write)
+
+    def consider_best(self, metrics: dict, echo: Callable[[str], None] = print) -> None:
+        """--keep-best: save the model to OUT/best when this evaluation beats every earlier one."""
+        wanted = self.cfg.keep_best
+        if not wanted:
+            return
+        key = BEST_ALIASES.get(wanted, wanted)
+        if key not in metrics:
+            raise ConfigError(f"--keep-best {wanted}: this run's evaluations have no such metric; they have "
+                              f"{', '.join(sorted(metrics))} (or the aliases {', '.join(BEST_ALIASES)})")
+        value = float(metrics[key])
+        if self.best is not None and not value > self.best["value"]:
+            return
+        self.best = {"metric": key, "value": value, "step": self.step}
+        self.run.replace_best(lambda folder: self.engine.save(folder, to="hf"), self.best)
+        echo(f"step {self.step}: best {key} so far ({value:.4f}); saved to {self.run.best}")

@@ -30,12 +30,21 @@ class FakeLoader:
 
 
 class FakeEngine:
+    """The Backend protocol around one scalar weight: lr is added on every finite step."""
+
     name = "fake"
+    phase = "full"
 
     def __init__(self, losses):
+        from mlx_clip.config import CLIPConfig
+
+        self.config = CLIPConfig()
         self.losses = list(losses)
         self.weights = 0.0
         self.lrs = []
+
+    def state_shapes(self):
+        return {"model/weights": ()}
 
     def train_step(self, batch, lr):
         loss = self.losses.pop(0)
@@ -46,10 +55,14 @@ class FakeEngine:
         return {"loss": loss, "grad_norm": 1.0 if ok else float("nan"), "ok": bool(ok), "logit_scale": 100.0}
 
     def save_state(self, folder):
-        (folder / "engine.json").write_text(json.dumps({"weights": self.weights}))
+        from safetensors.numpy import save_file
+
+        save_file({"model/weights": np.asarray(self.weights, np.float64)}, str(folder / "engine_state.safetensors"))
 
     def load_state(self, folder):
-        self.weights = json.loads((folder / "engine.json").read_text())["weights"]
+        from safetensors.numpy import load_file
+
+        self.weights = float(load_file(str(folder / "engine_state.safetensors"))["model/weights"])
 
     def save(self, folder, to=None):
         folder.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,8 @@ def small_config(out, backend: str, **overrides) -> TrainConfig:
 
 
 def run(cfg: TrainConfig, **kwargs):
-    return finetune(cfg, progress=False, evaluate=kwargs.pop("evaluate", False), echo=lambda *a: None, **kwargs)
+    return finetune(cfg, progress=kwargs.pop("progress", False), evaluate=kwargs.pop("evaluate", False),
+                    echo=lambda *a: None, **kwargs)
 
 
 def final_weights(out) -> dict[str, np.ndarray]:
