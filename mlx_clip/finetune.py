@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlx_clip.api import CLIP, preprocessor_stats, resolve
+from mlx_clip.api import CLIP, preprocessor_settings, resolve
 from mlx_clip.backend import Backend, load_backend
 from mlx_clip.checkpoint import RunFolder
 from mlx_clip.data.loader import BatchLoader
 from mlx_clip.data.records import Dataset, load_dataset, split_samples
 from mlx_clip.errors import DataError
-from mlx_clip.tokenizer import load_tokenizer, trim_padding
+from mlx_clip.tokenizer import load_tokenizer
 from mlx_clip.train_config import TrainConfig
 from mlx_clip.trainer import Trainer, TrainResult
 
@@ -111,11 +111,11 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
     folder = resolve(cfg.model)
     tokenizer = load_tokenizer(folder)
     engine = build_engine(cfg, folder)
-    mean, std = preprocessor_stats(folder)
+    mean, std, crop = preprocessor_settings(folder)
     loader = BatchLoader(data.train, batch_size=cfg.batch_size, image_size=engine.config.vision_config.image_size,
-                         tokenize=lambda texts: trim_padding(tokenizer.encode(texts)), seed=cfg.seed, augment=cfg.augment,
+                         tokenize=lambda texts: tokenizer.trim(tokenizer.encode(texts)), seed=cfg.seed, augment=cfg.augment,
                          num_workers=cfg.num_workers, max_bad_fraction=cfg.max_bad_fraction,
-                         crop_scale=(cfg.crop_scale_min, 1.0), mean=mean, std=std,
+                         crop_scale=(cfg.crop_scale_min, 1.0), mean=mean, std=std, crop=crop,
                          multi_positive=cfg.multi_positive)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * len(loader)))
     run.prepare()

@@ -121,6 +121,9 @@ def _architecture(config) -> dict:
 
 
 def _check_same_architecture(c0, c1, where: tuple[Path, Path]) -> None:
+    if c0.model_type != c1.model_type:
+        raise CheckpointError(f"{where[0]} is a {c0.model_type} model and {where[1]} a {c1.model_type} model; "
+                              "WiSE-FT interpolates two checkpoints of one model")
     a0, a1 = _architecture(c0), _architecture(c1)
     if a0 == a1:
         return
