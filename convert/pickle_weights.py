@@ -24,6 +24,18 @@ def refuse_pickle(path: Path) -> CheckpointError:
                            "torch.load(weights_only=True), or use a safetensors checkpoint")
 
 
+# torch.load(weights_only=True) could be made to run code before 2.6 (CVE-2025-32434).
+SAFE_TORCH = (2, 6)
+
+
+def check_safe_unpickler(version: str, path: Path) -> None:
+    release = tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
+    if release < SAFE_TORCH:
+        raise CheckpointError(f"{path}: reading pickled weights needs torch >= 2.6, whose "
+                              f"weights_only=True loading cannot be bypassed (this is torch {version}); "
+                              "upgrade torch or convert the file to safetensors elsewhere")
+
+
 def read_pickled(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Tensor]:
     path = Path(path)
     if not allow_pickle:
@@ -34,6 +46,7 @@ def read_pickled(path: str | Path, *, allow_pickle: bool = False) -> dict[str, T
 
     import torch
 
+    check_safe_unpickler(torch.__version__, path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError, OSError) as err:

@@ -181,3 +181,15 @@ def test_malicious_pickle_never_runs(folder, tmp_path, writer):
     torch.load(path, weights_only=False) if writer == "torch.save" else pickle.loads(path.read_bytes())
     assert marker.exists()
     os.remove(marker)
+
+
+@pytest.mark.parametrize("version, safe", [("2.5.1", False), ("2.4.0+cpu", False), ("2.6.0", True),
+                                           ("2.14.1+cu128", True), ("3.0.0", True)])
+def test_pickles_need_a_torch_whose_unpickler_is_safe(version, safe, tmp_path):
+    from convert.pickle_weights import check_safe_unpickler
+
+    if safe:
+        check_safe_unpickler(version, tmp_path / "pytorch_model.bin")
+    else:
+        with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: reading pickled weights needs torch >= 2\.6"):
+            check_safe_unpickler(version, tmp_path / "pytorch_model.bin")
