@@ -280,8 +280,12 @@ def report_command(run_dir, out):
 @click.option("--out", required=True, type=click.Path(),
               help="Output model folder, or (with --sweep) folder for the curve JSON/PNG.")
 @backend_option
+@device_option
+@dtype_option
+@pickle_option
 @domain_errors
-def wise_ft(zero_shot, fine_tuned, alpha, sweep, eval_target, eval_control, control_floor, templates, out, backend):
+def wise_ft(zero_shot, fine_tuned, alpha, sweep, eval_target, eval_control, control_floor, templates, out, backend,
+            device, dtype, allow_pickle):
     """Interpolate weights against domain shift (WiSE-FT, Wortsman et al. 2022)."""
     from pathlib import Path
 
@@ -289,14 +293,19 @@ def wise_ft(zero_shot, fine_tuned, alpha, sweep, eval_target, eval_control, cont
     from mlx_clip.api import resolve
     from mlx_clip.errors import ConfigError
 
+    models = [resolve(m, allow_pickle=allow_pickle) for m in (zero_shot, fine_tuned)]
     if sweep is None:
-        click.echo(f"wrote {wf.wise_ft(resolve(zero_shot), resolve(fine_tuned), alpha, out)}")
+        click.echo(f"wrote {wf.wise_ft(*models, alpha, out, allow_pickle=allow_pickle)}")
         return
-    if not eval_target:
-        raise ConfigError("--sweep needs --eval-target (and usually --eval-control) to score each alpha")
-    report = wf.wise_ft_sweep(resolve(zero_shot), resolve(fine_tuned), wf.parse_sweep(sweep), list(eval_target),
+    if not eval_target or not eval_control:
+        missing = " and ".join(o for o, given in (("--eval-target", eval_target), ("--eval-control", eval_control))
+                               if not given)
+        raise ConfigError(f"--sweep needs {missing}: each alpha is scored on the target domain (what was fine-tuned "
+                          "on) and on a control domain (class folders not fine-tuned on), whose loss is the forgetting")
+    report = wf.wise_ft_sweep(*models, wf.parse_sweep(sweep), list(eval_target),
                               list(eval_control), backend=backend, out_json=Path(out) / "wise_ft.json",
-                              control_floor=control_floor, templates=templates)
+                              control_floor=control_floor, templates=templates, device=device, dtype=dtype,
+                              allow_pickle=allow_pickle)
     click.echo(report.message)
 
 
@@ -315,21 +324,24 @@ def wise_ft(zero_shot, fine_tuned, alpha, sweep, eval_target, eval_control, cont
 @click.option("--batch-size", default=IMAGE_BATCH, show_default=True, help="Images per engine call.")
 @backend_option
 @device_option
+@dtype_option
+@pickle_option
 @domain_errors
-def eval_command(model, compare_models, data, control, templates, classes, tasks, out, batch_size, backend, device):
+def eval_command(model, compare_models, data, control, templates, classes, tasks, out, batch_size, backend, device,
+                 dtype, allow_pickle):
     """Zero-shot top-k, retrieval recall@K, linear probe; JSON (CLIP_benchmark's shape), Markdown, PNG."""
     from mlx_clip import evaluate as ev
     from mlx_clip.api import resolve
     from mlx_clip.errors import ConfigError
 
     common = dict(control=list(control) or None, backend=backend, templates=templates, classes=classes,
-                  tasks=tasks, batch_size=batch_size)
+                  tasks=tasks, batch_size=batch_size, device=device, dtype=dtype, allow_pickle=allow_pickle)
     if compare_models:
-        base, finetuned = (resolve(m) for m in compare_models)
+        base, finetuned = (resolve(m, allow_pickle=allow_pickle) for m in compare_models)
         click.echo(ev.compare(base, finetuned, list(data), out=out, **common).markdown.read_text())
         return
     if model is None:
         raise ConfigError("give --model, or --compare BASE FINETUNED")
-    for result in ev.evaluate(resolve(model), list(data), out=out, device=device, **common):
+    for result in ev.evaluate(resolve(model, allow_pickle=allow_pickle), list(data), out=out, **common):
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items() if isinstance(v, float))
         click.echo(f"{result.get('role', 'target')} {result['dataset']} {result['task']}: {shown}")

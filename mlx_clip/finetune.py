@@ -88,7 +88,8 @@ def make_evaluator(data: DomainData, folder: Path, batch_size: int):
 
 
 def build_engine(cfg: TrainConfig, folder: Path) -> Backend:
-    engine = load_backend(cfg.backend, folder, device=cfg.device, dtype=cfg.parameter_dtype)
+    engine = load_backend(cfg.backend, folder, device=cfg.device, dtype=cfg.parameter_dtype,
+                          allow_pickle=cfg.allow_pickle)
     engine.prepare_training(cfg)
     return engine
 
@@ -108,7 +109,7 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
     run = RunFolder(cfg.out)
     if not cfg.resume:
         run.claim(overwrite=cfg.overwrite)
-    folder = resolve(cfg.model)
+    folder = resolve(cfg.model, allow_pickle=cfg.allow_pickle)
     tokenizer = load_tokenizer(folder)
     engine = build_engine(cfg, folder)
     mean, std, crop = preprocessor_settings(folder)

@@ -41,6 +41,8 @@ class TrainConfig:
     backend: str = field(default="mlx", metadata={"help": "Engine: mlx or torch."})
     device: str | None = field(default=None, metadata={"help": "Override device detection (torch: cpu|cuda|mps)."})
     dtype: str = field(default="float32", metadata={"help": "Parameter dtype: float32, bfloat16 or float16."})
+    allow_pickle: bool = field(default=False, metadata={
+        "help": "Allow a model's pytorch_model.bin (read with weights_only=True; never executes code)."})
     precision: str = field(default="fp32", metadata={
         "help": "Compute precision (open_clip's names): fp32; amp_bf16 / amp_fp16 (autocast, float32 master "
                 "weights and optimizer state); bf16 / fp16 (parameters in that dtype, as --dtype)."})

@@ -95,3 +95,16 @@ def test_bad_data_is_reported_before_the_model_is_looked_up(tmp_path, monkeypatc
     result = CliRunner().invoke(main, ["finetune", "--model", "org/some-model", "--data", str(tmp_path / "nope"),
                                        "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and str(tmp_path / "nope") in result.output, result.output
+
+
+@pytest.mark.parametrize("command", ["embed", "eval", "wise-ft", "finetune", "serve", "index"])
+def test_every_command_that_runs_a_model_has_the_same_loading_options(command):
+    params = {opt for p in main.commands[command].params for opt in getattr(p, "opts", [])}
+    assert {"--device", "--dtype", "--allow-pickle", "--backend"} <= params, sorted(params)
+
+
+def test_wise_ft_sweep_names_the_missing_control(tmp_path):
+    result = CliRunner().invoke(main, ["wise-ft", "--zero-shot", "tiny", "--fine-tuned", "tiny", "--sweep", "0:1:0.5",
+                                       "--eval-target", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("error: --sweep needs --eval-control: each alpha is scored")
