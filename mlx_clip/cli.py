@@ -320,6 +320,8 @@ def wise_ft(zero_shot, fine_tuned, alpha, sweep, eval_target, eval_control, cont
 @click.option("--templates", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--classes", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--tasks", default=None, help="Comma list: zero_shot, retrieval, linear_probe.")
+@click.option("--image-column", default=None, help="Captions file: column (or JSONL key) of the image paths.")
+@click.option("--caption-column", default=None, help="Captions file: column (or JSONL key) of the captions.")
 @click.option("--out", required=True, type=click.Path(), help="report.json, or a folder for the reports.")
 @click.option("--batch-size", default=IMAGE_BATCH, show_default=True, help="Images per engine call.")
 @backend_option
@@ -327,15 +329,16 @@ def wise_ft(zero_shot, fine_tuned, alpha, sweep, eval_target, eval_control, cont
 @dtype_option
 @pickle_option
 @domain_errors
-def eval_command(model, compare_models, data, control, templates, classes, tasks, out, batch_size, backend, device,
-                 dtype, allow_pickle):
+def eval_command(model, compare_models, data, control, templates, classes, tasks, image_column, caption_column, out,
+                 batch_size, backend, device, dtype, allow_pickle):
     """Zero-shot top-k, retrieval recall@K, linear probe; JSON (CLIP_benchmark's shape), Markdown, PNG."""
     from mlx_clip import evaluate as ev
     from mlx_clip.api import resolve
     from mlx_clip.errors import ConfigError
 
     common = dict(control=list(control) or None, backend=backend, templates=templates, classes=classes,
-                  tasks=tasks, batch_size=batch_size, device=device, dtype=dtype, allow_pickle=allow_pickle)
+                  tasks=tasks, batch_size=batch_size, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                  image_column=image_column, caption_column=caption_column)
     if compare_models:
         base, finetuned = (resolve(m, allow_pickle=allow_pickle) for m in compare_models)
         click.echo(ev.compare(base, finetuned, list(data), out=out, **common).markdown.read_text())

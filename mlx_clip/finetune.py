@@ -47,9 +47,10 @@ def prepare_data(cfg: TrainConfig) -> DomainData:
         captions = load_dataset(paths["captions_val"])
         control = load_dataset(paths["control_val"], templates=cfg.templates)
         return DomainData(target.samples, target.val or [], target.class_names, target.templates, captions, control)
-    data = load_dataset(cfg.data, templates=cfg.templates)
+    columns = {"image_column": cfg.image_column, "caption_column": cfg.caption_column}
+    data = load_dataset(cfg.data, templates=cfg.templates, **columns)
     if cfg.val_data:
-        val_set = load_dataset(cfg.val_data, templates=cfg.templates, classes=data.class_names)
+        val_set = load_dataset(cfg.val_data, templates=cfg.templates, classes=data.class_names, **columns)
         train, val = data.samples, val_set.samples
     elif data.val is not None:
         train, val = data.samples, data.val

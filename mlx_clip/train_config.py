@@ -37,6 +37,10 @@ class TrainConfig:
     control_data: str | None = field(default=None, metadata={
         "help": "Class folders of a domain not trained on, evaluated to measure forgetting."})
     templates: str | None = field(default=None, metadata={"help": "Prompt templates file, one per line with {}."})
+    image_column: str | None = field(default=None, metadata={
+        "help": "Captions file: the column (CSV/TSV) or key (JSONL) of the image paths (default: image or filepath)."})
+    caption_column: str | None = field(default=None, metadata={
+        "help": "Captions file: the column or key of the captions (default: caption or title)."})
     out: str = field(default="runs/finetune", metadata={"help": "Run folder (checkpoints, metrics, final/)."})
     backend: str = field(default="mlx", metadata={"help": "Engine: mlx or torch."})
     device: str | None = field(default=None, metadata={"help": "Override device detection (torch: cpu|cuda|mps)."})

@@ -22,7 +22,8 @@ VALID = {
     "grad_clip": 0.5, "loss": "siglip", "label_smoothing": 0.1, "hard_negative_beta": 0.5,
     "multi_positive": False, "strategy": "lora", "lora_rank": 4, "lora_alpha": 8.0, "lora_targets": "q_proj",
     "augment": False, "crop_scale_min": 0.5, "gradient_checkpointing": True, "seed": 3, "num_workers": 1,
-    "max_bad_fraction": 0.2, "log_every": 5, "save_every": 50, "keep_checkpoints": 3, "evaluate": False,
+    "image_column": "path", "caption_column": "text", "max_bad_fraction": 0.2, "log_every": 5, "save_every": 50,
+    "keep_checkpoints": 3, "evaluate": False,
     "eval_every": 20, "max_control_drop": 0.1, "max_nan_steps": 2, "resume": "latest",
 }
 
