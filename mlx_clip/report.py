@@ -226,6 +226,27 @@ def _per_class_table(result: Mapping) -> list[str]:
     return lines
 
 
+def write_clip_benchmark_files(results: Sequence[Mapping], folder: Path) -> list[Path]:
+    """One JSON object per result, as `clip_benchmark eval` dumps it (dataset, model, pretrained,
+    task, metrics, language; classnames when known), named by its `--output` template, so that
+    `clip_benchmark build FOLDER` tabulates our evaluations beside its own."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for r in results:
+        dump = {"dataset": r["dataset"], "model": r["model"], "pretrained": r.get("pretrained", "mlxclip"),
+                "task": r["task"], "metrics": {k: v for k, v in r["metrics"].items() if isinstance(v, (int, float))},
+                "language": r.get("language", "en")}
+        if r.get("class_names"):
+            dump["classnames"] = list(r["class_names"])
+        if r.get("role"):
+            dump["role"] = r["role"]
+        name = "_".join(_slug(str(dump[k])) for k in ("dataset", "pretrained", "model", "language", "task"))
+        path = folder / f"{name}.json"
+        _write_json(dump, path)
+        written.append(path)
+    return written
+
+
 def write_report(results: Sequence[Mapping], out_json: Path) -> ReportFiles:
     """Write `out_json` (a list of result dicts), `<stem>.md` beside it and one PNG per figure."""
     out_json = Path(out_json)
@@ -237,6 +258,7 @@ def write_report(results: Sequence[Mapping], out_json: Path) -> ReportFiles:
         if missing:
             raise DataError(f"results[{i}] lacks {missing}; build it with results_json()")
     _write_json(results, out_json)
+    write_clip_benchmark_files(results, out_json.with_name(f"{out_json.stem}-clip_benchmark"))
 
     figures: list[Path] = []
     md = [f"# Evaluation report: {out_json.stem}", ""]

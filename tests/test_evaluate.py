@@ -407,3 +407,28 @@ def test_zero_shot_and_retrieval_refuse_the_other_layout(setup, clips):
         zero_shot(clips["mlx"], load_dataset(setup["captions"]))
     with pytest.raises(DataError, match="needs exactly one"):
         zero_shot(clips["mlx"], load_dataset(setup["demo"]["target_val"]), ["no placeholder"])
+
+
+def test_clip_benchmark_build_tabulates_our_results(setup, tmp_path):
+    """The real `clip_benchmark build` reads the per-result files `mlxclip eval` writes."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("clip_benchmark")
+    demo = setup["demo"]
+    results = evaluate(setup["model"], [demo["target"], setup["captions"]], templates=TEMPLATES, out=tmp_path / "r")
+    folder = tmp_path / "r" / "eval-clip_benchmark"
+    files = sorted(folder.glob("*.json"))
+    assert len(files) == len(results)
+    csv_path = tmp_path / "benchmark.csv"
+    done = subprocess.run([sys.executable, "-m", "clip_benchmark.cli", "build", str(folder), "--output", str(csv_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["task"] for r in rows) == sorted(r["task"] for r in results)
+    for result in results:
+        row = next(r for r in rows if r["task"] == result["task"])
+        assert row["model_fullname"] == f"{result['model']} mlxclip"
+        for key, value in result["metrics"].items():
+            assert float(row[key]) == pytest.approx(value), key
