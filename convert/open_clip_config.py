@@ -115,6 +115,11 @@ def clip_config_from_open_clip(data: dict[str, Any], source: str = OPEN_CLIP_CON
         raise ConfigError(f"{source}: model_cfg.multimodal_cfg (CoCa) is not supported")
     vision = {**VISION_DEFAULTS, **(model_cfg.get("vision_cfg") or {})}
     text = {**TEXT_DEFAULTS, **(model_cfg.get("text_cfg") or {})}
+    if vision.get("timm_model_name"):
+        raise ConfigError(f"{source}: open_clip models with a timm image trunk (vision_cfg.timm_model_name="
+                          f"{vision['timm_model_name']!r}, e.g. open_clip's ViT-*-SigLIP*) are not converted: this "
+                          "converter maps open_clip's own VisionTransformer only, not timm's layout; convert the "
+                          "Hugging Face release of the model (google/siglip-*), which loads as model_type 'siglip'")
     _check_fixed(source, "vision_cfg", vision, VISION_FIXED)
     _check_fixed(source, "text_cfg", text, TEXT_FIXED)
     if not isinstance(vision["layers"], int) or isinstance(vision["layers"], bool):

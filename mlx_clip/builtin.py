@@ -13,10 +13,15 @@ import numpy as np
 from convert.writer import write_model_folder
 from mlx_clip.config import CLIPConfig, siglip_tiny_config, tiny_config
 from mlx_clip.errors import ConfigError
-from mlx_clip.policy import SIGLIP_LOGIT_BIAS_INIT
 
-# SigLIP's starting temperature, t' = log 10 (Zhai et al. 2023; its bias starts at -10).
+# siglip-tiny's temperature starts at the paper's t' = log 10 (Zhai et al. 2023), its bias not at
+# the paper's -10 (meant for 10^5 steps: Adam moves a scalar by about lr per step, so after the
+# demo's 1000 steps at 2e-3 it would still be near -8 and every logit t cos + b negative) but at
+# -5, about where the optimum of a few-class domain lies for t = 10 (positives t + b > 0,
+# negatives at cos ~ 0 well below 0). A fresh bias for a CLIP trained with the sigmoid loss still
+# starts at policy.SIGLIP_LOGIT_BIAS_INIT.
 SIGLIP_LOGIT_SCALE_INIT = float(np.log(10.0))
+SIGLIP_TINY_LOGIT_BIAS_INIT = -5.0
 SIGLIP_TINY_VOCAB = 1024
 
 BUILTIN_VERSION = 3
@@ -84,7 +89,7 @@ def random_weights(config: CLIPConfig, seed: int = 0) -> dict[str, np.ndarray]:
 def _siglip_weights(config: CLIPConfig, normal) -> dict[str, np.ndarray]:
     """SigLIP's random start, after `transformers.SiglipPreTrainedModel._init_weights`: weights of
     fan-in scale (its lecun / xavier inits have that std to within a factor ~1.4), zero biases,
-    unit norms, position embeddings 1/sqrt(width); logit scale log 10 and bias -10 (the paper's)."""
+    unit norms, position embeddings 1/sqrt(width); logit scale log 10 and bias -5 (see above)."""
     from convert.shapes import siglip_shapes
 
     weights = {}
@@ -99,7 +104,7 @@ def _siglip_weights(config: CLIPConfig, normal) -> dict[str, np.ndarray]:
         elif leaf == "logit_scale":
             weights[name] = np.full(shape, SIGLIP_LOGIT_SCALE_INIT, np.float32)
         elif leaf == "logit_bias":
-            weights[name] = np.full(shape, SIGLIP_LOGIT_BIAS_INIT, np.float32)
+            weights[name] = np.full(shape, SIGLIP_TINY_LOGIT_BIAS_INIT, np.float32)
         else:  # matrices (and the patch convolution): fan-in = everything but the output axis
             weights[name] = normal(shape, float(np.prod(shape[1:])) ** -0.5)
     return weights

@@ -119,6 +119,19 @@ def parse_lora_targets(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def default_loss(config) -> str:
+    """The loss a model family is trained with: SigLIP's sigmoid loss for SigLIP, InfoNCE for CLIP."""
+    # Our CLIPConfig and transformers' configs both name the family in `model_type`.
+    return "siglip" if getattr(config, "model_type", "clip") == "siglip" else "clip"
+
+
+def for_model(cfg, config):
+    """`cfg` (a TrainConfig) with `loss` set to the family's default when it was left unset."""
+    import dataclasses
+
+    return cfg if cfg.loss is not None else dataclasses.replace(cfg, loss=default_loss(config))
+
+
 def training_plan(cfg) -> TrainingPlan:
     """The plan for a `TrainConfig`."""
     frozen = {"lock-image": ("vision_model", "visual_projection"),

@@ -62,7 +62,9 @@ class TrainConfig:
     beta2: float = field(default=0.98, metadata={"help": "AdamW beta2 (CLIP's 0.98)."})
     eps: float = field(default=1e-6, metadata={"help": "AdamW epsilon."})
     grad_clip: float = field(default=1.0, metadata={"help": "Global gradient-norm clip (0 disables)."})
-    loss: str = field(default="clip", metadata={"help": "Contrastive loss: clip (InfoNCE) or siglip."})
+    loss: str | None = field(default=None, metadata={
+        "help": "Contrastive loss: clip (InfoNCE) or siglip (sigmoid). Default: the model's own (siglip for "
+                "SigLIP models, clip otherwise)."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing of the CLIP loss."})
     hard_negative_beta: float = field(default=0.0, metadata={"help": "Hard-negative reweighting (0: off)."})
     multi_positive: bool = field(default=True, metadata={
@@ -188,7 +190,7 @@ class TrainConfig:
         check(self.label_smoothing < 1, "label_smoothing", "must be below 1")
         check(self.backend in ("mlx", "torch"), "backend", "must be mlx or torch")
         check(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}")
-        check(self.loss in LOSS_NAMES, "loss", f"must be one of {', '.join(LOSS_NAMES)}")
+        check(self.loss is None or self.loss in LOSS_NAMES, "loss", f"must be one of {', '.join(LOSS_NAMES)}")
         check(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
         if self.keep_best is not None and not self.evaluate:
             raise ConfigError(f"keep_best {self.keep_best!r} needs evaluations; drop --no-evaluate")

@@ -20,6 +20,7 @@ STATE_FILE = "engine_state.safetensors"
 class TorchBackend:
     name = "torch"
     training = None  # train.Training, once prepare_training has run
+    source: Path | None = None  # the folder the model was loaded from
 
     def __init__(self, model, config: CLIPConfig, device: torch.device):
         self.model, self.config, self.device = model.eval(), config, device
@@ -46,7 +47,9 @@ class TorchBackend:
     def from_folder(cls, folder, *, dtype=None, allow_pickle=False, device=None) -> "TorchBackend":
         chosen = select_device(device)
         model, config = load_torch_model(folder, device=chosen, dtype=dtype, allow_pickle=allow_pickle)
-        return cls(model, config, chosen)
+        engine = cls(model, config, chosen)
+        engine.source = Path(folder)  # where a saved copy takes SigLIP's tokenizer files from
+        return engine
 
     def _dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
@@ -79,7 +82,7 @@ class TorchBackend:
         """A plain model folder (LoRA merged) that both engines and, for "hf", transformers load;
         Hugging Face layout by default."""
         tensors = {k: v.detach().float().cpu().numpy() for k, v in merged(self.model).state_dict().items()}
-        return write_model_folder(Path(folder), self.config, tensors, to=to or "hf")
+        return write_model_folder(Path(folder), self.config, tensors, to=to or "hf", source=self.source)
 
     def export_onnx(self, folder: Path, pixels: np.ndarray, token_ids: np.ndarray, *, opset: int,
                     image_file: str, text_file: str) -> dict:
@@ -102,8 +105,10 @@ class TorchBackend:
 
     # --- training ---------------------------------------------------------------------------
     def prepare_training(self, cfg) -> None:
+        from mlx_clip.policy import for_model
         from torch_backend.train import prepare
 
+        cfg = for_model(cfg, self.config)  # the loss of the model's family unless one was chosen
         self.training = prepare(self.model, cfg, self.device)
 
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 
-from mlx_clip.policy import TrainingPlan, training_plan
+from mlx_clip.policy import TrainingPlan, default_loss, training_plan
 from mlx_clip.schedule import LOGIT_SCALE_MAX, decays
 from torch_backend.loss import LOSSES
 
@@ -23,7 +23,13 @@ class TrainModule(torch.nn.Module):
     def __init__(self, clip, logit_bias: float | None):
         super().__init__()
         self.clip = clip
-        self.logit_bias = None if logit_bias is None else torch.nn.Parameter(torch.tensor(logit_bias))
+        # A SigLIP model has its own learnable bias, which starts as its checkpoint has it.
+        own = getattr(clip, "logit_bias", None) is not None
+        self.logit_bias = None if logit_bias is None or own else torch.nn.Parameter(torch.tensor(logit_bias))
+
+    def bias(self) -> torch.Tensor | None:
+        own = getattr(self.clip, "logit_bias", None)
+        return own if own is not None else self.logit_bias
 
 
 class Training(NamedTuple):
@@ -55,10 +61,12 @@ def apply_plan(clip, plan: TrainingPlan) -> None:
 
         lora = plan.lora
         apply_lora(clip, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, seed=lora.seed)
-        for name in plan.kept_trainable:
+        own_bias = ("logit_bias",) if getattr(clip, "logit_bias", None) is not None else ()  # SigLIP's
+        for name in plan.kept_trainable + own_bias:
             getattr(clip, name).requires_grad_(True)
     for name in plan.frozen:
-        getattr(clip, name).requires_grad_(False)
+        if hasattr(clip, name):  # SigLIP has no projections: its heads are inside the towers
+            getattr(clip, name).requires_grad_(False)
 
 
 def trainable(module: TrainModule) -> list[tuple[str, torch.nn.Parameter]]:
@@ -80,7 +88,7 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
     Mixed precision (`cfg.autocast_dtype`) runs the towers under `torch.autocast`, with float32
     master weights and optimizer state; the loss is computed in float32 (see `loss._logits`).
     """
-    loss_fn = LOSSES[cfg.loss]
+    loss_fn = LOSSES[cfg.loss or default_loss(module.clip.config)]
     options = dict(plan.loss_options)
     params = [p for _, p in trainable(module)]
     clip = module.clip
@@ -95,7 +103,7 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
         image, text = image.float(), text.float()
         image = image / image.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)
-        loss = loss_fn(image, text, clip.logit_scale.exp(), module.logit_bias, labels=labels, **options)
+        loss = loss_fn(image, text, clip.logit_scale.exp(), module.bias(), labels=labels, **options)
         optimizer.zero_grad(set_to_none=True)
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:

@@ -1,5 +1,5 @@
 """The MLX engine behind the `Backend` protocol (`mlx_clip/backend.py`): loads any supported
-checkpoint folder into `model.CLIPModel`, encodes numpy batches, trains with the compiled step of
+checkpoint folder into `model.CLIPModel` (or `siglip.SiglipModel`), encodes numpy batches, trains with the compiled step of
 `train.py`, saves plain model folders. `torch_backend/backend.py` is its twin."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from mlx_clip.mlx_backend.jit import enable_vectorized_kernels
 from mlx_clip.mlx_backend.lora import merged
 from mlx_clip.mlx_backend.model import CLIPModel, init_weights, normalize
 from mlx_clip.mlx_backend.parallel import BatchSplit
+from mlx_clip.mlx_backend.siglip import SiglipModel
 from mlx_clip.policy import check_dtype, choose_device
 
 STATE_FILE = "engine_state.safetensors"
@@ -35,11 +36,16 @@ def select_device(requested: str | None = None, *, gpu_available: bool | None = 
 
 
 
+def build_model(config: CLIPConfig) -> CLIPModel | SiglipModel:
+    """The MLX model of `config`'s family (both have the same interface)."""
+    return SiglipModel(config) if config.is_siglip else CLIPModel(config)
+
+
 def load_mlx_model(folder: str | Path, *, dtype: str | None = None, allow_pickle: bool = False) -> CLIPModel:
     from convert import read_checkpoint
 
     checkpoint = read_checkpoint(folder, allow_pickle=allow_pickle)
-    model = CLIPModel(checkpoint.config)
+    model = build_model(checkpoint.config)
     weights = [(name, mx.array(torch_to_mlx(name, array))) for name, array in checkpoint.tensors.items()]
     model.load_weights(weights, strict=True)
     if check_dtype(dtype) != "float32":
@@ -67,6 +73,7 @@ def torch_layout_numpy(model: CLIPModel) -> dict[str, np.ndarray]:
 class MLXBackend:
     name = "mlx"
     training = None  # train.Training, once prepare_training has run
+    source: Path | None = None  # the folder the model was loaded from
 
     def __init__(self, model: CLIPModel, device: str = "cpu"):
         mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
@@ -110,11 +117,13 @@ class MLXBackend:
     @classmethod
     def from_folder(cls, folder, *, dtype=None, allow_pickle=False, device=None) -> "MLXBackend":
         chosen = select_device(device)  # refused before any weight is read
-        return cls(load_mlx_model(folder, dtype=dtype, allow_pickle=allow_pickle), chosen)
+        engine = cls(load_mlx_model(folder, dtype=dtype, allow_pickle=allow_pickle), chosen)
+        engine.source = Path(folder)  # where a saved copy takes SigLIP's tokenizer files from
+        return engine
 
     @classmethod
     def random(cls, config: CLIPConfig, seed: int = 0) -> "MLXBackend":
-        model = CLIPModel(config)
+        model = build_model(config)
         init_weights(model, seed)
         return cls(model)
 
@@ -133,9 +142,9 @@ class MLXBackend:
         model = merged(self.model)
         if to in (None, "mlx"):
             save_mlx_model(model, folder)
-            write_side_files(Path(folder), self.config)
+            write_side_files(Path(folder), self.config, self.source)
             return Path(folder)
-        return write_model_folder(Path(folder), self.config, torch_layout_numpy(model), to=to)
+        return write_model_folder(Path(folder), self.config, torch_layout_numpy(model), to=to, source=self.source)
 
     def memory(self) -> dict[str, int]:
         return {"peak_bytes": int(mx.get_peak_memory()), "active_bytes": int(mx.get_active_memory())}
@@ -143,7 +152,9 @@ class MLXBackend:
     # --- training ---------------------------------------------------------------------------
     def prepare_training(self, cfg) -> None:
         from mlx_clip.mlx_backend.train import prepare
+        from mlx_clip.policy import for_model
 
+        cfg = for_model(cfg, self.config)  # the loss of the model's family unless one was chosen
         self.training = prepare(self.model, cfg, self.split)
 
     def trainable_count(self) -> int:

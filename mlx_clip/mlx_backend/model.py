@@ -33,12 +33,21 @@ class Linear(nn.Linear):
         return cpu_math.linear(x, self["weight"], self["bias"] if "bias" in self else None)
 
 
+def _plain(function):
+    """MLX's activations are compiled function objects, which `copy.deepcopy` (the LoRA merge's
+    copy of the model) cannot copy; a plain Python function around one is copied by reference."""
+    def activation(x: mx.array) -> mx.array:
+        return function(x)
+
+    return activation
+
+
 ACTIVATIONS = {
-    "gelu": nn.gelu,  # erf form, as torch.nn.functional.gelu
+    "gelu": _plain(nn.gelu),  # erf form, as torch.nn.functional.gelu
     "quick_gelu": quick_gelu,  # OpenAI's original CLIP
-    "gelu_new": nn.gelu_approx,  # tanh form
-    "gelu_pytorch_tanh": nn.gelu_approx,
-    "relu": nn.relu,
+    "gelu_new": _plain(nn.gelu_approx),  # tanh form
+    "gelu_pytorch_tanh": _plain(nn.gelu_approx),
+    "relu": _plain(nn.relu),
 }
 
 

@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 from mlx_clip.mlx_backend.loss import LOSSES
 from mlx_clip.mlx_backend.model import CLIPModel, normalize
 from mlx_clip.mlx_backend.parallel import BatchSplit
-from mlx_clip.policy import TrainingPlan, training_plan
+from mlx_clip.policy import TrainingPlan, default_loss, training_plan
 from mlx_clip.schedule import LOGIT_SCALE_MAX, decays
 
 Step = Callable[[mx.array, mx.array, mx.array, mx.array], tuple[mx.array, mx.array, mx.array]]
@@ -33,10 +33,13 @@ class TrainModule(nn.Module):
     def __init__(self, clip: CLIPModel, logit_bias: float | None):
         super().__init__()
         self.clip = clip
-        if logit_bias is not None:
+        # A SigLIP model has its own learnable bias, which starts as its checkpoint has it.
+        if logit_bias is not None and "logit_bias" not in clip:
             self.logit_bias = mx.array(logit_bias, dtype=mx.float32)
 
     def bias(self) -> mx.array | None:
+        if "logit_bias" in self.clip:
+            return self.clip["logit_bias"]
         return self["logit_bias"] if "logit_bias" in self else None
 
 
@@ -72,9 +75,11 @@ def apply_plan(clip: CLIPModel, plan: TrainingPlan) -> None:
 
         lora = plan.lora
         apply_lora(clip, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, seed=lora.seed)
-        clip.unfreeze(keys=list(plan.kept_trainable), recurse=False)
+        own_bias = ("logit_bias",) if "logit_bias" in clip else ()  # SigLIP's, trained as logit_scale is
+        clip.unfreeze(keys=list(plan.kept_trainable) + list(own_bias), recurse=False)
     for name in plan.frozen:
-        getattr(clip, name).freeze()
+        if name in clip:  # SigLIP has no projections: its heads are inside the towers
+            getattr(clip, name).freeze()
 
 
 def make_optimizer(module: TrainModule, cfg) -> optim.Adam:
@@ -99,7 +104,7 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
     parameter, so `mx.compile` fuses each parameter's update into one pass over its memory
     (MLX's `apply_gradients` plus separate clip and guard passes read every weight 4 more times).
     """
-    loss_fn = LOSSES[cfg.loss]
+    loss_fn = LOSSES[cfg.loss or default_loss(module.clip.config)]
     options = dict(plan.loss_options)
     towers = split or (lambda tower, batch: tower(batch))
     decay_mask = dict(tree_flatten(tree_map_with_path(lambda path, p: decays(path, p.ndim),
