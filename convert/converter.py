@@ -20,7 +20,7 @@ from convert import detect
 from convert.checkpoint import read_stored
 from convert.dtypes import cast, check_dtype
 from convert.open_clip_config import preprocess_cfg_from_hf
-from convert.writer import copy_side_files, write_stored
+from convert.writer import copy_side_files, open_clip_normalisation, write_preprocessor_config, write_stored
 from mlx_clip.errors import ConvertError
 
 # (source folder, staged result folder, target format, whether any side holds float16/bfloat16)
@@ -46,7 +46,10 @@ def convert(src: str | Path, dst: str | Path, *, to: str, verify: Verifier | Non
     staging = staging_folder(dst)
     try:
         write_stored(staging, to, stored.config, tensors, extras, preprocess_cfg=preprocess_cfg_from_hf(src))
-        copy_side_files(src, staging)
+        copied = copy_side_files(src, staging)
+        normalisation = open_clip_normalisation(stored.config)
+        if to != "open_clip" and "preprocessor_config.json" not in copied and normalisation:
+            write_preprocessor_config(staging, stored.config.vision_config.image_size, **normalisation)
         if verify is not None:
             try:
                 verify(src, staging, to, reduced)

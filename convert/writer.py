@@ -25,6 +25,7 @@ from mlx_clip.version import __version__
 # Files that travel with the weights (tokenizer and image preprocessing), copied as they are.
 SIDE_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
               "special_tokens_map.json", "preprocessor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
 
 
 def mlx_metadata() -> dict[str, str]:
@@ -76,18 +77,35 @@ def write_side_files(folder: Path, config: CLIPConfig, source: Path | None = Non
     """CLIP: OpenAI's tokenizer files and a preprocessor config for the model's image size.
     SigLIP: the tokenizer and preprocessor files of `source` (the folder the model came from: a
     SigLIP tokenizer cannot be made up), and SigLIP's preprocessor config where it has none."""
+    copied = copy_side_files(source, folder) if source is not None and Path(source).is_dir() else []
     if config.is_siglip:
-        copied = copy_side_files(source, folder) if source is not None and Path(source).is_dir() else []
         if "preprocessor_config.json" not in copied:
             write_preprocessor_config(folder, config.vision_config.image_size, siglip=True)
         return
-    from mlx_clip.tokenizer import load_tokenizer
+    # CLIP: what the source model was trained with travels; OpenAI's files only where it had none.
+    if not any(name in copied for name in TOKENIZER_FILES):
+        from mlx_clip.tokenizer import load_tokenizer
 
-    load_tokenizer().save_pretrained(folder)
-    write_preprocessor_config(folder, config.vision_config.image_size)
+        load_tokenizer().save_pretrained(folder)
+    if "preprocessor_config.json" not in copied:
+        write_preprocessor_config(folder, config.vision_config.image_size, **open_clip_normalisation(config))
 
 
-def write_preprocessor_config(folder: Path, image_size: int, *, siglip: bool = False) -> None:
+def open_clip_normalisation(config: CLIPConfig) -> dict[str, list[float]]:
+    """{mean, std} from the open_clip preprocess_cfg a config came with (open_clip checkpoints carry
+    their normalisation there, not in a preprocessor_config.json), else {}."""
+    from convert.open_clip_config import EXTRAS_KEY
+
+    original = config.extras.get(EXTRAS_KEY)
+    cfg = original.get("preprocess_cfg") if isinstance(original, dict) else None
+    if not isinstance(cfg, dict):
+        return {}
+    return {k: [float(v) for v in cfg[k]] for k in ("mean", "std")
+            if isinstance(cfg.get(k), (list, tuple)) and len(cfg[k]) == 3}
+
+
+def write_preprocessor_config(folder: Path, image_size: int, *, siglip: bool = False,
+                              mean: list[float] | None = None, std: list[float] | None = None) -> None:
     if siglip:
         # SiglipImageProcessor: a square bicubic resize, no crop, mean = std = 0.5.
         processor = {
@@ -102,7 +120,7 @@ def write_preprocessor_config(folder: Path, image_size: int, *, siglip: bool = F
         "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
         "resample": 3, "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(OPENAI_MEAN), "image_std": list(OPENAI_STD), "do_convert_rgb": True,
+        "image_mean": list(mean or OPENAI_MEAN), "image_std": list(std or OPENAI_STD), "do_convert_rgb": True,
     }
     (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
 

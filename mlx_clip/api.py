@@ -45,13 +45,27 @@ def preprocessor_settings(folder: Path) -> tuple[tuple[float, ...], tuple[float,
     default_mean, default_std = (SIGLIP_MEAN, SIGLIP_STD) if siglip else (OPENAI_MEAN, OPENAI_STD)
     path = folder / "preprocessor_config.json"
     if not path.is_file():
-        return default_mean, default_std, not siglip
+        mean, std = _open_clip_normalisation(folder)
+        return mean or default_mean, std or default_std, not siglip
     data = read_json(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: not a valid preprocessor config (expected a JSON object)")
     size = data.get("size")
     crop = data.get("do_center_crop", isinstance(size, dict) and "shortest_edge" in size)
     return tuple(data.get("image_mean", default_mean)), tuple(data.get("image_std", default_std)), bool(crop)
+
+
+def _open_clip_normalisation(folder: Path) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """An open_clip folder keeps its mean/std in open_clip_config.json's preprocess_cfg."""
+    path = folder / "open_clip_config.json"
+    if not path.is_file():
+        return None, None
+    data = read_json(path)
+    cfg = data.get("preprocess_cfg") if isinstance(data, dict) else None
+    if not isinstance(cfg, dict):
+        return None, None
+    pick = lambda key: tuple(float(v) for v in cfg[key]) if isinstance(cfg.get(key), list) else None  # noqa: E731
+    return pick("mean"), pick("std")
 
 
 class CLIP:
