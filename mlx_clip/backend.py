@@ -49,21 +49,27 @@ class Backend(Protocol):
         """One update on a `data.loader.Batch`: {loss, grad_norm, ok, logit_scale}. A step with
         a non-finite loss or gradient (ok False) changes no weight and no optimizer state."""
 
+    phase: str  # "probe" | "full" (policy.PHASES): what trains now; always "full" but in LP-FT
+
+    def set_phase(self, phase: str) -> None:
+        """LP-FT's switch: train what `phase` trains from the next step on, with fresh optimizer
+        state. `save_state` records the phase and `load_state` restores it."""
+
     def save_state(self, folder: Path) -> None:
         """Weights and optimizer state, enough to continue bit for bit."""
 
     def load_state(self, folder: Path) -> None:
         """Restore what `save_state` wrote."""
 
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of each `model/` tensor `save_state` writes, for checking a checkpoint
+        fits before loading it."""
+
 
 def engine_class(name: str) -> type:
     """The class of engine `name`, imported on first use."""
     if name == "mlx":
         from mlx_clip.mlx_backend.backend import MLXBackend
-
-    def state_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Name -> shape of each `model/` tensor `save_state` writes, for checking a checkpoint
-        fits before loading it."""
 
         return MLXBackend
     if name == "torch":

@@ -348,3 +348,26 @@ def eval_command(model, compare_models, data, control, templates, classes, tasks
     for result in ev.evaluate(resolve(model, allow_pickle=allow_pickle), list(data), out=out, **common):
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items() if isinstance(v, float))
         click.echo(f"{result.get('role', 'target')} {result['dataset']} {result['task']}: {shown}")
+
+
+@main.group()
+def demo():
+    """Built-in cases that run end to end on rendered data (no download)."""
+
+
+@demo.command("domain-shift")
+@click.option("--preset", type=click.Choice(["default", "ci"]), default="default", show_default=True,
+              help="default: the README's case (a few minutes on 2 cores); ci: a tiny, quick version.")
+@click.option("--out", default="runs/domain-shift", show_default=True, type=click.Path(file_okay=False),
+              help="Run folder: each stage's runs and domain_shift.{json,md,png}.")
+@backend_option
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the pictures and of every run.")
+@domain_errors
+def domain_shift(preset, out, backend, seed):
+    """Forgetting, shown: train a base on domain A, fine-tune it on domain B (plain, LP-FT, L2-SP),
+    sweep WiSE-FT, and report target (B) and control (A) accuracy of each."""
+    from mlx_clip.domain_shift import run_domain_shift
+
+    result = run_domain_shift(out, preset=preset, backend=backend, seed=seed, echo=click.echo,
+                              progress=sys.stderr.isatty())
+    click.echo(f"report: {result.files['markdown']}")

@@ -104,7 +104,11 @@ class TrainingPlan:
     lora: adapters to add (everything else is then frozen, except `kept_trainable`);
     kept_trainable: top-level parameters that still train after LoRA's freeze;
     logit_bias: the initial SigLIP bias, None when the loss has none;
-    loss_options: keyword arguments of the loss function beyond embeddings, scale and bias.
+    loss_options: keyword arguments of the loss function beyond embeddings, scale and bias;
+    probe_steps: LP-FT (Kumar et al. 2022): the first `probe_steps` updates train only `PROBED`
+    (the "linear probe" of a contrastive model: both projections and the temperature, plus
+    SigLIP's bias); then every parameter trains, with a fresh optimizer and a fresh schedule, as
+    the paper's second stage. 0: one phase.
     """
 
     frozen: tuple[str, ...] = ()
@@ -112,6 +116,17 @@ class TrainingPlan:
     kept_trainable: tuple[str, ...] = ()
     logit_bias: float | None = None
     loss_options: tuple[tuple[str, float], ...] = ()
+    probe_steps: int = 0
+
+    def phase_at(self, step: int) -> str:
+        """The phase update number `step` (0-based) belongs to: "probe" or "full"."""
+        return "probe" if step < self.probe_steps else "full"
+
+
+# What trains in LP-FT's first phase: top-level CLIP submodules / parameters (logit_bias, outside
+# the CLIP, always trains with the loss that has it).
+PROBED = ("visual_projection", "text_projection", "logit_scale")
+PHASES = ("probe", "full")
 
 
 def parse_lora_targets(text: str) -> tuple[str, ...]:
@@ -141,7 +156,8 @@ def training_plan(cfg) -> TrainingPlan:
     if cfg.strategy == "lora":
         lora = LoraSpec(cfg.lora_rank, cfg.lora_alpha, parse_lora_targets(cfg.lora_targets), cfg.seed)
         kept = ("logit_scale",)  # the temperature keeps adapting, as in full fine-tuning
+    probe = cfg.lp_steps if cfg.strategy == "lp-ft" else 0
     if cfg.loss == "siglip":
-        return TrainingPlan(frozen, lora, kept, SIGLIP_LOGIT_BIAS_INIT)
+        return TrainingPlan(frozen, lora, kept, SIGLIP_LOGIT_BIAS_INIT, probe_steps=probe)
     options = (("label_smoothing", cfg.label_smoothing), ("hard_negative_beta", cfg.hard_negative_beta))
-    return TrainingPlan(frozen, lora, kept, None, options)
+    return TrainingPlan(frozen, lora, kept, None, options, probe)

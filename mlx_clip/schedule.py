@@ -16,6 +16,17 @@ def lr_at(step: int, total_steps: int, peak: float, warmup_steps: int, min_ratio
     return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (peak - floor)
 
 
+def phased_lr(step: int, total_steps: int, probe_steps: int, peak: float, warmup_steps: int,
+              min_ratio: float = 0.0) -> float:
+    """`lr_at` for a run whose first `probe_steps` updates are LP-FT's probe phase: each phase has
+    its own warmup and cosine (the paper's two stages, each its own run); 0: one schedule."""
+    if not probe_steps:
+        return lr_at(step, total_steps, peak, warmup_steps, min_ratio)
+    if step < probe_steps:
+        return lr_at(step, min(probe_steps, total_steps), peak, warmup_steps, min_ratio)
+    return lr_at(step - probe_steps, total_steps - probe_steps, peak, warmup_steps, min_ratio)
+
+
 def decays(name: str, ndim: int) -> bool:
     """Weight decay applies to matrices only: not to biases, norms, embeddings, class token or
     logit_scale / logit_bias (open_clip's exclusion rule, plus embeddings)."""

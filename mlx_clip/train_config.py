@@ -18,7 +18,7 @@ from typing import Any
 from mlx_clip.errors import ConfigError
 from mlx_clip.policy import DTYPES
 
-STRATEGIES = ("full", "lora", "lock-image", "lock-text")
+STRATEGIES = ("full", "lora", "lock-image", "lock-text", "lp-ft")
 PRECISIONS = ("fp32", "amp_bf16", "amp_fp16", "bf16", "fp16")
 PURE_PRECISIONS = {"bf16": "bfloat16", "fp16": "float16"}
 LOSS_NAMES = ("clip", "siglip")
@@ -58,6 +58,9 @@ class TrainConfig:
     min_lr_ratio: float = field(default=0.0, metadata={"help": "Cosine floor as a share of --lr."})
     weight_decay: float = field(default=0.1, metadata={
         "help": "Decoupled weight decay (not on biases, norms, embeddings, logit_scale)."})
+    l2_to_base: float = field(default=0.0, metadata={
+        "help": "L2-SP (Li et al. 2018): pull every trained tensor toward its value at the start of the run, "
+                "decoupled like the weight decay (w -= lr * l2_to_base * (w - w0)); 0: off."})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     beta2: float = field(default=0.98, metadata={"help": "AdamW beta2 (CLIP's 0.98)."})
     eps: float = field(default=1e-6, metadata={"help": "AdamW epsilon."})
@@ -69,7 +72,10 @@ class TrainConfig:
     hard_negative_beta: float = field(default=0.0, metadata={"help": "Hard-negative reweighting (0: off)."})
     multi_positive: bool = field(default=True, metadata={
         "help": "Pairs of one class (or one image) are positives, not negatives."})
-    strategy: str = field(default="full", metadata={"help": "full, lora, lock-image or lock-text."})
+    strategy: str = field(default="full", metadata={
+        "help": "full, lora, lock-image, lock-text, or lp-ft (Kumar et al. 2022: --lp-steps steps that train only "
+                "the projections and logit scale, then the full model with a fresh optimizer and schedule)."})
+    lp_steps: int = field(default=100, metadata={"help": "lp-ft: steps of the first, projections-only phase."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale alpha/rank)."})
     lora_targets: str = field(default="q_proj,k_proj,v_proj,out_proj,fc1,fc2", metadata={
@@ -91,14 +97,6 @@ class TrainConfig:
                 "--control-data and --eval-every)."})
     max_nan_steps: int = field(default=5, metadata={"help": "Consecutive non-finite steps that stop the run."})
     resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to continue from."})
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def resolve(cls, file: str | Path | None = None, flags: dict[str, Any] | None = None,
-                preset: dict[str, Any] | None = None) -> "TrainConfig":
     tensorboard: bool = field(default=False, metadata={
         "help": "Also write TensorBoard event files to OUT/tensorboard (loss, lr, logit scale, gradient norm, "
                 "images/s, memory, evaluations)."})
@@ -108,14 +106,11 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata={
         "help": "Replace a run already in --out (its metrics, checkpoints and final/); without it such a folder "
                 "is refused unless --resume."})
-    overwrite: bool = field(default=False, metadata={
-        "help": "Replace a run already in --out (its metrics, checkpoints and final/); without it such a folder "
-                "is refused unless --resume."})
-        """flag > file > preset > default. `flags` holds only options the user actually gave."""
-        values: dict[str, Any] = {}
-        for source, layer in (("preset", preset or {}), (str(file), read_config_file(file) if file else {}),
-                              ("flags", flags or {})):
-            unknown = sorted(set(layer) - set(cls.field_names()))
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
     @classmethod
     def field_types(cls) -> dict[str, tuple[type, bool]]:
         """name -> (value type, whether None is allowed), from the real annotations (the module
@@ -147,9 +142,18 @@ class TrainConfig:
                 raise ConfigError(f"{source}: {name} must be {expected}{' or null' if optional else ''}, "
                                   f"got {value!r} ({type(value).__name__})")
 
+    @classmethod
+    def resolve(cls, file: str | Path | None = None, flags: dict[str, Any] | None = None,
+                preset: dict[str, Any] | None = None) -> "TrainConfig":
+        """flag > file > preset > default. `flags` holds only options the user actually gave."""
+        values: dict[str, Any] = {}
+        for source, layer in (("preset", preset or {}), (str(file), read_config_file(file) if file else {}),
+                              ("flags", flags or {})):
+            unknown = sorted(set(layer) - set(cls.field_names()))
             if unknown:
                 raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; "
                                   f"valid options: {', '.join(cls.field_names())}")
+            cls.check_types(layer, source)
             values.update(layer)
         cfg = cls(**values)
         cfg.validate()
@@ -158,10 +162,9 @@ class TrainConfig:
     def validate(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:
             if not ok:
-            cls.check_types(layer, source)
                 raise ConfigError(f"{name} {rule}, got {getattr(self, name)!r}")
 
-        for name in ("batch_size", "log_every", "max_nan_steps", "lora_rank", "keep_checkpoints"):
+        for name in ("batch_size", "log_every", "max_nan_steps", "lora_rank", "keep_checkpoints", "lp_steps"):
             value = getattr(self, name)
             check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                   "must be a positive integer")
@@ -175,7 +178,7 @@ class TrainConfig:
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, name,
                   "must be a positive number")
-        for name in ("weight_decay", "grad_clip", "label_smoothing", "hard_negative_beta"):
+        for name in ("weight_decay", "grad_clip", "label_smoothing", "hard_negative_beta", "l2_to_base"):
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name,
                   "must be a non-negative number")
@@ -187,13 +190,13 @@ class TrainConfig:
         if self.max_control_drop is not None:
             check(0 <= self.max_control_drop <= 1, "max_control_drop", "must be in [0, 1]")
         check(0 < self.crop_scale_min <= 1, "crop_scale_min", "must be in (0, 1]")
+        if self.keep_best is not None and not self.evaluate:
+            raise ConfigError(f"keep_best {self.keep_best!r} needs evaluations; drop --no-evaluate")
         check(self.label_smoothing < 1, "label_smoothing", "must be below 1")
         check(self.backend in ("mlx", "torch"), "backend", "must be mlx or torch")
         check(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}")
         check(self.loss is None or self.loss in LOSS_NAMES, "loss", f"must be one of {', '.join(LOSS_NAMES)}")
         check(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
-        if self.keep_best is not None and not self.evaluate:
-            raise ConfigError(f"keep_best {self.keep_best!r} needs evaluations; drop --no-evaluate")
         check(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
         if self.precision in PURE_PRECISIONS and self.dtype not in ("float32", PURE_PRECISIONS[self.precision]):
             raise ConfigError(f"precision {self.precision} keeps the parameters in {PURE_PRECISIONS[self.precision]}, "

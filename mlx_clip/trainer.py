@@ -95,6 +95,7 @@ def check_resumable(checkpoint, state: dict, cfg: TrainConfig, engine: Backend) 
         raise CheckpointError(f"{Path(checkpoint) / ENGINE_STATE_FILE}: does not fit this model ({'; '.join(problems)})")
 
 
+class Trainer:
     def __init__(self, cfg: TrainConfig, engine: Backend, loader: Any, run: RunFolder, total_steps: int, *,
                  evaluate: Callable[[Any], dict] | None = None, progress: bool = True,
                  stop_after: int | None = None):
@@ -132,16 +133,16 @@ def check_resumable(checkpoint, state: dict, cfg: TrainConfig, engine: Backend) 
         if state.get("backend") != self.engine.name:
             raise MlxClipError(f"{checkpoint} was written by the {state.get('backend')} engine; "
                                f"resume it with --backend {state.get('backend')}")
+        check_resumable(checkpoint, state, self.cfg, self.engine)
         self.engine.load_state(checkpoint)
         self.loader.load_state_dict(state["loader"])
         self.step = int(state["step"])
         self.nan_steps = int(state.get("nan_steps", 0))
-
-    # --- loop ----------------------------------------------------------------------------
         self.best = state.get("best")
         self.log.resume_at(self.step)
+
+    # --- loop ----------------------------------------------------------------------------
     def _on_sigint(self, signum, frame) -> None:
-        check_resumable(checkpoint, state, self.cfg, self.engine)
         self._interrupted = True
         # A second Ctrl-C stops at once; the last complete checkpoint is still intact.
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -160,7 +161,9 @@ def check_resumable(checkpoint, state: dict, cfg: TrainConfig, engine: Backend) 
                     raise Interrupted(f"interrupted at step {self.step}; checkpoint {path}; "
                                       f"continue with --resume latest")
                 batch = self.loader.next_batch()
-                lr = lr_at(self.step, self.total_steps, self.cfg.lr, self.cfg.warmup_steps, self.cfg.min_lr_ratio)
+                self._enter_phase(progress)
+                lr = phased_lr(self.step, self.total_steps, self.plan.probe_steps, self.cfg.lr, self.cfg.warmup_steps,
+                               self.cfg.min_lr_ratio)
                 in_step = True
                 metrics = self.engine.train_step(batch, lr)
                 in_step = False
@@ -199,10 +202,20 @@ def check_resumable(checkpoint, state: dict, cfg: TrainConfig, engine: Backend) 
             raise
         finally:
             progress.close()
+            self.log.close()
             signal.signal(signal.SIGINT, previous)
         result.steps, result.nan_steps = self.step, self.nan_steps
         return result
-            self.log.close()
+
+    def _enter_phase(self, progress: Progress) -> None:
+        """LP-FT: at update `probe_steps` the engine starts training everything (its phase is
+        saved with its state, so a resumed run switches at the same step)."""
+        phase = self.plan.phase_at(self.step)
+        if self.plan.probe_steps and phase != self.engine.phase:
+            self.engine.set_phase(phase)
+            progress.write(f"step {self.step}: LP-FT probe phase done; training the full model "
+                           f"({self.engine.trainable_count():,} parameters, fresh optimizer state)")
+            self.log.write({"step": self.step, "phase": phase})
 
     def _nan_guard(self, metrics: dict, progress: Progress) -> None:
         if metrics["ok"]:
@@ -237,8 +250,8 @@ def check_resumable(checkpoint, state: dict, cfg: TrainConfig, engine: Backend) 
         self.log.write(record)
         progress.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                         if isinstance(v, float) and math.isfinite(v)))
-        return record
         self.consider_best(metrics, progress.write)
+        return record
 
     def consider_best(self, metrics: dict, echo: Callable[[str], None] = print) -> None:
         """--keep-best: save the model to OUT/best when this evaluation beats every earlier one."""

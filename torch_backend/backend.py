@@ -21,6 +21,7 @@ class TorchBackend:
     name = "torch"
     training = None  # train.Training, once prepare_training has run
     source: Path | None = None  # the folder the model was loaded from
+    phase = "full"  # policy.PHASES: what trains now (LP-FT starts with "probe")
 
     def __init__(self, model, config: CLIPConfig, device: torch.device):
         self.model, self.config, self.device = model.eval(), config, device
@@ -105,11 +106,24 @@ class TorchBackend:
 
     # --- training ---------------------------------------------------------------------------
     def prepare_training(self, cfg) -> None:
-        from mlx_clip.policy import for_model
+        from mlx_clip.policy import for_model, training_plan
         from torch_backend.train import prepare
 
         cfg = for_model(cfg, self.config)  # the loss of the model's family unless one was chosen
+        self._train_config = cfg
         self.training = prepare(self.model, cfg, self.device)
+        self.phase = training_plan(cfg).phase_at(0)
+        self._phased = training_plan(cfg).probe_steps > 0
+
+    def set_phase(self, phase: str) -> None:
+        """Train what `phase` trains from the next step on, with a fresh optimizer (LP-FT)."""
+        from torch_backend.train import enter_phase
+
+        if phase != self.phase:
+            training = self.training
+            self.training = enter_phase(training.module, self._train_config, phase, training.anchors, self.device,
+                                        training.scaler)
+            self.phase = phase
 
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         from torch_backend.train import trainable
@@ -130,8 +144,11 @@ class TorchBackend:
     def save_state(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
-        module, optimizer, _, scaler = self.training
+        module, optimizer, _, scaler, anchors = self.training
         tensors = {f"model/{k}": v.detach().contiguous() for k, v in module.state_dict().items()}
+        tensors.update({f"anchor/{k}": v.contiguous() for k, v in (anchors or {}).items()})
+        if self._phased:  # LP-FT: the phase decides which optimizer state there is
+            tensors["phase/probe"] = torch.tensor(self.phase == "probe", dtype=torch.uint8)
         if scaler is not None:
             state = scaler.state_dict()
             tensors["scaler/scale"] = torch.tensor(state["scale"], dtype=torch.float64)
@@ -142,11 +159,20 @@ class TorchBackend:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(Path(folder) / STATE_FILE),
                   metadata={"engine": "torch"})
 
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        module = self.training[0]
+        return {f"model/{k}": tuple(v.shape) for k, v in module.state_dict().items()}
+
     def load_state(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
-        module, optimizer, _, scaler = self.training
         tensors = load_file(str(Path(folder) / STATE_FILE))
+        if "phase/probe" in tensors:  # first, since the optimizer state's shape follows the phase
+            self.set_phase("probe" if int(tensors["phase/probe"]) else "full")
+        module, optimizer, _, scaler, anchors = self.training
+        with torch.no_grad():
+            for name, anchor in (anchors or {}).items():
+                anchor.copy_(tensors[f"anchor/{name}"])
         if scaler is not None and "scaler/scale" in tensors:
             scaler.load_state_dict({**scaler.state_dict(), "scale": float(tensors["scaler/scale"]),
                                     "_growth_tracker": int(tensors["scaler/growth_tracker"])})
@@ -157,7 +183,3 @@ class TorchBackend:
             if state:
                 state["step"] = state["step"].cpu()  # AdamW keeps step on CPU unless capturable
                 optimizer.state[param] = state
-    def state_shapes(self) -> dict[str, tuple[int, ...]]:
-        module = self.training[0]
-        return {f"model/{k}": tuple(v.shape) for k, v in module.state_dict().items()}
-

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 
-from mlx_clip.policy import TrainingPlan, default_loss, training_plan
+from mlx_clip.policy import PROBED, TrainingPlan, default_loss, training_plan
 from mlx_clip.schedule import LOGIT_SCALE_MAX, decays
 from torch_backend.loss import LOSSES
 
@@ -37,21 +37,45 @@ class Training(NamedTuple):
     optimizer: torch.optim.AdamW
     step: Step
     scaler: torch.amp.GradScaler | None  # float16 mixed precision only
+    anchors: dict[str, torch.Tensor] | None  # L2-SP: the starting value of each trained tensor
 
 
 def prepare(clip, cfg, device: torch.device) -> Training:
-    """Everything a run needs beside the data, from a `TrainConfig`: `clip` is adapted in place."""
+    """Everything a run needs beside the data, from a `TrainConfig`: `clip` is adapted in place.
+
+    With L2-SP (`cfg.l2_to_base`), the starting value of every tensor the run trains (in any
+    phase) is copied aside; the engine saves and restores it with the optimizer state."""
     plan = training_plan(cfg)
     module = TrainModule(clip, plan.logit_bias).to(device)
     apply_plan(clip, plan)
     if cfg.gradient_checkpointing:
         clip.gradient_checkpointing_enable()
     module.train()
-    optimizer = make_optimizer(module, cfg)
+    anchors = {n: p.detach().clone() for n, p in trainable(module)} if cfg.l2_to_base else None
     # float16's narrow range needs loss scaling; bfloat16 has float32's exponent and does not.
     scaler = torch.amp.GradScaler(device.type) if cfg.autocast_dtype == "float16" else None
-    step = make_train_step(module, optimizer, cfg, plan, device=device, scaler=scaler)
-    return Training(module, optimizer, step, scaler)
+    return enter_phase(module, cfg, plan.phase_at(0), anchors, device, scaler)
+
+
+def enter_phase(module: TrainModule, cfg, phase: str, anchors: dict | None, device: torch.device,
+                scaler: torch.amp.GradScaler | None) -> Training:
+    """A fresh optimizer and step for `phase` ("probe" | "full", see `policy`): at LP-FT's switch
+    every parameter starts with empty AdamW state, as in `mlx_backend/train.py`; the L2-SP anchors
+    and the loss scaler carry over."""
+    plan = training_plan(cfg)
+    if plan.probe_steps:
+        set_probe(module.clip, phase == "probe")
+    optimizer = make_optimizer(module, cfg)
+    step = make_train_step(module, optimizer, cfg, plan, device=device, scaler=scaler, anchors=anchors)
+    return Training(module, optimizer, step, scaler, anchors)
+
+
+def set_probe(clip, probe: bool) -> None:
+    """LP-FT: with `probe`, only `policy.PROBED` trains; else everything does."""
+    clip.requires_grad_(not probe)
+    if probe:
+        for name in PROBED:
+            getattr(clip, name).requires_grad_(True)
 
 
 def apply_plan(clip, plan: TrainingPlan) -> None:
@@ -73,6 +97,12 @@ def trainable(module: TrainModule) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
 
+def adam_steps(optimizer: torch.optim.AdamW, param: torch.Tensor) -> float:
+    """Updates AdamW has applied to `param` (a skipped float16 step leaves it as it was)."""
+    state = optimizer.state.get(param, {})
+    return float(state["step"]) if "step" in state else 0.0
+
+
 def make_optimizer(module: TrainModule, cfg) -> torch.optim.AdamW:
     named = trainable(module)
     groups = [{"params": [p for n, p in named if decays(n, p.ndim)], "weight_decay": cfg.weight_decay},
@@ -82,7 +112,8 @@ def make_optimizer(module: TrainModule, cfg) -> torch.optim.AdamW:
 
 
 def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan: TrainingPlan, *,
-                    device: torch.device, scaler: torch.amp.GradScaler | None = None) -> Step:
+                    device: torch.device, scaler: torch.amp.GradScaler | None = None,
+                    anchors: dict[str, torch.Tensor] | None = None) -> Step:
     """`step(pixels, ids, labels, lr) -> (loss, grad_norm, ok)`; a non-finite step changes nothing.
 
     Mixed precision (`cfg.autocast_dtype`) runs the towers under `torch.autocast`, with float32
@@ -90,8 +121,10 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
     """
     loss_fn = LOSSES[cfg.loss or default_loss(module.clip.config)]
     options = dict(plan.loss_options)
-    params = [p for _, p in trainable(module)]
+    named = trainable(module)
+    params = [p for _, p in named]
     clip = module.clip
+    l2sp = cfg.l2_to_base if anchors is not None else 0.0
     autocast_dtype = getattr(torch, cfg.autocast_dtype) if cfg.autocast_dtype else None
 
     def step(pixels, ids, labels, lr):
@@ -110,6 +143,12 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
             scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         ok = bool(torch.isfinite(loss) and torch.isfinite(norm))
+        if l2sp and ok:
+            # L2-SP (Li et al. 2018), decoupled as AdamW's weight decay: w -= lr * lambda * (w - w0),
+            # every term at the weights before this step, applied only if the optimizer steps.
+            with torch.no_grad():
+                pulls = [(p, (p - anchors[n]) * (lr * l2sp)) for n, p in named]
+            taken = adam_steps(optimizer, params[0])
         if scaler:
             # An overflow of the scaled float16 gradients is the scaler's business: it skips the
             # update and lowers the scale. The step counts as non-finite only if the loss is.
@@ -119,6 +158,10 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
             ok = bool(torch.isfinite(loss))
         elif ok:
             optimizer.step()
+        if l2sp and ok and adam_steps(optimizer, params[0]) != taken:
+            with torch.no_grad():
+                for p, pull in pulls:
+                    p.sub_(pull)
         if ok:
             with torch.no_grad():
                 clip.logit_scale.clamp_(0, LOGIT_SCALE_MAX)

@@ -186,9 +186,9 @@ def _render_target(folder: Path, p: DemoParams) -> None:
             (folder / split / name).mkdir(parents=True, exist_ok=True)
             for i in range(count):
                 rng = np.random.default_rng([p.seed, _DOMAINS["target"], _SPLITS[split], label, i])
-                pixels, caption = _shape_image(rng, p.image_size, colour, shape)
+                pixels, caption = shape_image(rng, p.image_size, colour, shape)
                 rel = f"{split}/{name}/{i:04d}.png"
-                _save_png(pixels, folder / rel)
+                save_png(pixels, folder / rel)
                 rows.append((rel, caption))
         with open(folder / f"captions_{split}.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
@@ -209,7 +209,7 @@ def _jitter(
     return np.clip(np.asarray(rgb, np.float32) + rng.uniform(-amount, amount, size=3), 0, 255)
 
 
-def _shape_image(
+def shape_image(
     rng: np.random.Generator, size: int, colour: str, shape: str
 ) -> tuple[np.ndarray, str]:
     background, bg_word = _background(rng, size)
@@ -268,13 +268,13 @@ def _render_control(folder: Path, p: DemoParams) -> None:
         (folder / "val" / name).mkdir(parents=True, exist_ok=True)
         for i in range(p.per_class_control):
             rng = np.random.default_rng([p.seed, _DOMAINS["control"], _SPLITS["val"], label, i])
-            _save_png(
-                _pattern_image(rng, p.image_size, colour, pattern),
+            save_png(
+                pattern_image(rng, p.image_size, colour, pattern),
                 folder / "val" / name / f"{i:04d}.png",
             )
 
 
-def _pattern_image(rng: np.random.Generator, size: int, colour: str, pattern: str) -> np.ndarray:
+def pattern_image(rng: np.random.Generator, size: int, colour: str, pattern: str) -> np.ndarray:
     background, _ = _background(rng, size)
     fill = _jitter(rng, CONTROL_COLOURS[colour])
     period = rng.uniform(size / 8, size / 5)
@@ -301,6 +301,6 @@ def _pattern_image(rng: np.random.Generator, size: int, colour: str, pattern: st
     return background * (1 - alpha) + fill * alpha + rng.normal(0, 6, size=(size, size, 3))
 
 
-def _save_png(pixels: np.ndarray, path: Path) -> None:
+def save_png(pixels: np.ndarray, path: Path) -> None:
     image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
     image.save(path, format="PNG", compress_level=1)

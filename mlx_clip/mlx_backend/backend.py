@@ -74,6 +74,7 @@ class MLXBackend:
     name = "mlx"
     training = None  # train.Training, once prepare_training has run
     source: Path | None = None  # the folder the model was loaded from
+    phase = "full"  # policy.PHASES: what trains now (LP-FT starts with "probe")
 
     def __init__(self, model: CLIPModel, device: str = "cpu"):
         mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
@@ -152,10 +153,22 @@ class MLXBackend:
     # --- training ---------------------------------------------------------------------------
     def prepare_training(self, cfg) -> None:
         from mlx_clip.mlx_backend.train import prepare
-        from mlx_clip.policy import for_model
+        from mlx_clip.policy import for_model, training_plan
 
         cfg = for_model(cfg, self.config)  # the loss of the model's family unless one was chosen
+        self._train_config = cfg
         self.training = prepare(self.model, cfg, self.split)
+        self.phase = training_plan(cfg).phase_at(0)
+        self._phased = training_plan(cfg).probe_steps > 0
+
+    def set_phase(self, phase: str) -> None:
+        """Train what `phase` trains from the next step on, with a fresh optimizer (LP-FT)."""
+        from mlx_clip.mlx_backend.train import enter_phase
+
+        if phase != self.phase:
+            module, optimizer, _ = self.training
+            self.training = enter_phase(module, self._train_config, phase, optimizer.state.get("anchor"), self.split)
+            self.phase = phase
 
     def trainable_count(self) -> int:
         return sum(int(np.prod(p.shape)) for _, p in tree_flatten(self.training.module.trainable_parameters()))
@@ -173,15 +186,23 @@ class MLXBackend:
         module, optimizer, _ = self.training
         tensors = {f"model/{k}": v for k, v in tree_flatten(module.parameters())}
         tensors.update({f"optim/{k}": v for k, v in tree_flatten(optimizer.state)})
+        if self._phased:  # LP-FT: the phase decides which optimizer state there is
+            tensors["phase/probe"] = mx.array(self.phase == "probe", dtype=mx.uint8)
         mx.save_safetensors(str(Path(folder) / STATE_FILE), tensors, metadata={"engine": "mlx"})
 
-    def load_state(self, folder: Path) -> None:
-        module, optimizer, _ = self.training
-        tensors = mx.load(str(Path(folder) / STATE_FILE))
-        module.update(tree_unflatten([(k[6:], v) for k, v in tensors.items() if k.startswith("model/")]))
-        optimizer.state.update(tree_unflatten([(k[6:], v) for k, v in tensors.items() if k.startswith("optim/")]))
-        mx.eval(module.state, optimizer.state)
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         module, _, _ = self.training
         return {f"model/{k}": tuple(v.shape) for k, v in tree_flatten(module.parameters())}
 
+    def load_state(self, folder: Path) -> None:
+        tensors = mx.load(str(Path(folder) / STATE_FILE))
+        if "phase/probe" in tensors:  # first, since the optimizer state's shape follows the phase
+            self.set_phase("probe" if tensors["phase/probe"].item() else "full")
+        module, optimizer, _ = self.training
+        module.update(tree_unflatten([(k[6:], v) for k, v in tensors.items() if k.startswith("model/")]))
+        # Leaf by leaf in the state's own order: the compiled step captured this tree and reads its
+        # leaves by position, and the file's order is not the state's (a moment swapped with a
+        # same-shaped one was read as the other: NaN from sqrt(m), seen with LP-FT's probe phase).
+        saved = {k[6:]: v for k, v in tensors.items() if k.startswith("optim/")}
+        optimizer.state.update(tree_unflatten([(k, saved[k]) for k, _ in tree_flatten(optimizer.state)]))
+        mx.eval(module.state, optimizer.state)

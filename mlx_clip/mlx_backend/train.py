@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 from mlx_clip.mlx_backend.loss import LOSSES
 from mlx_clip.mlx_backend.model import CLIPModel, normalize
 from mlx_clip.mlx_backend.parallel import BatchSplit
-from mlx_clip.policy import TrainingPlan, default_loss, training_plan
+from mlx_clip.policy import PROBED, TrainingPlan, default_loss, training_plan
 from mlx_clip.schedule import LOGIT_SCALE_MAX, decays
 
 Step = Callable[[mx.array, mx.array, mx.array, mx.array], tuple[mx.array, mx.array, mx.array]]
@@ -50,13 +50,32 @@ class Training(NamedTuple):
 
 
 def prepare(clip: CLIPModel, cfg, split: BatchSplit | None = None) -> Training:
-    """Everything a run needs beside the data, from a `TrainConfig`: `clip` is adapted in place."""
+    """Everything a run needs beside the data, from a `TrainConfig`: `clip` is adapted in place.
+
+    With L2-SP (`cfg.l2_to_base`), the starting value of every tensor the run trains (in any
+    phase) is kept in the optimizer state under "anchor", so it is saved and restored with it."""
     plan = training_plan(cfg)
     module = TrainModule(clip, plan.logit_bias)
     module.train()
     apply_plan(clip, plan)
     clip.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    anchors = module.trainable_parameters() if cfg.l2_to_base else None
+    return enter_phase(module, cfg, plan.phase_at(0), anchors, split)
+
+
+def enter_phase(module: TrainModule, cfg, phase: str, anchors: dict | None = None,
+                split: BatchSplit | None = None) -> Training:
+    """A fresh optimizer and a compiled step for `phase` ("probe" | "full", see `policy`).
+
+    LP-FT's switch to "full" builds both anew: every parameter starts with empty Adam moments
+    and step 0 (so bias correction restarts), as the second stage of Kumar et al.'s recipe starts
+    a new optimizer from the probed model. The L2-SP anchors carry over unchanged."""
+    plan = training_plan(cfg)
+    if plan.probe_steps:
+        set_probe(module.clip, phase == "probe")
     optimizer = make_optimizer(module, cfg)
+    if anchors is not None:
+        optimizer.state["anchor"] = anchors
     compute_dtype = None
     if cfg.autocast_dtype and mx.default_device() == mx.cpu:
         warnings.warn(f"--precision {cfg.precision}: MLX's CPU backend multiplies {cfg.autocast_dtype} matrices at "
@@ -80,6 +99,17 @@ def apply_plan(clip: CLIPModel, plan: TrainingPlan) -> None:
     for name in plan.frozen:
         if name in clip:  # SigLIP has no projections: its heads are inside the towers
             getattr(clip, name).freeze()
+
+
+def set_probe(clip: CLIPModel, probe: bool) -> None:
+    """LP-FT: with `probe`, only `policy.PROBED` trains; else everything does."""
+    clip.unfreeze()
+    if probe:
+        clip.freeze()
+        clip.unfreeze(keys=[n for n in PROBED if not isinstance(getattr(clip, n), nn.Module)], recurse=False)
+        for name in PROBED:
+            if isinstance(getattr(clip, name), nn.Module):
+                getattr(clip, name).unfreeze()
 
 
 def make_optimizer(module: TrainModule, cfg) -> optim.Adam:
@@ -106,6 +136,7 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
     """
     loss_fn = LOSSES[cfg.loss or default_loss(module.clip.config)]
     options = dict(plan.loss_options)
+    l2sp = cfg.l2_to_base
     towers = split or (lambda tower, batch: tower(batch))
     decay_mask = dict(tree_flatten(tree_map_with_path(lambda path, p: decays(path, p.ndim),
                                                       module.trainable_parameters())))
@@ -124,12 +155,16 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
     loss_and_grad = nn.value_and_grad(module, compute_loss)
     state = [module.state, optimizer.state]
 
-    def update(name, param, grad, moments, scalars):
+    def update(name, param, grad, moments, scalars, anchor):
         lr, c1, c2, keep1, new1, keep2, new2 = scalars
         m = keep1 * moments["m"] + new1 * grad
         v = keep2 * moments["v"] + new2 * mx.square(grad)
         decayed = param * (1 - lr * cfg.weight_decay) if decay_mask[name] else param
         new = decayed - (c1.astype(grad.dtype) * m) / (mx.sqrt(v) * c2.astype(grad.dtype) + eps)
+        if anchor is not None:
+            # L2-SP (Li et al. 2018), decoupled as the weight decay: w -= lr * lambda * (w - w0),
+            # every term at the weights before this step. lr is 0 on a non-finite step.
+            new = new - (lr * l2sp).astype(param.dtype) * (param - anchor)
         if name == "clip.logit_scale":
             new = mx.clip(new, 0.0, LOGIT_SCALE_MAX)
         return new, {"m": m, "v": v}
@@ -154,11 +189,12 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
                    mx.where(ok, beta2, 1.0), mx.where(ok, 1 - beta2, 0.0))
         params = dict(tree_flatten(module.trainable_parameters()))
         moments = dict(tree_flatten(optimizer.state, is_leaf=lambda node: isinstance(node, dict) and "m" in node))
+        anchors = dict(tree_flatten(optimizer.state["anchor"])) if l2sp else {}
         new_params, new_moments = [], []
         for name, grad in grads.items():
             # as torch.nn.utils.clip_grad_norm_: always scale by min(1, c / (n + 1e-6))
             grad = mx.where(ok, (grad * coef).astype(grad.dtype), 0.0).astype(grad.dtype)
-            param, moment = update(name, params[name], grad, moments[name], scalars)
+            param, moment = update(name, params[name], grad, moments[name], scalars, anchors.get(name))
             new_params.append((name, param))
             new_moments.append((name, moment))
         module.update(tree_unflatten(new_params))
