@@ -167,7 +167,9 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
             new = new - (lr * l2sp).astype(param.dtype) * (param - anchor)
         if name == "clip.logit_scale":
             new = mx.clip(new, 0.0, LOGIT_SCALE_MAX)
-        return new, {"m": m, "v": v}
+        # The float32 lr and moments promote the arithmetic; bfloat16 / float16 parameters must
+        # stay in their dtype (they silently became float32 after the first step).
+        return new.astype(param.dtype), {"m": m, "v": v}
 
     def step(pixels, ids, labels, lr):
         master = module.parameters()
