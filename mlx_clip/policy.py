@@ -123,9 +123,11 @@ class TrainingPlan:
         return "probe" if step < self.probe_steps else "full"
 
 
-# What trains in LP-FT's first phase: top-level CLIP submodules / parameters (logit_bias, outside
-# the CLIP, always trains with the loss that has it).
-PROBED = ("visual_projection", "text_projection", "logit_scale")
+# What trains in LP-FT's first phase, as paths in the model, those the model has: CLIP's two
+# projections, SigLIP's two heads (its towers end in them instead), the temperature and SigLIP's
+# bias. A logit_bias outside the model (the SigLIP loss on a CLIP) always trains with that loss.
+PROBED = ("visual_projection", "text_projection", "text_model.head", "vision_model.head", "logit_scale",
+          "logit_bias")
 PHASES = ("probe", "full")
 
 

@@ -159,3 +159,23 @@ def test_lp_steps_must_leave_a_full_phase(tmp_path):
 
     with pytest.raises(ConfigError, match="lp_steps must be below"):
         run(small_config(tmp_path, "mlx", steps=8, strategy="lp-ft", lp_steps=8))
+
+
+def test_lp_ft_on_siglip_probes_its_heads_in_both_engines(tmp_path):
+    """SigLIP has no projections: its probe phase trains the towers' heads, temperature and bias."""
+    losses = {}
+    for engine in ENGINES:
+        out = tmp_path / engine
+        with pytest.raises(Interrupted):
+            run(small_config(out, engine, model="siglip-tiny", steps=6, lp_steps=3, strategy="lp-ft"), stop_after=3)
+        probed = read_model_state(out / "checkpoints" / "step-0000003", engine)
+        losses[engine] = np.array(run(small_config(out, engine, model="siglip-tiny", steps=6, lp_steps=3,
+                                                   strategy="lp-ft", resume="latest")).train.losses)
+        from mlx_clip.api import resolve
+
+        base = load_file(str(resolve("siglip-tiny") / "model.safetensors"))
+        moved = {k for k in base if base[k].tobytes() != probed[k].tobytes()}
+        assert moved and all(k.startswith(("text_model.head.", "vision_model.head.", "logit_")) for k in moved)
+        assert any(k.startswith("vision_model.head.") for k in moved) and "logit_bias" in moved
+    rel = np.abs(losses["mlx"] - losses["torch"]) / np.abs(losses["torch"])
+    assert rel.max() <= 1e-3

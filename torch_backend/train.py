@@ -71,11 +71,15 @@ def enter_phase(module: TrainModule, cfg, phase: str, anchors: dict | None, devi
 
 
 def set_probe(clip, probe: bool) -> None:
-    """LP-FT: with `probe`, only `policy.PROBED` trains; else everything does."""
+    """LP-FT: with `probe`, only what the model has of `policy.PROBED` trains; else everything."""
     clip.requires_grad_(not probe)
     if probe:
-        for name in PROBED:
-            getattr(clip, name).requires_grad_(True)
+        for path in PROBED:
+            target = clip
+            for name in path.split("."):
+                target = getattr(target, name, None)
+            if isinstance(target, (torch.nn.Module, torch.nn.Parameter)):
+                target.requires_grad_(True)
 
 
 def apply_plan(clip, plan: TrainingPlan) -> None:

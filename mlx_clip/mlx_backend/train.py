@@ -102,14 +102,24 @@ def apply_plan(clip: CLIPModel, plan: TrainingPlan) -> None:
 
 
 def set_probe(clip: CLIPModel, probe: bool) -> None:
-    """LP-FT: with `probe`, only `policy.PROBED` trains; else everything does."""
+    """LP-FT: with `probe`, only what the model has of `policy.PROBED` trains; else everything."""
     clip.unfreeze()
-    if probe:
-        clip.freeze()
-        clip.unfreeze(keys=[n for n in PROBED if not isinstance(getattr(clip, n), nn.Module)], recurse=False)
-        for name in PROBED:
-            if isinstance(getattr(clip, name), nn.Module):
-                getattr(clip, name).unfreeze()
+    if not probe:
+        return
+    clip.freeze()
+    for path in PROBED:
+        *parents, leaf = path.split(".")
+        owner = clip
+        for name in parents:
+            owner = owner[name] if name in owner else None
+            if owner is None:
+                break
+        if owner is None or leaf not in owner:
+            continue
+        if isinstance(owner[leaf], nn.Module):
+            owner[leaf].unfreeze()
+        else:
+            owner.unfreeze(keys=[leaf], recurse=False)
 
 
 def make_optimizer(module: TrainModule, cfg) -> optim.Adam:
