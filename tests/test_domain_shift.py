@@ -56,8 +56,8 @@ def test_markdown_table_matches_the_json(case):
         label = {"base": "base (stage A)", "fine-tune": "fine-tune", "wise-ft": "WiSE-FT", "lp-ft": "LP-FT",
                  "l2-sp": "L2-SP"}[r["name"]]
         cells = rows[label]
-        assert float(cells[1]) == pytest.approx(r["target"], abs=5e-4)
-        assert float(cells[3]) == pytest.approx(r["control"], abs=5e-4)
+        assert float(cells[1]) == pytest.approx(r["target"], abs=6e-4)
+        assert float(cells[3]) == pytest.approx(r["control"], abs=6e-4)
         if r["name"] != "base":
             assert float(cells[4]) == pytest.approx(r["control"] - base["control"], abs=1e-3)
             assert cells[5] == ("yes" if base["control"] - r["control"] <= data["budget"] + 1e-9 else "no")
