@@ -53,6 +53,10 @@ class TrainConfig:
     steps: int | None = field(default=None, metadata={"help": "Optimizer steps (default: from --epochs)."})
     epochs: float = field(default=1.0, metadata={"help": "Passes over the training data when --steps is not given."})
     batch_size: int = field(default=32, metadata={"help": "Pairs per step (all are negatives of each other)."})
+    micro_batch_size: int | None = field(default=None, metadata={
+        "help": "Feature caching (GradCache): run the towers on this many pairs at a time while the contrastive "
+                "loss sees the whole --batch-size; the update equals the full-batch one, the memory is that of a "
+                "micro-batch."})
     lr: float = field(default=1e-5, metadata={"help": "Peak learning rate."})
     warmup_steps: int = field(default=50, metadata={"help": "Linear warmup steps before cosine decay."})
     min_lr_ratio: float = field(default=0.0, metadata={"help": "Cosine floor as a share of --lr."})
@@ -174,6 +178,9 @@ class TrainConfig:
                   "must be a non-negative integer")
         if self.steps is not None:
             check(isinstance(self.steps, int) and self.steps >= 1, "steps", "must be a positive integer")
+        if self.micro_batch_size is not None:
+            check(isinstance(self.micro_batch_size, int) and 1 <= self.micro_batch_size <= self.batch_size,
+                  "micro_batch_size", f"must be an integer from 1 to --batch-size ({self.batch_size})")
         for name in ("lr", "epochs", "lora_alpha", "eps"):
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, name,

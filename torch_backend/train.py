@@ -131,18 +131,42 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
     l2sp = cfg.l2_to_base if anchors is not None else 0.0
     autocast_dtype = getattr(torch, cfg.autocast_dtype) if cfg.autocast_dtype else None
 
-    def step(pixels, ids, labels, lr):
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    def embed(pixels, ids):
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             image = clip.get_image_features(pixel_values=pixels).pooler_output
             text = clip.get_text_features(input_ids=ids).pooler_output
         image, text = image.float(), text.float()
-        image = image / image.norm(dim=-1, keepdim=True)
-        text = text / text.norm(dim=-1, keepdim=True)
+        return image / image.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)
+
+    def backward(pixels, ids, labels):
+        """The loss, its gradients left in the parameters' .grad (scaled when a scaler is on)."""
+        micro = cfg.micro_batch_size
+        if not micro:
+            image, text = embed(pixels, ids)
+            loss = loss_fn(image, text, clip.logit_scale.exp(), module.bias(), labels=labels, **options)
+            (scaler.scale(loss) if scaler else loss).backward()
+            return loss
+        # Feature caching, as mlx_backend/train.cached_step: embeddings without gradients, the
+        # loss's gradient with respect to them, then each chunk's vector-Jacobian product.
+        chunks = [slice(start, start + micro) for start in range(0, pixels.shape[0], micro)]
+        with torch.no_grad():
+            parts = [embed(pixels[c], ids[c]) for c in chunks]
+        image = torch.cat([p[0] for p in parts]).requires_grad_(True)
+        text = torch.cat([p[1] for p in parts]).requires_grad_(True)
         loss = loss_fn(image, text, clip.logit_scale.exp(), module.bias(), labels=labels, **options)
+        (scaler.scale(loss) if scaler else loss).backward()  # logit scale / bias get theirs here
+        for c in chunks:
+            pairs = [(out, grad[c]) for out, grad in zip(embed(pixels[c], ids[c]), (image.grad, text.grad))
+                     if out.requires_grad]  # a locked tower has nothing to backpropagate into
+            if pairs:
+                torch.autograd.backward(*zip(*pairs))
+        return loss
+
+    def step(pixels, ids, labels, lr):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler else loss).backward()
+        loss = backward(pixels, ids, labels)
         if scaler:
             scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))

@@ -186,7 +186,9 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
         loss, grads = loss_and_grad(module, pixels, ids, labels)
         if compute_dtype is not None:
             module.update(master)  # the loss left its low-precision copies in the module
-        grads = dict(tree_flatten(grads))  # frozen towers have no entry
+        return finish(loss, dict(tree_flatten(grads)), lr)  # frozen towers have no entry
+
+    def finish(loss, grads, lr):
         norm = mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for g in grads.values()))  # not ** 2: pow()
         ok = mx.isfinite(loss) & mx.isfinite(norm)
         # A non-finite step changes nothing, without a select per output (each would cost a pass
@@ -216,4 +218,70 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
         optimizer.state["learning_rate"] = mx.where(ok, lr, optimizer.state["learning_rate"])
         return loss, norm, ok
 
-    return mx.compile(step, inputs=state, outputs=state)
+    micro = cfg.micro_batch_size
+    if not micro:
+        return mx.compile(step, inputs=state, outputs=state)
+    if compute_dtype is not None:
+        raise ValueError("feature caching (--micro-batch-size) runs in float32 on MLX; drop --precision")
+    return cached_step(module, loss_fn, options, micro, mx.compile(finish, inputs=state, outputs=state))
+
+
+def cached_step(module: TrainModule, loss_fn, options: dict, micro: int, finish) -> Step:
+    """Feature caching (GradCache, Gao et al. 2021; open_clip's `accum_freq`): the contrastive
+    loss sees the whole batch while the towers only ever hold `micro` samples' activations.
+
+    1. embed the batch chunk by chunk without gradients; 2. the loss and its gradient with
+    respect to the (B, P) embeddings, the logit scale and bias; 3. each chunk again with
+    gradients, its parameters' gradient being the vector-Jacobian product of its embeddings with
+    the cached embedding gradients, summed. The sum is the full-batch gradient (each parameter's
+    gradient is linear in the embedding gradients), so the update equals the full-batch one up to
+    float32 summation order. Each chunk is evaluated before the next, which is what bounds memory."""
+    state = [module.state]
+
+    def embed(pixels, ids):
+        clip = module.clip
+        return (normalize(clip.get_image_features(pixels).astype(mx.float32)),
+                normalize(clip.get_text_features(ids).astype(mx.float32)))
+
+    def head(image, text, log_scale, bias, labels):
+        return loss_fn(image, text, mx.exp(log_scale.astype(mx.float32)), bias, labels=labels, **options)
+
+    def surrogate(module, pixels, ids, image_grad, text_grad):
+        image, text = embed(pixels, ids)
+        return (image * image_grad).sum() + (text * text_grad).sum()
+
+    embed_c = mx.compile(embed, inputs=state)
+    # nn.value_and_grad puts its traced parameters into the module: they are outputs too.
+    chunk_grads = mx.compile(lambda *args: nn.value_and_grad(module, surrogate)(module, *args)[1], inputs=state,
+                             outputs=state)
+
+    def step(pixels, ids, labels, lr):
+        chunks = [slice(start, start + micro) for start in range(0, pixels.shape[0], micro)]
+        parts = []
+        for part in chunks:
+            parts.append(embed_c(pixels[part], ids[part]))
+            mx.eval(parts[-1])
+        image = mx.concatenate([p[0] for p in parts])
+        text = mx.concatenate([p[1] for p in parts])
+        bias = module.bias()
+        argnums = [0, 1, 2] + ([3] if bias is not None else [])
+        loss, head_grads = mx.value_and_grad(head, argnums=argnums)(image, text, module.clip.logit_scale, bias,
+                                                                    labels)
+        mx.eval(loss, head_grads)
+        grads: dict[str, mx.array] = {}
+        for part in chunks:
+            got = dict(tree_flatten(chunk_grads(pixels[part], ids[part], head_grads[0][part], head_grads[1][part])))
+            grads = got if not grads else {name: grads[name] + g for name, g in got.items()}
+            mx.eval(grads)
+        # The temperature and bias enter only the loss: their gradients come from step 2.
+        for name, g in (("clip.logit_scale", head_grads[2]),
+                        (_bias_name(module), head_grads[3] if bias is not None else None)):
+            if g is not None and name in grads:
+                grads[name] = grads[name] + g.astype(grads[name].dtype)
+        return finish(loss, grads, lr)
+
+    return step
+
+
+def _bias_name(module: TrainModule) -> str:
+    return "clip.logit_bias" if "logit_bias" in module.clip else "logit_bias"
