@@ -46,7 +46,8 @@ class TrainResult:
 BEST_ALIASES = {"acc1": "val_zero_shot_top1", "top1": "val_zero_shot_top1", "R@1": "val_image_retrieval_R@1",
                 "control_acc1": "control_zero_shot_top1"}
 # What decides the set and meaning of the saved tensors: a checkpoint resumes only under the same.
-RESUME_KEYS = ("strategy", "lora_rank", "lora_alpha", "lora_targets", "loss", "precision", "parameter_dtype")
+RESUME_KEYS = ("strategy", "lora_rank", "lora_alpha", "lora_targets", "loss", "precision", "parameter_dtype",
+               "lp_steps", "l2_to_base")  # LP-FT's switch step; L2-SP's anchors exist only with lambda > 0
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -179,3 +179,15 @@ def test_lp_ft_on_siglip_probes_its_heads_in_both_engines(tmp_path):
         assert any(k.startswith("vision_model.head.") for k in moved) and "logit_bias" in moved
     rel = np.abs(losses["mlx"] - losses["torch"]) / np.abs(losses["torch"])
     assert rel.max() <= 1e-3
+
+
+@pytest.mark.parametrize("changed", [{"l2_to_base": 5.0}, {"strategy": "lp-ft", "lp_steps": 4}])
+def test_resume_under_another_guard_is_refused_by_name(tmp_path, changed):
+    from mlx_clip.errors import CheckpointError
+
+    options = {"l2_to_base": 20.0} if "l2_to_base" in changed else {"strategy": "lp-ft", "lp_steps": 6}
+    with pytest.raises(Interrupted):
+        run(small_config(tmp_path, "mlx", steps=10, **options), stop_after=3)
+    name = next(iter(k for k in changed if k != "strategy"))
+    with pytest.raises(CheckpointError, match=name):
+        run(small_config(tmp_path, "mlx", steps=10, resume="latest", **changed))
