@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.utils import checkpoint
 
 from mlx_clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from mlx_clip.interpolate import bicubic_matrix
@@ -112,7 +113,9 @@ class CLIPEncoder(nn.Module):
     def __call__(self, x: mx.array, mask: mx.array | str | None = None) -> mx.array:
         for layer in self.layers:
             if self.gradient_checkpointing:
-                x = mx.checkpoint(layer)(x, mask)
+                # nn.utils.checkpoint, not mx.checkpoint: the layer's parameters must be inputs of
+                # the checkpointed function, or their gradients are silently zero.
+                x = checkpoint(layer, lambda h, layer=layer: layer(h, mask))(x)
             else:
                 x = layer(x, mask)
         return x
