@@ -78,6 +78,8 @@ def write_side_files(folder: Path, config: CLIPConfig, source: Path | None = Non
     SigLIP: the tokenizer and preprocessor files of `source` (the folder the model came from: a
     SigLIP tokenizer cannot be made up), and SigLIP's preprocessor config where it has none."""
     copied = copy_side_files(source, folder) if source is not None and Path(source).is_dir() else []
+    if "preprocessor_config.json" in copied:
+        fit_preprocessor_size(folder / "preprocessor_config.json", config.vision_config.image_size)
     if config.is_siglip:
         if "preprocessor_config.json" not in copied:
             write_preprocessor_config(folder, config.vision_config.image_size, siglip=True)
@@ -89,6 +91,21 @@ def write_side_files(folder: Path, config: CLIPConfig, source: Path | None = Non
         load_tokenizer().save_pretrained(folder)
     if "preprocessor_config.json" not in copied:
         write_preprocessor_config(folder, config.vision_config.image_size, **open_clip_normalisation(config))
+
+
+def fit_preprocessor_size(path: Path, image_size: int) -> None:
+    """A copied preprocessor config, resized for a model now at `image_size` (`--image-size`):
+    its resize and crop sizes, whichever forms they take, become the model's size."""
+    data = json.loads(path.read_text())
+
+    def fitted(size):
+        if isinstance(size, dict):
+            return {k: (image_size if k in ("shortest_edge", "height", "width") else v) for k, v in size.items()}
+        return image_size if isinstance(size, int) else size
+
+    changed = {k: fitted(data[k]) for k in ("size", "crop_size") if k in data}
+    if any(changed[k] != data[k] for k in changed):
+        path.write_text(json.dumps({**data, **changed}, indent=2) + "\n")
 
 
 def open_clip_normalisation(config: CLIPConfig) -> dict[str, list[float]]:

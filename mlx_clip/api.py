@@ -102,7 +102,9 @@ class CLIP:
 
 
 def load(model: str | Path, backend: str = "mlx", *, device: str | None = None, dtype: str | None = None,
-         allow_pickle: bool = False) -> CLIP:
+         allow_pickle: bool = False, image_size: int | None = None) -> CLIP:
+    """`image_size`: run the model at that many pixels (position embeddings resampled once)."""
     folder = resolve(model, allow_pickle=allow_pickle)
-    engine = load_backend(backend, folder, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    engine = load_backend(backend, folder, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                          image_size=image_size)
     return CLIP(engine, folder)

@@ -80,9 +80,11 @@ def engine_class(name: str) -> type:
 
 
 def load_backend(name: str, folder: str | Path, *, device: str | None = None,
-                 dtype: str | None = None, allow_pickle: bool = False) -> Backend:
-    """The engine `name` ("mlx" | "torch") holding the model in `folder` (any supported format)."""
-    return engine_class(name).from_folder(folder, dtype=dtype, allow_pickle=allow_pickle, device=device)
+                 dtype: str | None = None, allow_pickle: bool = False, image_size: int | None = None) -> Backend:
+    """The engine `name` ("mlx" | "torch") holding the model in `folder` (any supported format);
+    with `image_size`, as a model of that size (`convert.resolution.at_image_size`)."""
+    return engine_class(name).from_folder(folder, dtype=dtype, allow_pickle=allow_pickle, device=device,
+                                          image_size=image_size)
 
 
 def describe_engines() -> list[str]:

@@ -49,13 +49,15 @@ def main():
 @device_option
 @dtype_option
 @pickle_option
+@click.option("--image-size", type=click.IntRange(1), default=None,
+              help="Run the model at this many pixels (position embeddings resampled).")
 @domain_errors
-def embed(model, images, texts, out, backend, device, dtype, allow_pickle):
+def embed(model, images, texts, out, backend, device, dtype, allow_pickle, image_size):
     """Write L2-normalised image_embeds / text_embeds (float32, one row per input, in order)."""
     from mlx_clip.embed import embed as run
 
     arrays = run(model, images=images, texts=texts, out=out, backend=backend, device=device, dtype=dtype,
-                 allow_pickle=allow_pickle)
+                 allow_pickle=allow_pickle, image_size=image_size)
     click.echo(f"wrote {out}: image_embeds {arrays['image_embeds'].shape}, text_embeds {arrays['text_embeds'].shape}")
 
 
@@ -322,6 +324,8 @@ def wise_ft(zero_shot, fine_tuned, alpha, sweep, eval_target, eval_control, cont
 @click.option("--tasks", default=None, help="Comma list: zero_shot, retrieval, linear_probe.")
 @click.option("--image-column", default=None, help="Captions file: column (or JSONL key) of the image paths.")
 @click.option("--caption-column", default=None, help="Captions file: column (or JSONL key) of the captions.")
+@click.option("--image-size", type=click.IntRange(1), default=None,
+              help="Run the model at this many pixels (position embeddings resampled).")
 @click.option("--out", required=True, type=click.Path(), help="report.json, or a folder for the reports.")
 @click.option("--batch-size", default=IMAGE_BATCH, show_default=True, help="Images per engine call.")
 @backend_option
@@ -329,8 +333,8 @@ def wise_ft(zero_shot, fine_tuned, alpha, sweep, eval_target, eval_control, cont
 @dtype_option
 @pickle_option
 @domain_errors
-def eval_command(model, compare_models, data, control, templates, classes, tasks, image_column, caption_column, out,
-                 batch_size, backend, device, dtype, allow_pickle):
+def eval_command(model, compare_models, data, control, templates, classes, tasks, image_column, caption_column,
+                 image_size, out, batch_size, backend, device, dtype, allow_pickle):
     """Zero-shot top-k, retrieval recall@K, linear probe; JSON (CLIP_benchmark's shape), Markdown, PNG."""
     from mlx_clip import evaluate as ev
     from mlx_clip.api import resolve
@@ -338,7 +342,7 @@ def eval_command(model, compare_models, data, control, templates, classes, tasks
 
     common = dict(control=list(control) or None, backend=backend, templates=templates, classes=classes,
                   tasks=tasks, batch_size=batch_size, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                  image_column=image_column, caption_column=caption_column)
+                  image_column=image_column, caption_column=caption_column, image_size=image_size)
     if compare_models:
         base, finetuned = (resolve(m, allow_pickle=allow_pickle) for m in compare_models)
         click.echo(ev.compare(base, finetuned, list(data), out=out, **common).markdown.read_text())

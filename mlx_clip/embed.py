@@ -13,13 +13,13 @@ from mlx_clip.errors import ConfigError
 
 def embed(model: str | Path, *, images: Sequence[str | Path] = (), texts: Sequence[str] = (),
           out: str | Path, backend: str = "mlx", device: str | None = None, dtype: str | None = None,
-          allow_pickle: bool = False) -> dict[str, np.ndarray]:
+          allow_pickle: bool = False, image_size: int | None = None) -> dict[str, np.ndarray]:
     if not images and not texts:
         raise ConfigError("nothing to embed: give at least one --image or --text")
     out = Path(out)
     if out.suffix != ".npz":
         raise ConfigError(f"--out must end in .npz, got {out}")
-    clip = load(model, backend, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    clip = load(model, backend, device=device, dtype=dtype, allow_pickle=allow_pickle, image_size=image_size)
     dim = clip.config.projection_dim
     arrays = {
         "image_embeds": clip.encode_images(list(images)) if images else np.zeros((0, dim), np.float32),

@@ -90,7 +90,7 @@ def make_evaluator(data: DomainData, folder: Path, batch_size: int):
 
 def build_engine(cfg: TrainConfig, folder: Path) -> Backend:
     engine = load_backend(cfg.backend, folder, device=cfg.device, dtype=cfg.parameter_dtype,
-                          allow_pickle=cfg.allow_pickle)
+                          allow_pickle=cfg.allow_pickle, image_size=cfg.image_size)
     engine.prepare_training(cfg)
     return engine
 

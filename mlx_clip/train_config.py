@@ -53,6 +53,9 @@ class TrainConfig:
     steps: int | None = field(default=None, metadata={"help": "Optimizer steps (default: from --epochs)."})
     epochs: float = field(default=1.0, metadata={"help": "Passes over the training data when --steps is not given."})
     batch_size: int = field(default=32, metadata={"help": "Pairs per step (all are negatives of each other)."})
+    image_size: int | None = field(default=None, metadata={
+        "help": "Train at this many pixels: the position embeddings are resampled bicubically (transformers' "
+                "interpolate_pos_encoding), and final/ is a model of this size. Default: the model's own."})
     micro_batch_size: int | None = field(default=None, metadata={
         "help": "Feature caching (GradCache): run the towers on this many pairs at a time while the contrastive "
                 "loss sees the whole --batch-size; the update equals the full-batch one, the memory is that of a "

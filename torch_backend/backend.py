@@ -45,9 +45,10 @@ class TorchBackend:
         return 2 * size ** 3 / sorted(times)[len(times) // 2] / 1e9
 
     @classmethod
-    def from_folder(cls, folder, *, dtype=None, allow_pickle=False, device=None) -> "TorchBackend":
+    def from_folder(cls, folder, *, dtype=None, allow_pickle=False, device=None, image_size=None) -> "TorchBackend":
         chosen = select_device(device)
-        model, config = load_torch_model(folder, device=chosen, dtype=dtype, allow_pickle=allow_pickle)
+        model, config = load_torch_model(folder, device=chosen, dtype=dtype, allow_pickle=allow_pickle,
+                                         image_size=image_size)
         engine = cls(model, config, chosen)
         engine.source = Path(folder)  # where a saved copy takes SigLIP's tokenizer files from
         return engine

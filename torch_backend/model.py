@@ -46,10 +46,11 @@ def build_model(config: CLIPConfig):
 
 
 def load_torch_model(folder: str | Path, *, device: torch.device | None = None, dtype: str | None = None,
-                     allow_pickle: bool = False):
+                     allow_pickle: bool = False, image_size: int | None = None):
     from convert import read_checkpoint
+    from convert.resolution import at_image_size
 
-    checkpoint = read_checkpoint(folder, allow_pickle=allow_pickle)
+    checkpoint = at_image_size(read_checkpoint(folder, allow_pickle=allow_pickle), image_size)
     model = build_model(checkpoint.config)
     state = {name: torch.from_numpy(array) for name, array in checkpoint.tensors.items()}
     model.load_state_dict(state, strict=True)

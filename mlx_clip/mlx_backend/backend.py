@@ -41,10 +41,12 @@ def build_model(config: CLIPConfig) -> CLIPModel | SiglipModel:
     return SiglipModel(config) if config.is_siglip else CLIPModel(config)
 
 
-def load_mlx_model(folder: str | Path, *, dtype: str | None = None, allow_pickle: bool = False) -> CLIPModel:
+def load_mlx_model(folder: str | Path, *, dtype: str | None = None, allow_pickle: bool = False,
+                   image_size: int | None = None) -> CLIPModel:
     from convert import read_checkpoint
+    from convert.resolution import at_image_size
 
-    checkpoint = read_checkpoint(folder, allow_pickle=allow_pickle)
+    checkpoint = at_image_size(read_checkpoint(folder, allow_pickle=allow_pickle), image_size)
     model = build_model(checkpoint.config)
     weights = [(name, mx.array(torch_to_mlx(name, array))) for name, array in checkpoint.tensors.items()]
     model.load_weights(weights, strict=True)
@@ -116,9 +118,9 @@ class MLXBackend:
         return 2 * size ** 3 / sorted(times)[len(times) // 2] / 1e9
 
     @classmethod
-    def from_folder(cls, folder, *, dtype=None, allow_pickle=False, device=None) -> "MLXBackend":
+    def from_folder(cls, folder, *, dtype=None, allow_pickle=False, device=None, image_size=None) -> "MLXBackend":
         chosen = select_device(device)  # refused before any weight is read
-        engine = cls(load_mlx_model(folder, dtype=dtype, allow_pickle=allow_pickle), chosen)
+        engine = cls(load_mlx_model(folder, dtype=dtype, allow_pickle=allow_pickle, image_size=image_size), chosen)
         engine.source = Path(folder)  # where a saved copy takes SigLIP's tokenizer files from
         return engine
 
