@@ -13,9 +13,13 @@ within the forgetting budget. Everything ends in OUT/domain_shift.{json,md,png}.
 OUT/stage-a/       the base (a finetune run folder; final/ is the model)
 OUT/fine-tune/     stage B, plain full fine-tuning
 OUT/lp-ft/         stage B, LP-FT
-OUT/l2-sp/         stage B, L2-SP
+OUT/l2-sp-<λ>/     stage B, L2-SP, one run per lambda of the preset
 OUT/wise-ft/       the sweep's wise_ft.{json,md,png} (base vs fine-tune)
 ```
+
+Each guard has a knob, and each knob is chosen by the same rule on the same held-out data: the
+best target accuracy among the settings whose control accuracy stays within the budget (WiSE-FT's
+alpha over a sweep, L2-SP's lambda over the preset's few values; LP-FT's probe length is fixed).
 """
 
 from __future__ import annotations
@@ -33,13 +37,14 @@ from mlx_clip.errors import ConfigError
 BUDGET = 0.05  # the forgetting budget: control top-1 may fall this much below the base's
 STAGE_A_GOAL = 0.9  # held-out top-1 on A that makes the stage-A model a credible base
 MARKER = "domain_shift.json"
-RUNS = ("stage-a", "fine-tune", "lp-ft", "l2-sp", "wise-ft")
+RUNS = ("stage-a", "fine-tune", "lp-ft", "l2-sp-*", "wise-ft")
 
 
 @dataclass(frozen=True)
 class ShiftPreset:
     """One size of the case. `stage_a` / `stage_b` are TrainConfig options of each stage's runs;
-    `lp_steps` and `l2_to_base` are the guards' only differences from the plain stage-B run."""
+    `lp_steps` and `l2_to_base` (one run per lambda) are the guards' only differences from the
+    plain stage-B run."""
 
     name: str
     image_size: int
@@ -48,7 +53,7 @@ class ShiftPreset:
     stage_a: dict[str, Any]
     stage_b: dict[str, Any]
     lp_steps: int
-    l2_to_base: float
+    l2_to_base: tuple[float, ...]
     alphas: str
     budget: float = BUDGET
     extra: dict[str, Any] = field(default_factory=dict)
@@ -61,14 +66,14 @@ PRESETS = {
     "default": ShiftPreset("default", 64, 80, 20,
                            stage_a={**_COMMON, "model": "small", "lr": 2e-3, "steps": 1000},
                            stage_b={**_COMMON, "lr": 1e-3, "steps": 200},
-                           lp_steps=50, l2_to_base=20.0, alphas="0:1:0.1"),
+                           lp_steps=50, l2_to_base=(20.0, 100.0), alphas="0:1:0.1"),
     # For CI: the same model on fewer images and steps, about a minute; stage A gets only to ~0.4 on A,
     # but plain fine-tuning on B still takes most of it away.
     "ci": ShiftPreset("ci", 64, 30, 10,
                       stage_a={**_COMMON, "model": "small", "lr": 2e-3, "steps": 300, "batch_size": 32,
                                "warmup_steps": 20},
                       stage_b={**_COMMON, "lr": 1e-3, "steps": 60, "batch_size": 32, "warmup_steps": 10},
-                      lp_steps=15, l2_to_base=20.0, alphas="0:1:0.25"),
+                      lp_steps=15, l2_to_base=(20.0, 100.0), alphas="0:1:0.25"),
 }
 
 
@@ -91,6 +96,7 @@ class ShiftResult:
     stage_a: dict[str, float]  # the base on A: before (random) and after stage A, and on B
     rows: list[Scores]  # base, fine-tune, WiSE-FT, LP-FT, L2-SP
     wise_ft: dict  # the sweep: points, best_alpha, floor, message
+    l2_sp: dict  # points ({lambda, target, control}), chosen lambda (None: none within the budget), message
     budget: float
     seconds: dict[str, float]
     files: dict[str, str] = field(default_factory=dict)
@@ -104,8 +110,9 @@ def _claim(out: Path) -> None:
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise ConfigError(f"--out {out} is not empty and holds no {MARKER} of an earlier domain-shift run; "
                           "give a new or empty folder")
-    for name in RUNS:
-        shutil.rmtree(out / name, ignore_errors=True)
+    for pattern in RUNS:
+        for old in out.glob(pattern):
+            shutil.rmtree(old, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text(json.dumps({"status": "running"}) + "\n")
 
@@ -153,10 +160,15 @@ def run_domain_shift(out: str | Path = "runs/domain-shift", *, preset: str = "de
              "needs; the figures below are those of a weaker base")
     stage_b = {**p.stage_b, "model": str(base), "data": str(domains["b"]), "control_data": str(domains["a_val"])}
     runs = {"fine-tune": train("2/5", "fine-tune", stage_b),
-            "lp-ft": train("3/5", "lp-ft", {**stage_b, "strategy": "lp-ft", "lp_steps": p.lp_steps}),
-            "l2-sp": train("4/5", "l2-sp", {**stage_b, "l2_to_base": p.l2_to_base})}
+            "lp-ft": train("3/5", "lp-ft", {**stage_b, "strategy": "lp-ft", "lp_steps": p.lp_steps})}
+    for i, lam in enumerate(p.l2_to_base):
+        runs[f"l2-sp-{lam:g}"] = train(f"4/5 ({i + 1}/{len(p.l2_to_base)})", f"l2-sp-{lam:g}",
+                                       {**stage_b, "l2_to_base": lam})
     before = runs["fine-tune"].before
     floor = before["control_zero_shot_top1"] - p.budget - 1e-9  # a drop of exactly the budget is within it
+    l2_points = [{"lambda": lam, "target": runs[f"l2-sp-{lam:g}"].after["val_zero_shot_top1"],
+                  "control": runs[f"l2-sp-{lam:g}"].after["control_zero_shot_top1"]} for lam in p.l2_to_base]
+    l2_sp = choose_lambda(l2_points, floor)
 
     echo(f"[5/5] WiSE-FT sweep {p.alphas} between the base and the fine-tuned model")
     tick = time.perf_counter()
@@ -168,11 +180,13 @@ def run_domain_shift(out: str | Path = "runs/domain-shift", *, preset: str = "de
 
     rows = [Scores("base", before["val_zero_shot_top1"], before["control_zero_shot_top1"], seconds["stage-a"],
                    "stage A's model, before stage B")]
-    for name, note in (("fine-tune", "full fine-tuning"),
-                       ("lp-ft", f"{p.lp_steps} probe steps, then full"),
-                       ("l2-sp", f"lambda {p.l2_to_base:g}")):
+    for name, note in (("fine-tune", "full fine-tuning"), ("lp-ft", f"{p.lp_steps} probe steps, then full")):
         after = runs[name].after
         rows.append(Scores(name, after["val_zero_shot_top1"], after["control_zero_shot_top1"], seconds[name], note))
+    shown = l2_sp["chosen"] if l2_sp["chosen"] is not None else max(l2_points, key=lambda q: q["control"])["lambda"]
+    point = next(q for q in l2_points if q["lambda"] == shown)
+    rows.append(Scores("l2-sp", point["target"], point["control"], seconds[f"l2-sp-{shown:g}"],
+                       f"lambda {shown:g}" + ("" if l2_sp["chosen"] is not None else " (none within budget)")))
     if sweep.best_alpha is not None:
         best = next(pt for pt in curve["points"] if pt["alpha"] == sweep.best_alpha)
         rows.insert(2, Scores("wise-ft", best["target"]["acc1"], best["control"]["acc1"], seconds["wise-ft"],
@@ -182,12 +196,23 @@ def run_domain_shift(out: str | Path = "runs/domain-shift", *, preset: str = "de
                          {"a_before": stage_a.before["val_zero_shot_top1"] if stage_a.before else float("nan"),
                           "a_after": base_a, "b_before": stage_a.after["control_zero_shot_top1"]},
                          rows, {"points": curve["points"], "best_alpha": sweep.best_alpha, "floor": floor,
-                                "message": sweep.message}, p.budget, seconds)
+                                "message": sweep.message}, l2_sp, p.budget, seconds)
     from mlx_clip.shift_report import write_shift_report
 
     result.files = write_shift_report(result, out, p)
     echo(f"\n{(out / 'domain_shift.md').read_text()}")
     return result
+
+
+def choose_lambda(points: list[dict], floor: float) -> dict:
+    """WiSE-FT's rule for L2-SP's lambda: the best target among control >= floor; a tie goes to
+    the smaller lambda (the lighter pull)."""
+    ok = [q for q in points if q["control"] >= floor]
+    if not ok:
+        return {"points": points, "chosen": None, "message": f"no lambda keeps control top-1 >= {floor:.4f}"}
+    best = max(ok, key=lambda q: (q["target"], -q["lambda"]))
+    return {"points": points, "chosen": best["lambda"],
+            "message": f"lambda {best['lambda']:g}: target {best['target']:.4f}, control {best['control']:.4f}"}
 
 
 def result_dict(result: ShiftResult) -> dict:

@@ -48,6 +48,12 @@ def markdown(result, preset) -> str:
                      f"| {_delta(r.control - base.control)} | {ok} | {r.note} |")
     if result.wise_ft["best_alpha"] is None:
         lines += ["", f"WiSE-FT: {result.wise_ft['message']}."]
+    lines += ["", "L2-SP, one run per lambda (the chosen one is in the table above):", "",
+              "| lambda | target B top-1 | control A top-1 | within budget |", "|---:|---:|---:|:---:|"]
+    for q in result.l2_sp["points"]:
+        mark = " **(chosen)**" if q["lambda"] == result.l2_sp["chosen"] else ""
+        ok = "yes" if base.control - q["control"] <= result.budget + 1e-9 else "no"
+        lines.append(f"| {q['lambda']:g}{mark} | {_pct(q['target'])} | {_pct(q['control'])} | {ok} |")
     lines += ["", "WiSE-FT sweep (base ↔ fine-tune):", "",
               "| alpha | target B top-1 | control A top-1 |", "|---:|---:|---:|"]
     for pt in result.wise_ft["points"]:
@@ -80,6 +86,9 @@ def plot(result, path: Path) -> None:
              ylim=(-0.02, 1.02))
     left.legend(fontsize=8)
     right.plot(target, control, "-", color="tab:gray", alpha=0.6, label="WiSE-FT curve")
+    l2 = result.l2_sp["points"]
+    right.plot([q["target"] for q in l2], [q["control"] for q in l2], ":", color="tab:purple", alpha=0.6,
+               label="L2-SP, lambda " + ", ".join(f"{q['lambda']:g}" for q in l2))
     markers = {"base": "o", "fine-tune": "X", "wise-ft": "*", "lp-ft": "^", "l2-sp": "D"}
     for r in result.rows:
         right.scatter([r.target], [r.control], marker=markers[r.name], s=90, label=LABELS[r.name], zorder=3)

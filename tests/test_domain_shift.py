@@ -43,7 +43,7 @@ def test_report_files_and_every_row(case):
     names = [r["name"] for r in data["rows"]]
     assert names[0] == "base" and {"fine-tune", "lp-ft", "l2-sp"} <= set(names)
     assert "wise-ft" in names or data["wise_ft"]["best_alpha"] is None
-    for run in ("stage-a", "fine-tune", "lp-ft", "l2-sp"):
+    for run in ("stage-a", "fine-tune", "lp-ft", "l2-sp-20", "l2-sp-100"):
         assert (out / run / "final" / "model.safetensors").is_file()
     assert "Domain shift" in stdout and "[5/5]" in stdout  # the user sees progress and the report
 
@@ -79,6 +79,14 @@ def test_bookkeeping_is_consistent(case):
     assert data["stage_a"]["a_after"] == pytest.approx(rows["base"]["control"])
     if data["wise_ft"]["best_alpha"] is not None:
         assert rows["base"]["control"] - rows["wise-ft"]["control"] <= data["budget"] + 1e-9
+    lambdas = {q["lambda"]: q for q in data["l2_sp"]["points"]}
+    assert sorted(lambdas) == [20.0, 100.0]
+    chosen = data["l2_sp"]["chosen"]
+    if chosen is not None:
+        assert rows["l2-sp"]["control"] == lambdas[chosen]["control"]
+        assert rows["base"]["control"] - rows["l2-sp"]["control"] <= data["budget"] + 1e-9
+        assert all(q["target"] <= lambdas[chosen]["target"] for q in lambdas.values()
+                   if rows["base"]["control"] - q["control"] <= data["budget"] + 1e-9)
     assert rows["fine-tune"]["target"] > rows["base"]["target"]  # stage B learns B
 
 
@@ -117,3 +125,13 @@ def test_domains_are_deterministic_and_disjoint(tmp_path):
     assert len(classes_a) == 12 and len(classes_b) == 16 and not classes_a & classes_b
     words = lambda names: {w for n in names for w in n.split("_")}  # noqa: E731
     assert not words(classes_a) & words(classes_b)  # no class word carries over from A to B
+
+
+def test_lambda_is_chosen_by_the_wise_ft_rule():
+    from mlx_clip.domain_shift import choose_lambda
+
+    points = [{"lambda": 20.0, "target": 0.97, "control": 0.60}, {"lambda": 50.0, "target": 0.87, "control": 0.93},
+              {"lambda": 100.0, "target": 0.77, "control": 0.95}]
+    assert choose_lambda(points, 0.917)["chosen"] == 50.0  # the best target within the budget
+    assert choose_lambda(points, 0.94)["chosen"] == 100.0
+    assert choose_lambda(points, 0.99)["chosen"] is None
