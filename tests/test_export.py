@@ -168,14 +168,14 @@ def broken(kind: str, tmp_path: Path) -> Path:
     elif kind == "config-not-json":
         config.write_text('{"model_type": "clip", ')
     elif kind == "not-clip":
-        config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "siglip"}))
+        config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "bert"}))
     return folder
 
 
 BROKEN = {
     "truncated-weights": r"model\.safetensors: not a valid safetensors file .*truncated",
     "config-not-json": r"config\.json: not valid JSON",
-    "not-clip": r"config\.json is not a CLIP config \(model_type='siglip'",
+    "not-clip": r"config\.json is not a CLIP or SigLIP config \(model_type='bert'",
 }
 
 

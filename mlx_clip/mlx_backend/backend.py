@@ -177,7 +177,11 @@ class MLXBackend:
 
     def train_step(self, batch, lr: float) -> dict:
         module, optimizer, step = self.training
-        loss, norm, ok = step(mx.array(batch.pixels), mx.array(batch.input_ids.astype(np.int32)),
+        # Feature caching takes the pixels as numpy and moves one micro-batch at a time into MLX
+        # memory: a 1024-image batch never sits there whole.
+        cached = bool(self._train_config.micro_batch_size)
+        pixels = batch.pixels if cached else mx.array(batch.pixels)
+        loss, norm, ok = step(pixels, mx.array(batch.input_ids.astype(np.int32)),
                               mx.array(batch.positive_ids.astype(np.int32)), mx.array(lr, dtype=mx.float32))
         with self.split.evaluating():
             mx.eval(loss, norm, ok, module.state, optimizer.state)

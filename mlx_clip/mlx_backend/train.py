@@ -259,7 +259,7 @@ def cached_step(module: TrainModule, loss_fn, options: dict, micro: int, finish)
         chunks = [slice(start, start + micro) for start in range(0, pixels.shape[0], micro)]
         parts = []
         for part in chunks:
-            parts.append(embed_c(pixels[part], ids[part]))
+            parts.append(embed_c(mx.array(pixels[part]), ids[part]))
             mx.eval(parts[-1])
         image = mx.concatenate([p[0] for p in parts])
         text = mx.concatenate([p[1] for p in parts])
@@ -270,7 +270,8 @@ def cached_step(module: TrainModule, loss_fn, options: dict, micro: int, finish)
         mx.eval(loss, head_grads)
         grads: dict[str, mx.array] = {}
         for part in chunks:
-            got = dict(tree_flatten(chunk_grads(pixels[part], ids[part], head_grads[0][part], head_grads[1][part])))
+            got = dict(tree_flatten(chunk_grads(mx.array(pixels[part]), ids[part], head_grads[0][part],
+                                                head_grads[1][part])))
             grads = got if not grads else {name: grads[name] + g for name, g in got.items()}
             mx.eval(grads)
         # The temperature and bias enter only the loss: their gradients come from step 2.
