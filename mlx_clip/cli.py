@@ -373,5 +373,5 @@ def domain_shift(preset, out, backend, seed):
     from mlx_clip.domain_shift import run_domain_shift
 
     result = run_domain_shift(out, preset=preset, backend=backend, seed=seed, echo=click.echo,
-                              progress=sys.stderr.isatty())
+                              progress="bar" if sys.stderr.isatty() else "lines")
     click.echo(f"report: {result.files['markdown']}")

@@ -123,8 +123,9 @@ def _quiet(echo: Callable[[str], None]) -> Callable[[str], None]:
 
 
 def run_domain_shift(out: str | Path = "runs/domain-shift", *, preset: str = "default", backend: str = "mlx",
-                     seed: int = 0, echo: Callable[[str], None] = print, progress: bool = True) -> ShiftResult:
-    """Run both stages, the guards and the sweep; write OUT/domain_shift.{json,md,png}."""
+                     seed: int = 0, echo: Callable[[str], None] = print, progress: bool | str = True) -> ShiftResult:
+    """Run both stages, the guards and the sweep; write OUT/domain_shift.{json,md,png}. `progress`
+    is each training run's (`monitor.Progress`: a bar, plain lines, or off)."""
     from mlx_clip.builtin import cache_root
     from mlx_clip.data.shift import make_shift_domains
     from mlx_clip.finetune import finetune
