@@ -28,7 +28,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +215,3 @@ def choose_lambda(points: list[dict], floor: float) -> dict:
     return {"points": points, "chosen": best["lambda"],
             "message": f"lambda {best['lambda']:g}: target {best['target']:.4f}, control {best['control']:.4f}"}
 
-
-def result_dict(result: ShiftResult) -> dict:
-    return asdict(result)

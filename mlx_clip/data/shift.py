@@ -98,4 +98,5 @@ def _read_manifest(root: Path) -> dict | None:
 
 def _write_manifest(root: Path, data: dict) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    (root / MANIFEST).write_text(json.dumps({"format": "mlxclip-domain-shift", **data}, indent=2, sort_keys=True) + "\n")
+    text = json.dumps({"format": "mlxclip-domain-shift", **data}, indent=2, sort_keys=True)
+    (root / MANIFEST).write_text(text + "\n")
