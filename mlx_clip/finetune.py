@@ -111,6 +111,8 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
     if not cfg.resume:
         run.claim(overwrite=cfg.overwrite)
     folder = resolve(cfg.model, allow_pickle=cfg.allow_pickle)
+    if cfg.memory_budget:
+        cfg = _within_budget(cfg, folder, run, echo)
     tokenizer = load_tokenizer(folder)
     engine = build_engine(cfg, folder)
     mean, std, crop = preprocessor_settings(folder)
@@ -152,6 +154,20 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
         echo(summary_table(before, after))
     echo(f"final model: {result.final_model}")
     return FinetuneResult(result, before, after, run)
+
+
+def _within_budget(cfg: TrainConfig, folder: Path, run: RunFolder, echo) -> TrainConfig:
+    """--memory-budget: the probe's micro-batch; a resumed run keeps the one it started with, as
+    another would change the float32 summation order and resume is exact."""
+    import dataclasses
+
+    from mlx_clip.checkpoint import read_trainer_state
+    from mlx_clip.memory_budget import budgeted
+
+    if cfg.resume:
+        started = read_trainer_state(run.resolve_resume(cfg.resume)).get("config", {})
+        return dataclasses.replace(cfg, micro_batch_size=started.get("micro_batch_size"))
+    return budgeted(cfg, folder, echo)  # before any engine is built here: the probe runs apart
 
 
 def first_evaluation(run: RunFolder) -> dict | None:

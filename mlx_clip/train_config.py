@@ -56,6 +56,10 @@ class TrainConfig:
     image_size: int | None = field(default=None, metadata={
         "help": "Train at this many pixels: the position embeddings are resampled bicubically (transformers' "
                 "interpolate_pos_encoding), and final/ is a model of this size. Default: the model's own."})
+    memory_budget: str | None = field(default=None, metadata={
+        "help": "A memory budget such as 8GB: a short probe picks the largest --micro-batch-size that fits "
+                "(with a 15% margin) and says what it chose; too small for one pair is an error naming the "
+                "smallest budget that works."})
     micro_batch_size: int | None = field(default=None, metadata={
         "help": "Feature caching (GradCache): run the towers on this many pairs at a time while the contrastive "
                 "loss sees the whole --batch-size; the update equals the full-batch one, the memory is that of a "

@@ -17,7 +17,7 @@ from mlx_clip.train_config import TrainConfig
 VALID = {
     "model": "small", "data": "some/captions.csv", "val_data": "held/out", "val_fraction": 0.2,
     "control_data": "control/", "templates": "t.txt", "out": "runs/x", "backend": "torch", "device": "cpu",
-    "dtype": "float32", "precision": "amp_bf16", "steps": 7, "epochs": 2.5, "batch_size": 16, "image_size": 48, "micro_batch_size": 4, "lr": 3e-4,
+    "dtype": "float32", "precision": "amp_bf16", "steps": 7, "epochs": 2.5, "batch_size": 16, "image_size": 48, "memory_budget": "8GB", "micro_batch_size": 4, "lr": 3e-4,
     "warmup_steps": 3, "min_lr_ratio": 0.1, "weight_decay": 0.2, "beta1": 0.8, "beta2": 0.95, "eps": 1e-8,
     "grad_clip": 0.5, "loss": "siglip", "label_smoothing": 0.1, "hard_negative_beta": 0.5,
     "multi_positive": False, "strategy": "lora", "lora_rank": 4, "lora_alpha": 8.0, "lora_targets": "q_proj",
