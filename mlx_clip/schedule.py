@@ -36,3 +36,25 @@ def decays(name: str, ndim: int) -> bool:
 
 
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP clamps the learned temperature at 100
+
+
+def parse_resolution_schedule(text: str) -> list[tuple[int, int]]:
+    """'0:160,2000:224' -> [(0, 160), (2000, 224)]: from each step on, the image size given
+    (progressive resizing, then FixRes-style training at the final size)."""
+    from mlx_clip.errors import ConfigError
+
+    points = []
+    for part in str(text).split(","):
+        step, _, size = part.strip().partition(":")
+        if not (step.strip().isdigit() and size.strip().isdigit()) or int(size) <= 0:
+            raise ConfigError(f"--resolution-schedule {text!r}: expected STEP:SIZE pairs such as 0:160,2000:224")
+        points.append((int(step), int(size)))
+    steps = [s for s, _ in points]
+    if steps[0] != 0 or steps != sorted(set(steps)):
+        raise ConfigError(f"--resolution-schedule {text!r}: steps must start at 0 and increase")
+    return points
+
+
+def resolution_at(schedule: list[tuple[int, int]], step: int) -> int:
+    """The image size of update number `step` (0-based)."""
+    return [size for start, size in schedule if start <= step][-1]

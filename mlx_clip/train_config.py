@@ -56,6 +56,10 @@ class TrainConfig:
     image_size: int | None = field(default=None, metadata={
         "help": "Train at this many pixels: the position embeddings are resampled bicubically (transformers' "
                 "interpolate_pos_encoding), and final/ is a model of this size. Default: the model's own."})
+    resolution_schedule: str | None = field(default=None, metadata={
+        "help": "STEP:SIZE pairs, e.g. 0:160,2000:224: the image size from each step on (progressive resizing, "
+                "FixRes-style fine-tuning at the end); position embeddings are interpolated on the fly, as "
+                "transformers' interpolate_pos_encoding; each size a multiple of the patch size."})
     memory_budget: str | None = field(default=None, metadata={
         "help": "A memory budget such as 8GB: a short probe picks the largest --micro-batch-size that fits "
                 "(with a 15% margin) and says what it chose; too small for one pair is an error naming the "

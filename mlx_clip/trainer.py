@@ -21,7 +21,7 @@ from mlx_clip.checkpoint import ENGINE_STATE_FILE, RunFolder, read_trainer_state
 from mlx_clip.errors import CheckpointError, ConfigError, MlxClipError
 from mlx_clip.monitor import Progress, RunLog
 from mlx_clip.policy import training_plan
-from mlx_clip.schedule import phased_lr
+from mlx_clip.schedule import parse_resolution_schedule, phased_lr, resolution_at
 from mlx_clip.train_config import TrainConfig
 
 
@@ -96,6 +96,18 @@ def check_resumable(checkpoint, state: dict, cfg: TrainConfig, engine: Backend) 
         raise CheckpointError(f"{Path(checkpoint) / ENGINE_STATE_FILE}: does not fit this model ({'; '.join(problems)})")
 
 
+def _resolutions(cfg: TrainConfig, engine: Backend) -> list[tuple[int, int]] | None:
+    if not cfg.resolution_schedule:
+        return None
+    schedule = parse_resolution_schedule(cfg.resolution_schedule)
+    patch = engine.config.vision_config.patch_size
+    bad = [size for _, size in schedule if size % patch]
+    if bad:
+        raise ConfigError(f"--resolution-schedule {cfg.resolution_schedule}: sizes {bad} are not multiples of the "
+                          f"model's patch size {patch}")
+    return schedule
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, engine: Backend, loader: Any, run: RunFolder, total_steps: int, *,
                  evaluate: Callable[[Any], dict] | None = None, progress: bool = True,
@@ -112,6 +124,7 @@ class Trainer:
             raise ConfigError(f"lp_steps must be below the run's {total_steps} steps, or LP-FT never trains the "
                               f"full model, got {self.plan.probe_steps}")
         self.log = RunLog(run.root, tensorboard=cfg.tensorboard)
+        self.resolutions = _resolutions(cfg, engine)
         self.best: dict | None = None  # --keep-best: {metric, value, step}
         self.baseline: dict | None = None  # metrics before training, for the forgetting budget
         self.stopped_early = False
@@ -161,6 +174,8 @@ class Trainer:
                     path = self.save_checkpoint()
                     raise Interrupted(f"interrupted at step {self.step}; checkpoint {path}; "
                                       f"continue with --resume latest")
+                if self.resolutions:
+                    self.loader.set_image_size(resolution_at(self.resolutions, self.step))
                 batch = self.loader.next_batch()
                 self._enter_phase(progress)
                 lr = phased_lr(self.step, self.total_steps, self.plan.probe_steps, self.cfg.lr, self.cfg.warmup_steps,
@@ -178,6 +193,8 @@ class Trainer:
                               "logit_scale": metrics["logit_scale"], "grad_norm": metrics["grad_norm"],
                               "images_per_s": window_images / elapsed if elapsed > 0 else 0.0,
                               "skipped": not metrics["ok"], **self.engine.memory()}
+                    if self.resolutions:
+                        record["image_size"] = int(batch.pixels.shape[1])
                     self.log.write(record)
                     progress.update(self.step - reported, {"loss": metrics["loss"], "lr": lr}, step=self.step)
                     window_start, window_images, reported = time.perf_counter(), 0, self.step

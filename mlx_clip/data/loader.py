@@ -306,6 +306,15 @@ class BatchLoader:
         for future in stale.values():
             future.cancel()
 
+    def set_image_size(self, image_size: int) -> None:
+        """Batches from now on at `image_size` (a resolution schedule). Work prefetched at the old
+        size is dropped; the augmentation of a sample depends on its seed, not on when it is made,
+        so a resumed run gets the same pixels."""
+        _check_int("image_size", image_size, minimum=1)
+        if image_size != self.image_size:
+            self._cancel_ahead()
+            self.image_size = image_size
+
     def _cancel_ahead(self) -> None:
         for future in self._ahead.values():
             future.cancel()
