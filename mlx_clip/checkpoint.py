@@ -148,6 +148,23 @@ class RunFolder:
         return path
 
 
+class FollowerRun(RunFolder):
+    """The run folder as ranks other than 0 see it: they read checkpoints (to resume) but write
+    nothing; rank 0 writes for all of them."""
+
+    def claim(self, *, overwrite: bool) -> None:
+        pass
+
+    def prepare(self) -> None:
+        pass
+
+    def save(self, step: int, write_engine_state, trainer_state: dict, keep: int) -> Path:
+        return self.checkpoints / f"step-{step:07d}"
+
+    def replace_best(self, write_model, record: dict) -> None:
+        pass
+
+
 def read_trainer_state(checkpoint: Path) -> dict:
     try:
         return json.loads((checkpoint / TRAINER_FILE).read_text())

@@ -10,9 +10,10 @@ from typing import Any
 
 from mlx_clip.api import CLIP, preprocessor_settings, resolve
 from mlx_clip.backend import Backend, load_backend
-from mlx_clip.checkpoint import RunFolder
+from mlx_clip.checkpoint import FollowerRun, RunFolder
 from mlx_clip.data.loader import BatchLoader
 from mlx_clip.data.records import Dataset, load_dataset, split_samples
+from mlx_clip.distributed import World, launched
 from mlx_clip.errors import DataError
 from mlx_clip.tokenizer import load_tokenizer
 from mlx_clip.train_config import TrainConfig
@@ -105,9 +106,13 @@ class FinetuneResult:
 
 def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evaluate: bool | None = None,
              stop_after: int | None = None) -> FinetuneResult:
+    launch = launched(cfg.backend)  # under torchrun / mlx.launch: rank 0 alone writes and speaks
+    main = launch is None or launch.rank == 0
+    if not main:
+        echo, progress = (lambda *args, **kwargs: None), False
     echo("mlxclip finetune, resolved config:\n" + cfg.describe())
     data = prepare_data(cfg)  # every input problem surfaces here, before any model is resolved or built
-    run = RunFolder(cfg.out)
+    run = RunFolder(cfg.out) if main else FollowerRun(cfg.out)
     if not cfg.resume:
         run.claim(overwrite=cfg.overwrite)
     folder = resolve(cfg.model, allow_pickle=cfg.allow_pickle)
@@ -115,6 +120,7 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
         cfg = _within_budget(cfg, folder, run, echo)
     tokenizer = load_tokenizer(folder)
     engine = build_engine(cfg, folder)
+    world = getattr(engine, "world", None) or World()  # the engine checked the batch divides over it
     mean, std, crop = preprocessor_settings(folder)
     loader = BatchLoader(data.train, batch_size=cfg.batch_size, image_size=engine.config.vision_config.image_size,
                          tokenize=lambda texts: tokenizer.trim(tokenizer.encode(texts)), seed=cfg.seed, augment=cfg.augment,
@@ -123,12 +129,14 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
                          multi_positive=cfg.multi_positive)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * len(loader)))
     run.prepare()
-    cfg.save(run.root / "config.json")
+    if main:
+        cfg.save(run.root / "config.json")
     evaluate = cfg.evaluate if evaluate is None else evaluate
     evaluator = make_evaluator(data, folder, cfg.batch_size) if evaluate else None
     trainer = Trainer(cfg, engine, loader, run, total, evaluate=evaluator, progress=progress, stop_after=stop_after)
     echo(f"{engine.name} engine, {engine.trainable_count():,} trainable parameters, {len(data.train)} training "
-         f"samples, {len(data.val)} held out, {total} steps of {cfg.batch_size}")
+         f"samples, {len(data.val)} held out, {total} steps of {cfg.batch_size}"
+         + (f" ({cfg.batch_size // world.size} on each of {world.size} processes)" if world.size > 1 else ""))
     before = None
     if not cfg.resume:
         trainer.log.write({"step": 0, "event": "start", "engine": engine.name, "train_samples": len(data.train),
@@ -145,7 +153,8 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
     try:
         result = trainer.fit()
     finally:
-        write_bad_images(run, loader)
+        if main:
+            write_bad_images(run, loader)
     after = evaluator(engine) if evaluator else None
     if after:
         trainer.log.write({"step": trainer.step, "eval": after})

@@ -127,6 +127,25 @@ class RunLog:
             self.tensorboard, self._purge_step = None, None  # a later record opens a new event file
 
 
+class SilentLog:
+    """RunLog's interface, writing nothing (ranks other than 0)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def resume_at(self, step: int) -> None:
+        pass
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def read(self) -> list[dict]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
 class Progress:
     """A tqdm bar on a terminal ("bar"), one plain line per logged step where output is a file or
     a pipe ("lines": CI logs, `nohup`), or nothing ("off": tests, the Python API)."""

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from convert.safetensors_io import read_header
 from mlx_clip.checkpoint import ENGINE_STATE_FILE, RunFolder, read_trainer_state
+from mlx_clip.distributed import World
 from mlx_clip.errors import CheckpointError, ConfigError, MlxClipError
-from mlx_clip.monitor import Progress, RunLog
+from mlx_clip.monitor import Progress, RunLog, SilentLog
 from mlx_clip.policy import training_plan
 from mlx_clip.schedule import parse_resolution_schedule, phased_lr, resolution_at
 from mlx_clip.train_config import TrainConfig
@@ -123,7 +124,9 @@ class Trainer:
 
             raise ConfigError(f"lp_steps must be below the run's {total_steps} steps, or LP-FT never trains the "
                               f"full model, got {self.plan.probe_steps}")
-        self.log = RunLog(run.root, tensorboard=cfg.tensorboard)
+        # Several processes (mlx_clip.distributed): rank 0 writes for all of them.
+        self.world = getattr(engine, "world", None) or World()
+        self.log = RunLog(run.root, tensorboard=cfg.tensorboard) if self.world.is_main else SilentLog(run.metrics_path)
         self.resolutions = _resolutions(cfg, engine)
         self.best: dict | None = None  # --keep-best: {metric, value, step}
         self.baseline: dict | None = None  # metrics before training, for the forgetting budget
@@ -135,9 +138,12 @@ class Trainer:
 
     # --- state ---------------------------------------------------------------------------
     def trainer_state(self) -> dict:
-        return {"loader": self.loader.state_dict(), "nan_steps": self.nan_steps, "total_steps": self.total_steps,
-                "backend": self.engine.name, "config": self.cfg.to_dict(),
-                "model_config": dataclasses.asdict(self.engine.config), "best": self.best}
+        state = {"loader": self.loader.state_dict(), "nan_steps": self.nan_steps, "total_steps": self.total_steps,
+                 "backend": self.engine.name, "config": self.cfg.to_dict(),
+                 "model_config": dataclasses.asdict(self.engine.config), "best": self.best}
+        if self.world.size > 1:  # absent: one process
+            state["world_size"] = self.world.size
+        return state
 
     def save_checkpoint(self):
         return self.run.save(self.step, self.engine.save_state, self.trainer_state(), self.cfg.keep_checkpoints)
@@ -147,6 +153,11 @@ class Trainer:
         if state.get("backend") != self.engine.name:
             raise MlxClipError(f"{checkpoint} was written by the {state.get('backend')} engine; "
                                f"resume it with --backend {state.get('backend')}")
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world.size:
+            raise CheckpointError(f"--resume {checkpoint}: the run was trained by {saved_world} process(es), this one "
+                                  f"has {self.world.size}; resume with {saved_world} (the batch's split and the "
+                                  "summation order follow the world size)")
         check_resumable(checkpoint, state, self.cfg, self.engine)
         self.engine.load_state(checkpoint)
         self.loader.load_state_dict(state["loader"])
@@ -165,12 +176,14 @@ class Trainer:
         self.run.prepare()
         result = TrainResult(steps=self.step, final_model=None, nan_steps=self.nan_steps)
         previous = signal.signal(signal.SIGINT, self._on_sigint)
+        if self.world.size > 1:  # a launcher passes Ctrl-C on as SIGTERM: stop at a step boundary too
+            previous_term = signal.signal(signal.SIGTERM, self._on_sigint)
         progress = Progress(self.total_steps, self.step, self.progress_enabled)
         in_step = False
         try:
             window_start, window_images, reported = time.perf_counter(), 0, self.step
             while self.step < self.total_steps:
-                if self._interrupted or (self.stop_after is not None and self.step >= self.stop_after):
+                if self._should_stop():
                     path = self.save_checkpoint()
                     raise Interrupted(f"interrupted at step {self.step}; checkpoint {path}; "
                                       f"continue with --resume latest")
@@ -207,7 +220,7 @@ class Trainer:
                     if self._forgetting_exceeded(result.evaluations[-1]["eval"], progress):
                         break
             self.save_checkpoint()
-            result.final_model = self.engine.save(self.run.final, to="hf")
+            result.final_model = self.engine.save(self.run.final, to="hf") if self.world.is_main else self.run.final
         except TrainingStopped:  # Interrupted included: both have saved what they should
             raise
         except BaseException:
@@ -222,8 +235,15 @@ class Trainer:
             progress.close()
             self.log.close()
             signal.signal(signal.SIGINT, previous)
+            if self.world.size > 1:
+                signal.signal(signal.SIGTERM, previous_term)
         result.steps, result.nan_steps = self.step, self.nan_steps
         return result
+
+    def _should_stop(self) -> bool:
+        stop = self._interrupted or (self.stop_after is not None and self.step >= self.stop_after)
+        # Ranks see a signal at different moments: they agree, so all stop before the same step.
+        return self.engine.any_rank(stop) if self.world.size > 1 else stop
 
     def _enter_phase(self, progress: Progress) -> None:
         """LP-FT: at update `probe_steps` the engine starts training everything (its phase is

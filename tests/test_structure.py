@@ -25,7 +25,7 @@ CORE = {"mlx_clip.errors", "mlx_clip.version", "mlx_clip.config", "mlx_clip.poli
 # What an engine may use of the toolkit besides the core and `convert/`: policy decided once for
 # both engines (LoRA sites, schedule constants), numpy maths, the built-in random initialisation.
 ENGINE_SUPPORT = {"mlx_clip.lora_plan", "mlx_clip.schedule", "mlx_clip.interpolate", "mlx_clip.builtin",
-                  "mlx_clip.blas"}
+                  "mlx_clip.blas", "mlx_clip.distributed"}  # distributed: the world, its timeout, its errors
 ENGINES = {"mlx": "mlx_clip.mlx_backend", "torch": "torch_backend"}
 FRAMEWORKS = {"mlx": "mlx", "torch": "torch", "transformers": "torch"}  # top-level import -> engine
 # torch's unpickler with weights_only=True is the one safe reader of `.bin` files (lazy import).

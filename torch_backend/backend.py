@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from convert.writer import write_model_folder
+from mlx_clip.distributed import World
 from mlx_clip.config import CLIPConfig
 from torch_backend.lora import merged
 from torch_backend.model import load_torch_model, select_device
@@ -22,6 +23,8 @@ class TorchBackend:
     training = None  # train.Training, once prepare_training has run
     source: Path | None = None  # the folder the model was loaded from
     phase = "full"  # policy.PHASES: what trains now (LP-FT starts with "probe")
+    world = World()  # mlx_clip.distributed: the processes training together, once prepare_training joined them
+    watchdog = None
 
     def __init__(self, model, config: CLIPConfig, device: torch.device):
         self.model, self.config, self.device = model.eval(), config, device
@@ -112,9 +115,37 @@ class TorchBackend:
 
         cfg = for_model(cfg, self.config)  # the loss of the model's family unless one was chosen
         self._train_config = cfg
-        self.training = prepare(self.model, cfg, self.device)
+        self._join()
+        self.world.check_batch(cfg.batch_size, cfg.micro_batch_size)
+        self.training = prepare(self.model, cfg, self.device, self.world)
         self.phase = training_plan(cfg).phase_at(0)
         self._phased = training_plan(cfg).probe_steps > 0
+
+    def _join(self) -> None:
+        """Under torchrun (WORLD_SIZE > 1), join the process group; on CUDA each rank takes the
+        GPU of its LOCAL_RANK."""
+        import os
+
+        from mlx_clip.distributed import Watchdog, launched, timeout_s
+        from torch_backend.distributed import join
+
+        world = launched("torch")
+        if world is None:
+            return
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+            self.model.to(self.device)
+        join(world, self.device, timeout_s())
+        self.world, self.watchdog = world, Watchdog(world, timeout_s() + 30)  # gloo's own timeout first
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any (one process: `flag`)."""
+        if self.world.size == 1:
+            return flag
+        from torch_backend.distributed import any_rank
+
+        return any_rank(flag, self.world, self.device)
 
     def set_phase(self, phase: str) -> None:
         """Train what `phase` trains from the next step on, with a fresh optimizer (LP-FT)."""
@@ -123,7 +154,7 @@ class TorchBackend:
         if phase != self.phase:
             training = self.training
             self.training = enter_phase(training.module, self._train_config, phase, training.anchors, self.device,
-                                        training.scaler)
+                                        training.scaler, self.world)
             self.phase = phase
 
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -135,10 +166,15 @@ class TorchBackend:
         return sum(p.numel() for _, p in self._trainable())
 
     def train_step(self, batch, lr: float) -> dict:
-        pixels = torch.from_numpy(batch.pixels).permute(0, 3, 1, 2).to(self.device, self._dtype())
-        ids = torch.from_numpy(batch.input_ids.astype(np.int64)).to(self.device)
+        rows = self.world.shard(len(batch.pixels))  # this rank's slice; the labels stay global
+        pixels = torch.from_numpy(batch.pixels[rows]).permute(0, 3, 1, 2).to(self.device, self._dtype())
+        ids = torch.from_numpy(batch.input_ids[rows].astype(np.int64)).to(self.device)
         labels = torch.from_numpy(batch.positive_ids.astype(np.int64)).to(self.device)
+        if self.watchdog:
+            self.watchdog.start("a training step")
         loss, norm, ok = self.training.step(pixels, ids, labels, lr)
+        if self.watchdog:
+            self.watchdog.stop()
         return {"loss": float(loss), "grad_norm": float(norm), "ok": ok,
                 "logit_scale": float(self.model.logit_scale.detach().exp())}
 

@@ -40,7 +40,7 @@ class Training(NamedTuple):
     anchors: dict[str, torch.Tensor] | None  # L2-SP: the starting value of each trained tensor
 
 
-def prepare(clip, cfg, device: torch.device) -> Training:
+def prepare(clip, cfg, device: torch.device, world=None) -> Training:
     """Everything a run needs beside the data, from a `TrainConfig`: `clip` is adapted in place.
 
     With L2-SP (`cfg.l2_to_base`), the starting value of every tensor the run trains (in any
@@ -54,11 +54,11 @@ def prepare(clip, cfg, device: torch.device) -> Training:
     anchors = {n: p.detach().clone() for n, p in trainable(module)} if cfg.l2_to_base else None
     # float16's narrow range needs loss scaling; bfloat16 has float32's exponent and does not.
     scaler = torch.amp.GradScaler(device.type) if cfg.autocast_dtype == "float16" else None
-    return enter_phase(module, cfg, plan.phase_at(0), anchors, device, scaler)
+    return enter_phase(module, cfg, plan.phase_at(0), anchors, device, scaler, world)
 
 
 def enter_phase(module: TrainModule, cfg, phase: str, anchors: dict | None, device: torch.device,
-                scaler: torch.amp.GradScaler | None) -> Training:
+                scaler: torch.amp.GradScaler | None, world=None) -> Training:
     """A fresh optimizer and step for `phase` ("probe" | "full", see `policy`): at LP-FT's switch
     every parameter starts with empty AdamW state, as in `mlx_backend/train.py`; the L2-SP anchors
     and the loss scaler carry over."""
@@ -66,7 +66,7 @@ def enter_phase(module: TrainModule, cfg, phase: str, anchors: dict | None, devi
     if plan.probe_steps:
         set_probe(module.clip, phase == "probe")
     optimizer = make_optimizer(module, cfg)
-    step = make_train_step(module, optimizer, cfg, plan, device=device, scaler=scaler, anchors=anchors)
+    step = make_train_step(module, optimizer, cfg, plan, device=device, scaler=scaler, anchors=anchors, world=world)
     return Training(module, optimizer, step, scaler, anchors)
 
 
@@ -117,8 +117,11 @@ def make_optimizer(module: TrainModule, cfg) -> torch.optim.AdamW:
 
 def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan: TrainingPlan, *,
                     device: torch.device, scaler: torch.amp.GradScaler | None = None,
-                    anchors: dict[str, torch.Tensor] | None = None) -> Step:
+                    anchors: dict[str, torch.Tensor] | None = None, world=None) -> Step:
     """`step(pixels, ids, labels, lr) -> (loss, grad_norm, ok)`; a non-finite step changes nothing.
+
+    With a `world` of several processes (`mlx_clip.distributed`), pixels and ids are this rank's
+    slice of the global batch and labels the global batch's: see `global_backward`.
 
     Mixed precision (`cfg.autocast_dtype`) runs the towers under `torch.autocast`, with float32
     master weights and optimizer state; the loss is computed in float32 (see `loss._logits`).
@@ -141,8 +144,39 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
         image, text = image.float(), text.float()
         return image / image.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)
 
+    def global_backward(pixels, ids, labels):
+        """The loss of the global batch, its gradient left in .grad, summed over the ranks.
+
+        open_clip's gather-with-grad, local_loss=False: every rank computes the global loss on the
+        all-gathered embeddings, and backpropagates its slice of their gradient into its towers;
+        a parameter's full-batch gradient is then the sum of the ranks' (each reaches the loss
+        through its own samples only). The logit scale and bias enter only the loss, so every rank
+        holds their full gradient: it is counted once (rank 0's; the others' are zeroed)."""
+        from torch_backend.distributed import all_gather, all_reduce_sum
+
+        local = embed(pixels, ids)
+        image, text = (all_gather(t.detach(), world).requires_grad_(True) for t in local)
+        loss = loss_fn(image, text, clip.logit_scale.exp(), module.bias(), labels=labels, **options)
+        (scaler.scale(loss) if scaler else loss).backward()
+        rows = world.shard(image.shape[0])
+        pairs = [(out, whole.grad[rows]) for out, whole in zip(local, (image, text)) if out.requires_grad]
+        if pairs:
+            torch.autograd.backward(*zip(*pairs))
+        heads = {id(clip.logit_scale), id(module.bias())}
+        grads = []
+        for p in params:
+            if p.grad is None:  # all ranks alike: a parameter the loss does not reach
+                p.grad = torch.zeros_like(p)
+            if id(p) in heads and not world.is_main:
+                p.grad.zero_()
+            grads.append(p.grad)
+        all_reduce_sum(grads, world)
+        return loss
+
     def backward(pixels, ids, labels):
         """The loss, its gradients left in the parameters' .grad (scaled when a scaler is on)."""
+        if world is not None and world.size > 1:
+            return global_backward(pixels, ids, labels)
         micro = cfg.micro_batch_size
         if not micro:
             image, text = embed(pixels, ids)

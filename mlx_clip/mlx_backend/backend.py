@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from convert.layout import mlx_to_torch, torch_to_mlx
 from convert.writer import mlx_metadata, write_model_folder, write_side_files
 from mlx_clip.config import CLIPConfig
+from mlx_clip.distributed import World
 from mlx_clip.mlx_backend.jit import enable_vectorized_kernels
 from mlx_clip.mlx_backend.lora import merged
 from mlx_clip.mlx_backend.model import CLIPModel, init_weights, normalize
@@ -77,6 +78,9 @@ class MLXBackend:
     training = None  # train.Training, once prepare_training has run
     source: Path | None = None  # the folder the model was loaded from
     phase = "full"  # policy.PHASES: what trains now (LP-FT starts with "probe")
+    world = World()  # mlx_clip.distributed: the processes training together, once prepare_training joined them
+    group = None  # their mx.distributed group
+    watchdog = None
 
     def __init__(self, model: CLIPModel, device: str = "cpu"):
         mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
@@ -159,9 +163,46 @@ class MLXBackend:
 
         cfg = for_model(cfg, self.config)  # the loss of the model's family unless one was chosen
         self._train_config = cfg
-        self.training = prepare(self.model, cfg, self.split)
+        self._join()
+        self.world.check_batch(cfg.batch_size, cfg.micro_batch_size)
+        self.training = prepare(self.model, cfg, self.split, self.group)
         self.phase = training_plan(cfg).phase_at(0)
         self._phased = training_plan(cfg).probe_steps > 0
+
+    def _join(self) -> None:
+        """Under mlx.launch (MLX_RANK set), join the group its backend describes (ring, MPI, NCCL)."""
+        from mlx_clip.distributed import Watchdog, World, launched, peer_lost, timeout_s
+
+        launch = launched("mlx")
+        if launch is None:
+            return
+        try:
+            group = mx.distributed.init(strict=True)
+        except Exception as err:
+            raise peer_lost(World(launch.rank, 0, launch.launcher), "joining the group", err) from None
+        if group.size() > 1:
+            self.group = group
+            self.world = World(group.rank(), group.size(), launch.launcher)
+            # The ring backend waits on its sockets without a timeout: the watchdog bounds a step.
+            self.watchdog = Watchdog(self.world, timeout_s())
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any (one process: `flag`)."""
+        if self.group is None:
+            return flag
+        self.watchdog.start("agreeing on whether to stop")
+        agreed = self._collective(lambda: mx.distributed.all_sum(mx.array(int(flag)), group=self.group).item() > 0,
+                                  "agreeing on whether to stop")
+        self.watchdog.stop()
+        return agreed
+
+    def _collective(self, evaluate, what: str):
+        from mlx_clip.distributed import peer_lost
+
+        try:
+            return evaluate()
+        except RuntimeError as err:  # the ring's socket closed: a peer is gone
+            raise peer_lost(self.world, what, err) from None
 
     def set_phase(self, phase: str) -> None:
         """Train what `phase` trains from the next step on, with a fresh optimizer (LP-FT)."""
@@ -169,7 +210,8 @@ class MLXBackend:
 
         if phase != self.phase:
             module, optimizer, _ = self.training
-            self.training = enter_phase(module, self._train_config, phase, optimizer.state.get("anchor"), self.split)
+            self.training = enter_phase(module, self._train_config, phase, optimizer.state.get("anchor"), self.split,
+                                        self.group)
             self.phase = phase
 
     def trainable_count(self) -> int:
@@ -180,11 +222,18 @@ class MLXBackend:
         # Feature caching takes the pixels as numpy and moves one micro-batch at a time into MLX
         # memory: a 1024-image batch never sits there whole.
         cached = bool(self._train_config.micro_batch_size)
-        pixels = batch.pixels if cached else mx.array(batch.pixels)
-        loss, norm, ok = step(pixels, mx.array(batch.input_ids.astype(np.int32)),
+        rows = self.world.shard(len(batch.pixels))  # this rank's slice; the labels stay global
+        pixels = batch.pixels[rows] if cached else mx.array(batch.pixels[rows])
+        loss, norm, ok = step(pixels, mx.array(batch.input_ids[rows].astype(np.int32)),
                               mx.array(batch.positive_ids.astype(np.int32)), mx.array(lr, dtype=mx.float32))
-        with self.split.evaluating():
-            mx.eval(loss, norm, ok, module.state, optimizer.state)
+        if self.group is None:
+            with self.split.evaluating():
+                mx.eval(loss, norm, ok, module.state, optimizer.state)
+        else:
+            self.watchdog.start("a training step")
+            with self.split.evaluating():
+                self._collective(lambda: mx.eval(loss, norm, ok, module.state, optimizer.state), "a training step")
+            self.watchdog.stop()
         return {"loss": float(loss), "grad_norm": float(norm), "ok": bool(ok),
                 "logit_scale": float(mx.exp(self.model.logit_scale))}
 

@@ -49,7 +49,7 @@ class Training(NamedTuple):
     step: Step
 
 
-def prepare(clip: CLIPModel, cfg, split: BatchSplit | None = None) -> Training:
+def prepare(clip: CLIPModel, cfg, split: BatchSplit | None = None, group=None) -> Training:
     """Everything a run needs beside the data, from a `TrainConfig`: `clip` is adapted in place.
 
     With L2-SP (`cfg.l2_to_base`), the starting value of every tensor the run trains (in any
@@ -60,11 +60,11 @@ def prepare(clip: CLIPModel, cfg, split: BatchSplit | None = None) -> Training:
     apply_plan(clip, plan)
     clip.set_gradient_checkpointing(cfg.gradient_checkpointing)
     anchors = module.trainable_parameters() if cfg.l2_to_base else None
-    return enter_phase(module, cfg, plan.phase_at(0), anchors, split)
+    return enter_phase(module, cfg, plan.phase_at(0), anchors, split, group)
 
 
 def enter_phase(module: TrainModule, cfg, phase: str, anchors: dict | None = None,
-                split: BatchSplit | None = None) -> Training:
+                split: BatchSplit | None = None, group=None) -> Training:
     """A fresh optimizer and a compiled step for `phase` ("probe" | "full", see `policy`).
 
     LP-FT's switch to "full" builds both anew: every parameter starts with empty Adam moments
@@ -83,7 +83,7 @@ def enter_phase(module: TrainModule, cfg, phase: str, anchors: dict | None = Non
                       "(mixed precision applies on the GPU)", RuntimeWarning, stacklevel=2)
     elif cfg.autocast_dtype:
         compute_dtype = getattr(mx, cfg.autocast_dtype)
-    step = make_train_step(module, optimizer, cfg, plan, compute_dtype=compute_dtype, split=split)
+    step = make_train_step(module, optimizer, cfg, plan, compute_dtype=compute_dtype, split=split, group=group)
     return Training(module, optimizer, step)
 
 
@@ -131,7 +131,7 @@ def make_optimizer(module: TrainModule, cfg) -> optim.Adam:
 
 
 def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: TrainingPlan, *,
-                    compute_dtype=None, split: BatchSplit | None = None) -> Step:
+                    compute_dtype=None, split: BatchSplit | None = None, group=None) -> Step:
     """`step(pixels, ids, labels, lr) -> (loss, grad_norm, ok)`, compiled; a non-finite step
     leaves parameters and optimizer moments as they were.
 
@@ -143,6 +143,11 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
     Clipping, weight decay, the Adam update and the non-finite guard are one expression per
     parameter, so `mx.compile` fuses each parameter's update into one pass over its memory
     (MLX's `apply_gradients` plus separate clip and guard passes read every weight 4 more times).
+
+    With a `group` of several processes (`mx.distributed`), pixels and ids are this rank's slice of
+    the global batch and labels the global batch's: the embeddings are all-gathered (MLX's VJP of
+    `all_gather` hands each rank its own slice of the cotangent, open_clip's gather-with-grad), the
+    loss is the global batch's, and the gradients are summed over the ranks (`global_gradients`).
     """
     loss_fn = LOSSES[cfg.loss or default_loss(module.clip.config)]
     options = dict(plan.loss_options)
@@ -159,6 +164,8 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
             pixels = pixels.astype(compute_dtype)
         image = normalize(towers(clip.get_image_features, pixels).astype(mx.float32))
         text = normalize(towers(clip.get_text_features, ids).astype(mx.float32))
+        if group is not None:  # (B/n, P) on each rank -> (B, P), ranks in order
+            image, text = mx.distributed.all_gather(image, group=group), mx.distributed.all_gather(text, group=group)
         return loss_fn(image, text, mx.exp(clip.logit_scale.astype(mx.float32)), module.bias(), labels=labels,
                        **options)
 
@@ -186,7 +193,10 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
         loss, grads = loss_and_grad(module, pixels, ids, labels)
         if compute_dtype is not None:
             module.update(master)  # the loss left its low-precision copies in the module
-        return finish(loss, dict(tree_flatten(grads)), lr)  # frozen towers have no entry
+        grads = dict(tree_flatten(grads))  # frozen towers have no entry
+        if group is not None:
+            grads = global_gradients(grads, group, heads=("clip.logit_scale", _bias_name(module)))
+        return finish(loss, grads, lr)
 
     def finish(loss, grads, lr):
         norm = mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for g in grads.values()))  # not ** 2: pow()
@@ -221,6 +231,8 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
     micro = cfg.micro_batch_size
     if not micro:
         return mx.compile(step, inputs=state, outputs=state)
+    if group is not None:
+        raise ValueError("feature caching (--micro-batch-size) runs in one process on MLX")
     if compute_dtype is not None:
         raise ValueError("feature caching (--micro-batch-size) runs in float32 on MLX; drop --precision")
     return cached_step(module, loss_fn, options, micro, mx.compile(finish, inputs=state, outputs=state))
@@ -282,6 +294,21 @@ def cached_step(module: TrainModule, loss_fn, options: dict, micro: int, finish)
         return finish(loss, grads, lr)
 
     return step
+
+
+def global_gradients(grads: dict[str, mx.array], group, heads: tuple[str, ...]) -> dict[str, mx.array]:
+    """The full-batch gradient from each rank's: every rank backpropagated the global loss into
+    its own samples only, so the towers' gradients add up over the ranks. The logit scale and bias
+    enter only the loss, so every rank holds their full gradient: rank 0's counts, the others'
+    are zeroed. One all_sum over a flat buffer, not one per tensor."""
+    names = list(grads)
+    parts = [mx.zeros_like(grads[n]) if n in heads and group.rank() != 0 else grads[n] for n in names]
+    flat = mx.distributed.all_sum(mx.concatenate([g.reshape(-1) for g in parts]), group=group)
+    out, offset = {}, 0
+    for name, g in zip(names, parts):
+        out[name] = flat[offset:offset + g.size].reshape(g.shape).astype(g.dtype)
+        offset += g.size
+    return out
 
 
 def _bias_name(module: TrainModule) -> str:
