@@ -148,7 +148,8 @@ class SilentLog:
 
 class Progress:
     """A tqdm bar on a terminal ("bar"), one plain line per logged step where output is a file or
-    a pipe ("lines": CI logs, `nohup`), or nothing ("off": tests, the Python API)."""
+    a pipe ("lines": CI logs, `nohup`), or nothing ("off": tests, the Python API; "silent": not even
+    warnings, for the ranks other than 0 of a distributed run, which rank 0 speaks for)."""
 
     def __init__(self, total: int, initial: int, style: str | bool = "bar"):
         if style is True:
@@ -174,7 +175,7 @@ class Progress:
     def write(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)
-        else:  # warnings and phase changes are shown whatever the style
+        elif self.style != "silent":  # warnings and phase changes are shown, unless another rank speaks
             print(text, flush=True)
 
     def close(self) -> None:

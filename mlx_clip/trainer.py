@@ -178,7 +178,7 @@ class Trainer:
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         if self.world.size > 1:  # a launcher passes Ctrl-C on as SIGTERM: stop at a step boundary too
             previous_term = signal.signal(signal.SIGTERM, self._on_sigint)
-        progress = Progress(self.total_steps, self.step, self.progress_enabled)
+        progress = Progress(self.total_steps, self.step, self.progress_enabled if self.world.is_main else "silent")
         in_step = False
         try:
             window_start, window_images, reported = time.perf_counter(), 0, self.step
