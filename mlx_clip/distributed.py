@@ -50,15 +50,12 @@ class World:
         per = rows // self.size
         return slice(self.rank * per, (self.rank + 1) * per)
 
-    def check_batch(self, batch_size: int, micro_batch_size: int | None) -> None:
+    def check_batch(self, batch_size: int) -> None:
         if self.size == 1:
             return
         if batch_size % self.size:
             raise ConfigError(f"--batch-size is the global batch and must divide evenly over the {self.size} "
                               f"processes, got {batch_size}")
-        if micro_batch_size:
-            raise ConfigError(f"--micro-batch-size (feature caching) is not supported with {self.size} processes "
-                              "yet; drop it, or give each process a larger share of the batch instead")
 
 
 def timeout_s() -> float:

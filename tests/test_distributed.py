@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 MLXCLIP = str(BIN / "mlxclip")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MLXCLIP_COLLECTIVE_TIMEOUT": "10"}
+RANKS_ENV = {**ENV, "MLXCLIP_CPU_STREAMS": "1"}  # MLX: each rank's slice in one piece
 
 
 def free_port(span: int = 1) -> int:
@@ -69,8 +70,7 @@ def one_process(args: list[str], streams: int = 2) -> None:
 
 
 def two_processes(engine: str, args: list[str]) -> subprocess.CompletedProcess:
-    env = {**ENV, "MLXCLIP_CPU_STREAMS": "1"}  # MLX: each rank's slice in one piece
-    done = subprocess.run(launcher(engine) + [MLXCLIP, *args], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(launcher(engine) + [MLXCLIP, *args], env=RANKS_ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "final model:" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
     return done
 
@@ -113,6 +113,20 @@ def test_two_processes_train_as_one(tmp_path, engine, loss):
     assert state["world_size"] == 2
 
 
+@pytest.mark.parametrize("engine", ["torch", "mlx"])
+def test_feature_caching_on_each_rank(tmp_path, engine):
+    """--micro-batch-size cuts each rank's slice; the loss still sees the global batch. Against the
+    same cut in 1 process the gradient sums associate differently: summation order only."""
+    args = ("--micro-batch-size", "2")
+    one_process(finetune_args(engine, tmp_path / "one", *args))
+    two_processes(engine, finetune_args(engine, tmp_path / "two", *args))
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
+    reference, got = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for name in reference:
+        np.testing.assert_allclose(got[name], reference[name], atol=1e-5, err_msg=name)
+
+
 def _steps_logged(out: Path) -> int:
     path = out / "metrics.jsonl"
     return sum('"loss"' in line for line in path.read_text().splitlines()) if path.exists() else 0
@@ -131,7 +145,7 @@ def test_ctrl_c_on_the_launcher_leaves_a_resumable_checkpoint(tmp_path, engine):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     two_processes(engine, finetune_args(engine, whole, steps=30))
     # Ctrl-C in a terminal signals the launcher's whole process group.
-    proc = subprocess.Popen(launcher(engine) + [MLXCLIP, *finetune_args(engine, cut, steps=30)], env=ENV,
+    proc = subprocess.Popen(launcher(engine) + [MLXCLIP, *finetune_args(engine, cut, steps=30)], env=RANKS_ENV,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for_steps(cut, 3, proc)
     os.killpg(proc.pid, signal.SIGINT)
@@ -174,6 +188,9 @@ def _start_ranks(engine: str, out: Path) -> list[subprocess.Popen]:
 @pytest.mark.parametrize("how", ["killed", "hung"])
 @pytest.mark.parametrize("engine", ["torch", "mlx"])
 def test_a_lost_rank_ends_the_others_with_one_line(tmp_path, engine, how):
+    if how == "hung" and engine == "torch":
+        pytest.skip("gloo's own timeout (init_process_group's) ends it as well, in 21 s of test time: run "
+                    "it by hand when changing torch_backend/distributed.py; the suite stays under 3 minutes")
     out = tmp_path / "run"
     survivor, peer = _start_ranks(engine, out)
     try:

@@ -116,7 +116,7 @@ class TorchBackend:
         cfg = for_model(cfg, self.config)  # the loss of the model's family unless one was chosen
         self._train_config = cfg
         self._join()
-        self.world.check_batch(cfg.batch_size, cfg.micro_batch_size)
+        self.world.check_batch(cfg.batch_size)
         self.training = prepare(self.model, cfg, self.device, self.world)
         self.phase = training_plan(cfg).phase_at(0)
         self._phased = training_plan(cfg).probe_steps > 0

@@ -151,17 +151,29 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
         all-gathered embeddings, and backpropagates its slice of their gradient into its towers;
         a parameter's full-batch gradient is then the sum of the ranks' (each reaches the loss
         through its own samples only). The logit scale and bias enter only the loss, so every rank
-        holds their full gradient: it is counted once (rank 0's; the others' are zeroed)."""
+        holds their full gradient: it is counted once (rank 0's; the others' are zeroed).
+        With feature caching, the rank's slice is embedded and backpropagated micro-batch by
+        micro-batch, as in `backward`."""
         from torch_backend.distributed import all_gather, all_reduce_sum
 
-        local = embed(pixels, ids)
-        image, text = (all_gather(t.detach(), world).requires_grad_(True) for t in local)
+        micro = cfg.micro_batch_size or pixels.shape[0]
+        chunks = [slice(start, start + micro) for start in range(0, pixels.shape[0], micro)]
+        if len(chunks) == 1:
+            local = [embed(pixels, ids)]
+        else:
+            with torch.no_grad():
+                local = [embed(pixels[c], ids[c]) for c in chunks]
+        image, text = (all_gather(torch.cat([part[i] for part in local]).detach(), world).requires_grad_(True)
+                       for i in (0, 1))
         loss = loss_fn(image, text, clip.logit_scale.exp(), module.bias(), labels=labels, **options)
         (scaler.scale(loss) if scaler else loss).backward()
-        rows = world.shard(image.shape[0])
-        pairs = [(out, whole.grad[rows]) for out, whole in zip(local, (image, text)) if out.requires_grad]
-        if pairs:
-            torch.autograd.backward(*zip(*pairs))
+        start = world.shard(image.shape[0]).start
+        for c, part in zip(chunks, local):
+            outs = part if len(chunks) == 1 else embed(pixels[c], ids[c])
+            rows = slice(start + c.start, start + c.stop)
+            pairs = [(out, whole.grad[rows]) for out, whole in zip(outs, (image, text)) if out.requires_grad]
+            if pairs:
+                torch.autograd.backward(*zip(*pairs))
         heads = {id(clip.logit_scale), id(module.bias())}
         grads = []
         for p in params:

@@ -164,7 +164,7 @@ class MLXBackend:
         cfg = for_model(cfg, self.config)  # the loss of the model's family unless one was chosen
         self._train_config = cfg
         self._join()
-        self.world.check_batch(cfg.batch_size, cfg.micro_batch_size)
+        self.world.check_batch(cfg.batch_size)
         self.training = prepare(self.model, cfg, self.split, self.group)
         self.phase = training_plan(cfg).phase_at(0)
         self._phased = training_plan(cfg).probe_steps > 0
@@ -224,15 +224,19 @@ class MLXBackend:
         cached = bool(self._train_config.micro_batch_size)
         rows = self.world.shard(len(batch.pixels))  # this rank's slice; the labels stay global
         pixels = batch.pixels[rows] if cached else mx.array(batch.pixels[rows])
-        loss, norm, ok = step(pixels, mx.array(batch.input_ids[rows].astype(np.int32)),
-                              mx.array(batch.positive_ids.astype(np.int32)), mx.array(lr, dtype=mx.float32))
+
+        def run():
+            out = step(pixels, mx.array(batch.input_ids[rows].astype(np.int32)),
+                       mx.array(batch.positive_ids.astype(np.int32)), mx.array(lr, dtype=mx.float32))
+            with self.split.evaluating():
+                mx.eval(*out, module.state, optimizer.state)
+            return out
+
         if self.group is None:
-            with self.split.evaluating():
-                mx.eval(loss, norm, ok, module.state, optimizer.state)
-        else:
+            loss, norm, ok = run()
+        else:  # feature caching evaluates collectives inside the step: all of it is guarded
             self.watchdog.start("a training step")
-            with self.split.evaluating():
-                self._collective(lambda: mx.eval(loss, norm, ok, module.state, optimizer.state), "a training step")
+            loss, norm, ok = self._collective(run, "a training step")
             self.watchdog.stop()
         return {"loss": float(loss), "grad_norm": float(norm), "ok": bool(ok),
                 "logit_scale": float(mx.exp(self.model.logit_scale))}

@@ -231,14 +231,12 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
     micro = cfg.micro_batch_size
     if not micro:
         return mx.compile(step, inputs=state, outputs=state)
-    if group is not None:
-        raise ValueError("feature caching (--micro-batch-size) runs in one process on MLX")
     if compute_dtype is not None:
         raise ValueError("feature caching (--micro-batch-size) runs in float32 on MLX; drop --precision")
-    return cached_step(module, loss_fn, options, micro, mx.compile(finish, inputs=state, outputs=state))
+    return cached_step(module, loss_fn, options, micro, mx.compile(finish, inputs=state, outputs=state), group)
 
 
-def cached_step(module: TrainModule, loss_fn, options: dict, micro: int, finish) -> Step:
+def cached_step(module: TrainModule, loss_fn, options: dict, micro: int, finish, group=None) -> Step:
     """Feature caching (GradCache, Gao et al. 2021; open_clip's `accum_freq`): the contrastive
     loss sees the whole batch while the towers only ever hold `micro` samples' activations.
 
@@ -247,7 +245,11 @@ def cached_step(module: TrainModule, loss_fn, options: dict, micro: int, finish)
     gradients, its parameters' gradient being the vector-Jacobian product of its embeddings with
     the cached embedding gradients, summed. The sum is the full-batch gradient (each parameter's
     gradient is linear in the embedding gradients), so the update equals the full-batch one up to
-    float32 summation order. Each chunk is evaluated before the next, which is what bounds memory."""
+    float32 summation order. Each chunk is evaluated before the next, which is what bounds memory.
+
+    With a `group`, the chunks are this rank's slice's: the embeddings are all-gathered for step 2,
+    step 3 takes the rank's rows of their gradient, and the gradients are summed over the ranks
+    (`global_gradients`)."""
     state = [module.state]
 
     def embed(pixels, ids):
@@ -275,6 +277,10 @@ def cached_step(module: TrainModule, loss_fn, options: dict, micro: int, finish)
             mx.eval(parts[-1])
         image = mx.concatenate([p[0] for p in parts])
         text = mx.concatenate([p[1] for p in parts])
+        offset = 0
+        if group is not None:  # (B/n, P) -> (B, P); this rank's rows start at rank * B/n
+            offset = group.rank() * image.shape[0]
+            image, text = mx.distributed.all_gather(image, group=group), mx.distributed.all_gather(text, group=group)
         bias = module.bias()
         argnums = [0, 1, 2] + ([3] if bias is not None else [])
         loss, head_grads = mx.value_and_grad(head, argnums=argnums)(image, text, module.clip.logit_scale, bias,
@@ -282,8 +288,9 @@ def cached_step(module: TrainModule, loss_fn, options: dict, micro: int, finish)
         mx.eval(loss, head_grads)
         grads: dict[str, mx.array] = {}
         for part in chunks:
-            got = dict(tree_flatten(chunk_grads(mx.array(pixels[part]), ids[part], head_grads[0][part],
-                                                head_grads[1][part])))
+            rows = slice(offset + part.start, offset + part.stop)
+            got = dict(tree_flatten(chunk_grads(mx.array(pixels[part]), ids[part], head_grads[0][rows],
+                                                head_grads[1][rows])))
             grads = got if not grads else {name: grads[name] + g for name, g in got.items()}
             mx.eval(grads)
         # The temperature and bias enter only the loss: their gradients come from step 2.
@@ -291,6 +298,8 @@ def cached_step(module: TrainModule, loss_fn, options: dict, micro: int, finish)
                         (_bias_name(module), head_grads[3] if bias is not None else None)):
             if g is not None and name in grads:
                 grads[name] = grads[name] + g.astype(grads[name].dtype)
+        if group is not None:
+            grads = global_gradients(grads, group, heads=("clip.logit_scale", _bias_name(module)))
         return finish(loss, grads, lr)
 
     return step
