@@ -18,6 +18,7 @@ process group in `prepare_training`; everything here is what the toolkit decides
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -116,5 +117,8 @@ class Watchdog:
 
 def peer_lost(world: World, what: str, err: BaseException) -> PeerLost:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    # gloo's "[/path/pair.cc:545] Read error ...: Connection reset by peer. This is typically ...":
+    # its first sentence, without the source location.
+    first = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", first).split(". ")[0]
     return PeerLost(f"rank {world.rank} of {world.size}: {what} failed ({first[:200]}): another rank died or "
                     "cannot be reached; resume from the last checkpoint with --resume latest")
