@@ -65,6 +65,12 @@ class Backend(Protocol):
         """Name -> shape of each `model/` tensor `save_state` writes, for checking a checkpoint
         fits before loading it."""
 
+    # --- several processes (mlx_clip.distributed) ---
+    world: Any  # distributed.World: one process until `prepare_training` joins the launcher's group
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any (a collective; one process: `flag`)."""
+
 
 def engine_class(name: str) -> type:
     """The class of engine `name`, imported on first use."""
