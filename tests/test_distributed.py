@@ -113,6 +113,18 @@ def test_two_processes_train_as_one(tmp_path, engine, loss):
     assert state["world_size"] == 2
 
 
+@pytest.mark.parametrize("strategy", ["lora", "lock-text"])
+def test_lora_and_a_locked_tower(tmp_path, strategy):
+    """MLX only, to keep the suite short (torch, by hand: bit-identical to the same cut for both)."""
+    one_process(finetune_args("mlx", tmp_path / "one", "--strategy", strategy))
+    two_processes("mlx", finetune_args("mlx", tmp_path / "two", "--strategy", strategy))
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
+    reference, got = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for name in reference:
+        np.testing.assert_allclose(got[name], reference[name], atol=1e-5, err_msg=name)
+
+
 @pytest.mark.parametrize("engine", ["torch", "mlx"])
 def test_feature_caching_on_each_rank(tmp_path, engine):
     """--micro-batch-size cuts each rank's slice; the loss still sees the global batch. Against the
