@@ -162,6 +162,7 @@ def test_ctrl_c_on_the_launcher_leaves_a_resumable_checkpoint(tmp_path, engine):
     _wait_for_steps(cut, 3, proc)
     os.killpg(proc.pid, signal.SIGINT)
     proc.wait(timeout=60)
+    _wait_for_group_exit(proc.pid)  # mlx.launch returns before its ranks have saved and exited
     checkpoints = [p.name for p in (cut / "checkpoints").glob("step-*")]
     assert len(checkpoints) == 1 and checkpoints[0] < "step-0000030", checkpoints
     done = two_processes(engine, finetune_args(engine, cut, "--resume", "latest", steps=30))
@@ -176,6 +177,17 @@ def test_a_checkpoint_resumes_only_with_its_world_size(tmp_path):
                           env=ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "trained by 2 process(es), this one has 1" in done.stderr
+
+
+def _wait_for_group_exit(group: int, limit: float = 60) -> None:
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, "the ranks did not exit after Ctrl-C"
+        time.sleep(0.05)
 
 
 def _start_ranks(engine: str, out: Path) -> list[subprocess.Popen]:
