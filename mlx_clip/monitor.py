@@ -64,7 +64,12 @@ class TensorBoardLog:
     def __init__(self, folder: Path, purge_step: int | None = None):
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(str(folder), purge_step=purge_step, flush_secs=10)
+        # tensorboardX names an event file by the second it was opened and the host alone, and
+        # opens it for writing: a second writer in the same second (the final evaluation after
+        # training, or a quick resume) truncated the first. A nanosecond suffix keeps each file
+        # unique and sorts them by creation, the order TensorBoard reads them in.
+        self.writer = SummaryWriter(str(folder), purge_step=purge_step, flush_secs=10,
+                                    filename_suffix=f".{time.time_ns():020d}")
 
     def write(self, record: dict) -> None:
         if "event" in record or "phase" in record:  # facts about the run, not curves

@@ -103,3 +103,13 @@ def test_a_failing_metrics_log_is_reported_once_and_training_goes_on(tmp_path, m
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
     result = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "not a run folder (no metrics.jsonl" in result.output
+
+
+def test_two_writers_in_one_second_keep_both_event_files(tmp_path):
+    """tensorboardX names event files by the second: a writer opened right after another (the
+    final evaluation after training) must not truncate the first one's curves."""
+    for step in (1, 2):
+        log = monitor.RunLog(tmp_path, tensorboard=True)
+        log.write({"step": step, "loss": float(step)})
+        log.close()
+    assert [s for s, _ in _scalars(tmp_path / "tensorboard", "train/loss")] == [1, 2]
