@@ -24,7 +24,8 @@ SIGLIP_LOGIT_SCALE_INIT = float(np.log(10.0))
 SIGLIP_TINY_LOGIT_BIAS_INIT = -5.0
 SIGLIP_TINY_VOCAB = 1024
 
-BUILTIN_VERSION = 3
+BUILTIN_VERSION = 4
+TEXT_POSITION_STD = 0.01  # see random_weights
 
 
 def builtin_configs() -> dict[str, CLIPConfig]:
@@ -45,7 +46,8 @@ def builtin_configs() -> dict[str, CLIPConfig]:
 
 def random_weights(config: CLIPConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """Weights in torch layout, initialised as `transformers.CLIPPreTrainedModel._init_weights`
-    (initializer_factor 1): attention in/out and MLP std from width and depth, embeddings 0.02."""
+    (initializer_factor 1): attention in/out and MLP std from width and depth, embeddings 0.02 —
+    except the text position embedding, at `TEXT_POSITION_STD` (below, with the measurement)."""
     rng = np.random.default_rng(seed)
 
     def normal(shape, std):
@@ -75,7 +77,12 @@ def random_weights(config: CLIPConfig, seed: int = 0) -> dict[str, np.ndarray]:
         weights[f"{name}.weight"] = np.ones(width, np.float32)
         weights[f"{name}.bias"] = np.zeros(width, np.float32)
     weights["text_model.embeddings.token_embedding.weight"] = normal((t.vocab_size, t.hidden_size), 0.02)
-    weights["text_model.embeddings.position_embedding.weight"] = normal((t.max_position_embeddings, t.hidden_size), 0.02)
+    # One deliberate departure from transformers' init (0.02 there): position noise as large as the
+    # token embeddings slows the text tower on the demo's short captions: held-out top-1 after the
+    # 1000-step demo 0.8625 at 0.02 against 0.983 at 0.01 (measured side by side; lr 3e-3 at 0.02:
+    # 0.504), and the demo must reach 0.9.
+    weights["text_model.embeddings.position_embedding.weight"] = normal((t.max_position_embeddings, t.hidden_size),
+                                                                        TEXT_POSITION_STD)
     weights["vision_model.embeddings.class_embedding"] = normal((v.hidden_size,), v.hidden_size ** -0.5)
     weights["vision_model.embeddings.patch_embedding.weight"] = normal(
         (v.hidden_size, v.num_channels, v.patch_size, v.patch_size), 0.02)
