@@ -158,6 +158,16 @@ class CLIPTextTransformer(nn.Module):
         return hidden[rows, self.eot_positions(input_ids)]
 
 
+def resize_grid(patches: mx.array, grid: int, rows: int, cols: int) -> mx.array:
+    """(grid*grid, D) patch position embeddings -> (rows*cols, D), bicubic along each axis as
+    transformers' `interpolate_pos_encoding` (torch's bicubic, align_corners=False)."""
+    dim = patches.shape[-1]
+    row_m = mx.array(bicubic_matrix(grid, rows))  # (rows, g)
+    col_m = mx.array(bicubic_matrix(grid, cols))  # (cols, g)
+    resized = mx.einsum("rg,gwd->rwd", row_m, patches.reshape(grid, grid, dim))  # (rows, g, D)
+    return mx.einsum("cw,rwd->rcd", col_m, resized).reshape(rows * cols, dim)
+
+
 class CLIPVisionEmbeddings(nn.Module):
     def __init__(self, cfg: CLIPVisionConfig):
         super().__init__()
@@ -175,13 +185,7 @@ class CLIPVisionEmbeddings(nn.Module):
         rows, cols = height // self.patch_size, width // self.patch_size
         if rows == self.grid and cols == self.grid:
             return table
-        dim = table.shape[-1]
-        row_m = mx.array(bicubic_matrix(self.grid, rows))  # (rows, g)
-        col_m = mx.array(bicubic_matrix(self.grid, cols))  # (cols, g)
-        patch = table[1:].reshape(self.grid, self.grid, dim)  # (g, g, D)
-        resized = mx.einsum("rg,gwd->rwd", row_m, patch)  # (rows, g, D)
-        resized = mx.einsum("cw,rwd->rcd", col_m, resized).reshape(rows * cols, dim)
-        return mx.concatenate([table[:1], resized], axis=0)
+        return mx.concatenate([table[:1], resize_grid(table[1:], self.grid, rows, cols)], axis=0)
 
     def __call__(self, pixels: mx.array) -> mx.array:
         batch, height, width, _ = pixels.shape

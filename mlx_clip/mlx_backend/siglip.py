@@ -17,9 +17,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_clip.config import CLIPConfig, SiglipTextConfig, SiglipVisionConfig
-from mlx_clip.interpolate import bicubic_matrix
 from mlx_clip.mlx_backend import cpu_math
-from mlx_clip.mlx_backend.model import CLIPEncoder, CLIPMLP, CLIPTextEmbeddings, Linear, normalize, use_cpu_math
+from mlx_clip.mlx_backend.model import (CLIPEncoder, CLIPMLP, CLIPTextEmbeddings, Linear, normalize, resize_grid,
+                                       use_cpu_math)
 
 
 class SiglipTextTransformer(nn.Module):
@@ -52,11 +52,7 @@ class SiglipVisionEmbeddings(nn.Module):
         rows, cols = height // self.patch_size, width // self.patch_size
         if rows == self.grid and cols == self.grid:
             return table
-        dim = table.shape[-1]
-        row_m = mx.array(bicubic_matrix(self.grid, rows))  # (rows, g)
-        col_m = mx.array(bicubic_matrix(self.grid, cols))  # (cols, g)
-        resized = mx.einsum("rg,gwd->rwd", row_m, table.reshape(self.grid, self.grid, dim))  # (rows, g, D)
-        return mx.einsum("cw,rwd->rcd", col_m, resized).reshape(rows * cols, dim)
+        return resize_grid(table, self.grid, rows, cols)
 
     def __call__(self, pixels: mx.array) -> mx.array:
         batch, height, width, _ = pixels.shape
