@@ -120,8 +120,6 @@ class Trainer:
         self.stop_after = stop_after  # tests: stop (as if interrupted) after this step
         self.plan = training_plan(cfg)  # its probe_steps: LP-FT's first phase (0 for other strategies)
         if self.plan.probe_steps >= total_steps:
-            from mlx_clip.errors import ConfigError
-
             raise ConfigError(f"lp_steps must be below the run's {total_steps} steps, or LP-FT never trains the "
                               f"full model, got {self.plan.probe_steps}")
         # Several processes (mlx_clip.distributed): rank 0 writes for all of them.

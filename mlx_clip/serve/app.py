@@ -348,6 +348,7 @@ def create_app(settings: ServeSettings, *, on_load_failure: Callable[[str], None
                                             "text": {"type": "string"}, "k": {"type": "integer"}}))
     async def search(request: Request):
         svc = require_ready()
+        svc.require_index()  # before reading or embedding a query there is nothing to search with
         kind, body = await read_body(request, 1)
         if kind == "multipart":
             files = await uploaded(body, "file")

@@ -174,9 +174,12 @@ class ModelService:
         best = int(np.argmax(probs))
         return {"labels": labels, "probabilities": probs.tolist(), "best": labels[best]}
 
-    async def search(self, query: np.ndarray, k: int) -> list[dict]:
+    def require_index(self):
         if self.index is None:
             raise ApiError(404, "no_index", "no index is served: start the server with --index INDEX_DIR "
                            "(built by `mlxclip index`)")
-        scores, rows = self.index.search(query[None], k)
+        return self.index
+
+    async def search(self, query: np.ndarray, k: int) -> list[dict]:
+        scores, rows = self.require_index().search(query[None], k)
         return [{"path": self.index.paths[r], "score": float(s)} for r, s in zip(rows[0], scores[0])]
