@@ -46,33 +46,37 @@ def _payload() -> bytes:
     return buf.getvalue()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-class _Server:
-    def __init__(self, model: str, backend: str, extra: list[str]):
+class ServerProcess:
+    """`mlxclip serve ARGS` in its own process on a free loopback port, returned once /health says
+    200 (its output kept for the error if it exits first). The load benchmark and the server's
+    tests both start servers with it."""
+
+    def __init__(self, *args: str, env: dict | None = None, timeout: float = 600, log_level: str = "warning"):
         import httpx
 
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlx_clip", "serve", "--model", model, "--backend", backend, "--port",
-             str(self.port), "--log-level", "error", "--max-concurrent-requests", "1024", *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 600
+            [sys.executable, "-m", "mlx_clip", "serve", "--port", str(self.port), "--log-level", log_level, *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"server exited {self.proc.returncode}: {self.proc.stdout.read()[-2000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
-            time.sleep(0.5)
-        raise RuntimeError("server did not become healthy in 10 minutes")
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"server did not become healthy in {timeout:.0f} s")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -80,6 +84,7 @@ class _Server:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
 
 
 async def _load(url: str, payload: bytes, clients: int, requests: int, seconds: float) -> dict:
@@ -120,7 +125,9 @@ def run(size: str = "tiny", out: str | Path = "benchmarks/results/serving", *,
     payload, rows, started = _payload(), [], time.perf_counter()
     for backend in backends:
         echo(f"[{time.perf_counter() - started:6.0f}s] starting {backend} servers ({model}) ...")
-        servers = {mode: _Server(model, backend, flags) for mode, flags in MODES.items()}
+        # Quiet servers: a full stdout pipe would block them under load.
+        servers = {mode: ServerProcess("--model", model, "--backend", backend, "--max-concurrent-requests", "1024",
+                                       *flags, log_level="error") for mode, flags in MODES.items()}
         try:
             for clients in levels:
                 for mode, server in servers.items():

@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import io
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 from PIL import Image
 
 import sklearn
 
+from benchmarks.serving import ServerProcess as BenchServer
+
 # Two photographs shipped inside scikit-learn's wheel: real JPEGs nobody here made.
 PHOTOS = Path(sklearn.__file__).parent / "datasets" / "images"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def photo_variants(folder: Path) -> list[Path]:
@@ -43,39 +33,17 @@ def photo_variants(folder: Path) -> list[Path]:
     return paths
 
 
-class ServerProcess:
+class ServerProcess(BenchServer):
+    """The load benchmark's server launcher, with the resident memory the tests bound."""
+
     def __init__(self, *args: str, env: dict | None = None, timeout: float = 180):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "mlx_clip", "serve", "--port", str(self.port), "--log-level", "warning", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError("server did not become healthy in time")
+        super().__init__(*args, env=env, timeout=timeout)
 
     def rss_bytes(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
         raise RuntimeError("no VmRSS")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def encode(img: Image.Image, fmt: str) -> bytes:
