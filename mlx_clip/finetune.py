@@ -126,7 +126,8 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
                          tokenize=lambda texts: tokenizer.trim(tokenizer.encode(texts)), seed=cfg.seed, augment=cfg.augment,
                          num_workers=cfg.num_workers, max_bad_fraction=cfg.max_bad_fraction,
                          crop_scale=(cfg.crop_scale_min, 1.0), mean=mean, std=std, crop=crop,
-                         multi_positive=cfg.multi_positive)
+                         multi_positive=cfg.multi_positive, buckets=cfg.buckets,
+                         patch_size=engine.config.vision_config.patch_size)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * len(loader)))
     run.prepare()
     if main:
@@ -137,6 +138,10 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
     echo(f"{engine.name} engine, {engine.trainable_count():,} trainable parameters, {len(data.train)} training "
          f"samples, {len(data.val)} held out, {total} steps of {cfg.batch_size}"
          + (f" ({cfg.batch_size // world.size} on each of {world.size} processes)" if world.size > 1 else ""))
+    if cfg.buckets:
+        shown = ", ".join(f"{h}x{w}: {n}" for (h, w), n in loader.bucket_counts() if n)
+        echo(f"aspect-ratio buckets (height x width: samples): {shown}; each epoch leaves out fewer than "
+             f"{cfg.batch_size} samples of each bucket, a different few every epoch")
     before = None
     if not cfg.resume:
         trainer.log.write({"step": 0, "event": "start", "engine": engine.name, "train_samples": len(data.train),

@@ -63,6 +63,28 @@ def open_image(source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS)
         raise ImageError(f"cannot read image {name}: {_reason(err)}") from None
 
 
+# EXIF orientations 5-8 rotate by 90 degrees: `exif_transpose` swaps width and height.
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+_EXIF_ORIENTATION = 0x0112
+
+
+def image_size_of(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of the image `open_image` would give, read from the header alone (no
+    decoding): EXIF rotation applied. `ImageError` (one line) for a file Pillow cannot identify."""
+    name = _source_name(path)
+    try:
+        with Image.open(path) as img:
+            _check_pixels(img.size, max_pixels, name)
+            width, height = img.size
+            if img.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS:
+                width, height = height, width
+            return width, height
+    except ImageError:
+        raise
+    except Exception as err:
+        raise ImageError(f"cannot read image {name}: {_reason(err)}") from None
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to RGB the way `CLIPImageProcessor` does, 16-bit gray excepted.
 
@@ -97,15 +119,17 @@ def resize_shortest_side(image: Image.Image, size: int) -> Image.Image:
     return image.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
 
 
-def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, C) -> (size, size, C); offsets floor((H - size) / 2), as transformers' center_crop."""
+def center_crop(pixels: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """(H, W, C) -> (size, size, C) or (height, width, C); offsets floor((H - height) / 2), as
+    transformers' center_crop."""
+    crop_h, crop_w = (size, size) if isinstance(size, int) else size
     height, width = pixels.shape[:2]
-    if height < size or width < size:
+    if height < crop_h or width < crop_w:
         raise ConfigError(
-            f"center_crop needs an image of at least {size}x{size}, got {width}x{height}"
+            f"center_crop needs an image of at least {crop_w}x{crop_h}, got {width}x{height}"
         )
-    top, left = (height - size) // 2, (width - size) // 2
-    return pixels[top : top + size, left : left + size]
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    return pixels[top : top + crop_h, left : left + crop_w]
 
 
 def normalize(
@@ -130,19 +154,51 @@ def resize_square(image: Image.Image, size: int) -> Image.Image:
 
 def preprocess(
     image: Image.Image,
-    image_size: int,
+    image_size: int | tuple[int, int],
     *,
     mean: Sequence[float] = OPENAI_MEAN,
     std: Sequence[float] = OPENAI_STD,
     crop: bool = True,
 ) -> np.ndarray:
-    """The evaluation transform: PIL image -> float32 (image_size, image_size, 3). With `crop`
-    (CLIP), shortest side to `image_size` then center crop; without (SigLIP), a square resize."""
-    _check_size(image_size)
+    """The evaluation transform: PIL image -> float32 (height, width, 3). With `crop` (CLIP),
+    shortest side to `image_size` then center crop; without (SigLIP), a square resize.
+
+    A (height, width) size (an aspect-ratio bucket) is the same transform at that shape: with
+    `crop`, the shortest side resized just enough to cover both sides, then a center crop (what
+    `CLIPImageProcessor` does with that `shortest_edge` and `crop_size`); without, a resize to
+    exactly that shape (`SiglipImageProcessor` with `size={"height", "width"}`)."""
+    height, width = _size_pair(image_size)
+    rgb = to_rgb(image)
     if not crop:
-        return normalize(np.asarray(resize_square(to_rgb(image), image_size)), mean, std)
-    resized = resize_shortest_side(to_rgb(image), image_size)
-    return normalize(center_crop(np.asarray(resized), image_size), mean, std)
+        resized = rgb.resize((width, height), resample=Image.Resampling.BICUBIC)
+        return normalize(np.asarray(resized), mean, std)
+    resized = resize_shortest_side(rgb, _covering_shortest_side(rgb.width, rgb.height, height, width))
+    return normalize(center_crop(np.asarray(resized), (height, width)), mean, std)
+
+
+def _covering_shortest_side(width: int, height: int, target_height: int, target_width: int) -> int:
+    """The smallest shortest side after which a `resize_shortest_side` image covers the target:
+    the short side's own target, raised until the truncated long side reaches its target."""
+    if target_height == target_width:
+        return target_height  # CLIP's square case, exactly as before
+    portrait = width <= height
+    short, long = (width, height) if portrait else (height, width)
+    short_target, long_target = (target_width, target_height) if portrait else (target_height, target_width)
+    size = max(short_target, math.ceil(long_target * short / long))
+    while int(size * long / short) < long_target:  # float truncation can land one short
+        size += 1
+    return size
+
+
+def _size_pair(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(image_size, tuple):
+        if len(image_size) != 2:
+            raise ConfigError(f"image_size must be an integer or (height, width), got {image_size!r}")
+        for side in image_size:
+            _check_size(side)
+        return image_size
+    _check_size(image_size)
+    return image_size, image_size
 
 
 def preprocess_batch(
@@ -194,7 +250,7 @@ def random_resized_crop_params(
 
 def random_resized_crop(
     image: Image.Image,
-    image_size: int,
+    image_size: int | tuple[int, int],
     rng: np.random.Generator,
     *,
     scale: tuple[float, float] = (0.9, 1.0),
@@ -205,14 +261,18 @@ def random_resized_crop(
 
     The default scale (0.9, 1.0) is open_clip's fine-tuning default: light enough that captions
     still describe the crop. Flipping is off by default because captions can name left and right.
+    For a (height, width) target (an aspect-ratio bucket) the crop's aspect range is centred on
+    the target's, so the crop is resized to it without stretching beyond what `ratio` allows.
     """
-    _check_size(image_size)
+    height, width = _size_pair(image_size)
     _check_range("scale", scale, upper=1.0)
     _check_range("ratio", ratio, upper=None)
     rgb = to_rgb(image)
+    target_aspect = width / height
+    ratio = (ratio[0] * target_aspect, ratio[1] * target_aspect)
     top, left, h, w = random_resized_crop_params(rgb.width, rgb.height, rng, scale, ratio)
     crop = rgb.crop((left, top, left + w, top + h))
-    out = crop.resize((image_size, image_size), resample=Image.Resampling.BICUBIC)
+    out = crop.resize((width, height), resample=Image.Resampling.BICUBIC)
     if hflip and rng.random() < 0.5:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return out

@@ -60,6 +60,10 @@ class TrainConfig:
         "help": "STEP:SIZE pairs, e.g. 0:160,2000:224: the image size from each step on (progressive resizing, "
                 "FixRes-style fine-tuning at the end); position embeddings are interpolated on the fly, as "
                 "transformers' interpolate_pos_encoding; each size a multiple of the patch size."})
+    buckets: bool = field(default=False, metadata={
+        "help": "Aspect-ratio buckets for data of mixed shapes: each image is resized to the patch grid nearest "
+                "its aspect ratio (no more patches than the square one, ratios up to 2:1) instead of cropped to a "
+                "square; a batch holds one shape, position embeddings are interpolated (evaluation stays square)."})
     memory_budget: str | None = field(default=None, metadata={
         "help": "A memory budget such as 8GB: a short probe picks the largest --micro-batch-size that fits "
                 "(with a 15% margin) and says what it chose; too small for one pair is an error naming the "

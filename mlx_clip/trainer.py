@@ -48,7 +48,7 @@ BEST_ALIASES = {"acc1": "val_zero_shot_top1", "top1": "val_zero_shot_top1", "R@1
                 "control_acc1": "control_zero_shot_top1"}
 # What decides the set and meaning of the saved tensors: a checkpoint resumes only under the same.
 RESUME_KEYS = ("strategy", "lora_rank", "lora_alpha", "lora_targets", "loss", "precision", "parameter_dtype",
-               "lp_steps", "l2_to_base")  # LP-FT's switch step; L2-SP's anchors exist only with lambda > 0
+               "lp_steps", "l2_to_base", "buckets")  # LP-FT's switch step; L2-SP's anchors exist only with lambda > 0
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -206,6 +206,8 @@ class Trainer:
                               "skipped": not metrics["ok"], **self.engine.memory()}
                     if self.resolutions:
                         record["image_size"] = int(batch.pixels.shape[1])
+                    if self.cfg.buckets:  # the logged step's bucket
+                        record["image_shape"] = [int(n) for n in batch.pixels.shape[1:3]]
                     self.log.write(record)
                     progress.update(self.step - reported, {"loss": metrics["loss"], "lr": lr}, step=self.step)
                     window_start, window_images, reported = time.perf_counter(), 0, self.step

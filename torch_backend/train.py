@@ -136,10 +136,11 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
 
     def embed(pixels, ids):
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            # A resolution schedule trains at other sizes: positions interpolated as in inference.
+            # A resolution schedule or aspect-ratio bucket trains at other sizes: positions
+            # interpolated as in inference.
             native = clip.config.vision_config.image_size
-            image = clip.get_image_features(pixel_values=pixels,
-                                            interpolate_pos_encoding=pixels.shape[-1] != native).pooler_output
+            other_size = tuple(pixels.shape[-2:]) != (native, native)
+            image = clip.get_image_features(pixel_values=pixels, interpolate_pos_encoding=other_size).pooler_output
             text = clip.get_text_features(input_ids=ids).pooler_output
         image, text = image.float(), text.float()
         return image / image.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)

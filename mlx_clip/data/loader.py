@@ -5,6 +5,10 @@ next `batch_size` samples in that order that decode, so a bad file is replaced b
 it. The augmentation of a sample draws from `default_rng([seed, e, index])`. Nothing depends on
 thread timing or on what was loaded before, which is what makes `state_dict()` an exact resume
 point: a restored loader yields, bytes included, the batch the original would have yielded next.
+
+With aspect-ratio buckets (`buckets=True`, see `mlx_clip.data.buckets`) the same order is split by
+bucket, each batch takes the next samples of one bucket, and which bucket comes next follows a
+seeded schedule per epoch; the resume point is then the schedule entry and each bucket's position.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from mlx_clip.data.buckets import Bucket, epoch_schedule, grid_buckets, nearest_bucket
 from mlx_clip.data.sample import Sample
 from mlx_clip.errors import ConfigError, DataError, ImageError
 from mlx_clip.image_processing import (
     DEFAULT_MAX_PIXELS,
     OPENAI_MEAN,
     OPENAI_STD,
+    image_size_of,
     normalize,
     open_image,
     preprocess,
@@ -33,6 +39,8 @@ from mlx_clip.image_processing import (
 )
 
 Tokenize = Callable[[list[str]], np.ndarray]
+# The 4-word key of the bucket schedule's generator cannot equal a sample's 3-word augmentation key.
+_SCHEDULE_STREAM = 0x6275636B
 
 
 @dataclass
@@ -62,6 +70,7 @@ class _Pass:
     order: np.ndarray
     augment: bool
     drop_last: bool
+    shape: tuple[int, int] | None = None  # (height, width) of an aspect-ratio bucket; else square
 
 
 class BatchLoader:
@@ -87,6 +96,8 @@ class BatchLoader:
         crop: bool = True,
         decoded_cache_bytes: int = 256 << 20,
         multi_positive: bool = True,
+        buckets: bool = False,
+        patch_size: int | None = None,
     ) -> None:
         if len(samples) == 0:
             raise DataError("the dataset has no samples")
@@ -118,6 +129,20 @@ class BatchLoader:
         self.mean, self.std = tuple(mean), tuple(std)  # a model folder's preprocessor stats
         self.crop = crop  # center crop (CLIP) or square resize (SigLIP) when not augmenting
         self._has_labels = all(labelled)
+        self.buckets: list[Bucket] | None = None
+        if buckets:
+            _check_int("patch_size", patch_size, minimum=1)
+            if image_size % patch_size:
+                raise ConfigError(f"aspect-ratio buckets need image_size ({image_size}) to be a multiple of "
+                                  f"patch_size ({patch_size})")
+            self.patch_size = patch_size
+            self._base_grid = image_size // patch_size
+            self.buckets = grid_buckets(self._base_grid)
+        self._bucket_of: np.ndarray | None = None  # sample -> bucket (-1: unreadable), read on first use
+        self._bucket_orders: dict[int, list[np.ndarray]] = {}
+        self._schedules: dict[int, np.ndarray] = {}
+        self._batch_index = 0  # entries of the epoch's bucket schedule used
+        self._bucket_positions = [0] * len(self.buckets or ())
         self.decoded_cache_bytes = decoded_cache_bytes
         self._decoded_cache: dict[Path, Image.Image] = {}
         self._decoded_bytes = 0
@@ -129,14 +154,28 @@ class BatchLoader:
         self._orders: dict[int, np.ndarray] = {}
         # Decodes started for the batch after the one just returned, so that they overlap the
         # training step. Keyed by what determines their result, so a stale entry is never wrong.
-        self._ahead: dict[tuple[bool, int, int], Future] = {}
+        self._ahead: dict[tuple, Future] = {}
 
     # ---- public API ----------------------------------------------------------------------
 
     def __len__(self) -> int:
         """Batches in one training epoch, assuming every image decodes."""
         n, b = len(self.samples), self.batch_size
+        if self.buckets is not None:
+            return sum(k // b if self.drop_last else -(-k // b) for _, k in self.bucket_counts())
         return n // b if self.drop_last else -(-n // b)
+
+    def bucket_counts(self) -> list[tuple[tuple[int, int], int]]:
+        """((height, width) at the current image size, samples) for every aspect-ratio bucket."""
+        if self.buckets is None:
+            return []
+        assigned = self._assignment()
+        members = np.bincount(assigned[assigned >= 0], minlength=len(self.buckets))
+        return [(self.bucket_shape(b), int(members[b])) for b in range(len(self.buckets))]
+
+    def bucket_shape(self, bucket: int) -> tuple[int, int]:
+        assert self.buckets is not None
+        return self.buckets[bucket].shape(self.image_size, self.patch_size, self._base_grid)
 
     @property
     def epoch(self) -> int:
@@ -169,7 +208,7 @@ class BatchLoader:
             batch = self._next_in_epoch()
             if batch is not None:
                 return batch
-            self._epoch, self._position = self._epoch + 1, 0
+            self._start_epoch(self._epoch + 1)
         # A whole fresh epoch gave no batch: every image is bad, or too few decode to fill one.
         usable = len(self.samples) - len(self._bad)
         raise DataError(
@@ -179,11 +218,20 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         """The remaining training batches of the current epoch; afterwards the next epoch starts."""
-        if self._position >= len(self.samples):  # next_batch() finished this epoch exactly
-            self._epoch, self._position = self._epoch + 1, 0
+        if self._epoch_used_up():  # next_batch() finished this epoch exactly
+            self._start_epoch(self._epoch + 1)
         while (batch := self._next_in_epoch()) is not None:
             yield batch
-        self._epoch, self._position = self._epoch + 1, 0
+        self._start_epoch(self._epoch + 1)
+
+    def _start_epoch(self, epoch: int) -> None:
+        self._epoch, self._position = epoch, 0
+        self._batch_index, self._bucket_positions = 0, [0] * len(self.buckets or ())
+
+    def _epoch_used_up(self) -> bool:
+        if self.buckets is not None:
+            return self._batch_index >= len(self._schedule(self._epoch))
+        return self._position >= len(self.samples)
 
     def iter_epoch(self) -> Iterator[Batch]:
         """One evaluation pass: dataset order, no augmentation, last partial batch kept.
@@ -201,7 +249,7 @@ class BatchLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready resume point: the epoch, the position in its order and the bad files."""
-        return {
+        state = {
             "seed": self.seed,
             "num_samples": len(self.samples),
             "epoch": self._epoch,
@@ -209,6 +257,14 @@ class BatchLoader:
             "bad_indices": list(self._bad),
             "bad_files": [[path, reason] for path, reason in self.bad_files],
         }
+        if self.buckets is not None:
+            state["buckets"] = self._bucket_grids()
+            state["batch_index"] = self._batch_index
+            state["bucket_positions"] = list(self._bucket_positions)
+        return state
+
+    def _bucket_grids(self) -> list[list[int]] | None:
+        return None if self.buckets is None else [[b.rows, b.cols] for b in self.buckets]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a `state_dict()`: the next batch is the one the saver would have made."""
@@ -218,8 +274,17 @@ class BatchLoader:
                     f"cannot resume the data order: saved {key} is {state.get(key)}, this loader "
                     f"has {mine}; the dataset or seed changed since the checkpoint"
                 )
+        saved = state.get("buckets")
+        if saved != self._bucket_grids():
+            said = "without aspect-ratio buckets" if saved is None else f"with aspect-ratio buckets {saved}"
+            mine = "without" if self.buckets is None else f"with buckets {self._bucket_grids()}"
+            raise DataError(f"cannot resume the data order: the checkpoint was made {said}, this run is {mine}; "
+                            "resume with the same --buckets setting and image size")
         self._epoch = int(state["epoch"])
         self._position = int(state["position"])
+        if self.buckets is not None:
+            self._batch_index = int(state["batch_index"])
+            self._bucket_positions = [int(p) for p in state["bucket_positions"]]
         reasons = [reason for _, reason in state["bad_files"]]
         self._bad = {int(i): r for i, r in zip(state["bad_indices"], reasons, strict=True)}
         self._cancel_ahead()
@@ -239,6 +304,8 @@ class BatchLoader:
     # ---- assembling batches ---------------------------------------------------------------
 
     def _next_in_epoch(self) -> Batch | None:
+        if self.buckets is not None:
+            return self._next_bucketed()
         run = _Pass(self._epoch, self.order(self._epoch), self.augment, self.drop_last)
         batch, position = self._assemble(run, self._position)
         # With drop_last a short tail is skipped, so the epoch counts as finished either way.
@@ -251,6 +318,76 @@ class BatchLoader:
                 upcoming = _Pass(following, self.order(following), self.augment, self.drop_last)
                 self._prefetch(upcoming, 0)
         return batch
+
+    # ---- aspect-ratio buckets ------------------------------------------------------------
+
+    def _next_bucketed(self) -> Batch | None:
+        schedule = self._schedule(self._epoch)
+        while self._batch_index < len(schedule):
+            bucket = int(schedule[self._batch_index])
+            batch, position = self._assemble(self._bucket_pass(self._epoch, bucket), self._bucket_positions[bucket])
+            self._bucket_positions[bucket] = position
+            self._batch_index += 1
+            if batch is not None:
+                self._prefetch_bucketed()
+                return batch
+        return None  # the buckets ran out of decodable images before the schedule did
+
+    def _prefetch_bucketed(self) -> None:
+        epoch, index, positions = self._epoch, self._batch_index, self._bucket_positions
+        if index >= len(self._schedule(epoch)):
+            epoch, index, positions = epoch + 1, 0, [0] * len(self.buckets)
+            if not len(self._schedule(epoch)):
+                return
+        bucket = int(self._schedule(epoch)[index])
+        self._prefetch(self._bucket_pass(epoch, bucket), positions[bucket])
+
+    def _bucket_pass(self, epoch: int, bucket: int) -> _Pass:
+        return _Pass(epoch, self._bucket_order(epoch)[bucket], self.augment, self.drop_last,
+                     shape=self.bucket_shape(bucket))
+
+    def _bucket_order(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's visiting order split by bucket (each keeps the order's sequence)."""
+        if epoch not in self._bucket_orders:
+            order = self.order(epoch)
+            of = self._assignment()[order]
+            self._bucket_orders = {e: o for e, o in self._bucket_orders.items() if e >= epoch - 1}
+            self._bucket_orders[epoch] = [order[of == b] for b in range(len(self.buckets))]
+        return self._bucket_orders[epoch]
+
+    def _schedule(self, epoch: int) -> np.ndarray:
+        if epoch not in self._schedules:
+            sizes = [len(o) for o in self._bucket_order(epoch)]
+            rng = np.random.default_rng([self.seed, epoch, _SCHEDULE_STREAM, _SCHEDULE_STREAM])
+            self._schedules = {e: s for e, s in self._schedules.items() if e >= epoch - 1}
+            self._schedules[epoch] = epoch_schedule(sizes, self.batch_size, self.drop_last, rng)
+        return self._schedules[epoch]
+
+    def _assignment(self) -> np.ndarray:
+        """Each sample's bucket, from its image's header (EXIF rotation applied); a file whose
+        header cannot be read is recorded as bad, as a failed decode would be, and gets -1."""
+        if self._bucket_of is None:
+            paths = sorted({s.image for s in self.samples}, key=str)
+            if self.num_workers and len(paths) > 1:
+                with ThreadPoolExecutor(self.num_workers, thread_name_prefix="mlxclip-header") as pool:
+                    sizes = dict(zip(paths, pool.map(self._header, paths)))
+            else:
+                sizes = {path: self._header(path) for path in paths}
+            bucket_of = np.full(len(self.samples), -1, np.int64)
+            for index, sample in enumerate(self.samples):
+                size = sizes[sample.image]
+                if isinstance(size, ImageError):
+                    self._record_bad(index, str(size))
+                else:
+                    bucket_of[index] = nearest_bucket(*size, self.buckets)
+            self._bucket_of = bucket_of
+        return self._bucket_of
+
+    def _header(self, path: Path) -> tuple[int, int] | ImageError:
+        try:
+            return image_size_of(path, max_pixels=self.max_pixels)
+        except ImageError as err:
+            return err
 
     def _assemble(self, run: _Pass, position: int) -> tuple[Batch | None, int]:
         """The first batch_size samples from `position` that decode, and the position after.
@@ -341,10 +478,11 @@ class BatchLoader:
             image = self._decoded(index)
         except ImageError as err:
             return err
+        size = run.shape or self.image_size
         if not run.augment:
-            return preprocess(image, self.image_size, mean=self.mean, std=self.std, crop=self.crop)
+            return preprocess(image, size, mean=self.mean, std=self.std, crop=self.crop)
         rng = np.random.default_rng([self.seed, run.epoch, index])
-        crop = random_resized_crop(image, self.image_size, rng, scale=self.crop_scale)
+        crop = random_resized_crop(image, size, rng, scale=self.crop_scale)
         return normalize(np.asarray(crop), self.mean, self.std)
 
     def _batch(self, picked: list[tuple[int, np.ndarray]]) -> Batch:
@@ -382,9 +520,9 @@ class BatchLoader:
         return shown + (f"; and {more} more" if more > 0 else "") if shown else "none"
 
 
-def _key(run: _Pass, index: int) -> tuple[bool, int, int]:
+def _key(run: _Pass, index: int) -> tuple:
     # Without augmentation a sample's pixels do not depend on the epoch.
-    return (run.augment, run.epoch if run.augment else -1, index)
+    return (run.augment, run.epoch if run.augment else -1, index, run.shape)
 
 
 def _result(future: Future | None) -> np.ndarray | ImageError | None:
