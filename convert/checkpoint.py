@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert import detect
+from convert import detect, open_clip_siglip
 from convert.dtypes import to_numpy
 from convert.layout import mlx_to_torch, torch_to_mlx
 from convert.names import open_clip_to_hf, open_clip_shapes, rules
@@ -92,15 +92,13 @@ def _mlx_shape(name: str, shape: Shape) -> Shape:
 def _read_open_clip(folder: Path, allow_pickle: bool) -> StoredCheckpoint:
     config_path = folder / detect.OPEN_CLIP_CONFIG
     data = read_open_clip_config(config_path)
+    if open_clip_siglip.has_timm_trunk(data["model_cfg"]):
+        return _read_open_clip_siglip(folder, data, allow_pickle)
     config = clip_config_from_open_clip(data, str(config_path))
     layout = layout_of(data["model_cfg"])
     table = rules(config.vision_config.num_hidden_layers, config.text_config.num_hidden_layers,
                   text_prefix=layout.text_prefix, logit_scale_shape=layout.logit_scale_shape)
-    path = detect.weights_file(folder, detect.OPEN_CLIP_WEIGHTS)
-    if path.suffix == ".safetensors":
-        tensors = read_safetensors(path)[0]
-    else:
-        tensors = read_pickled(path, allow_pickle=allow_pickle)
+    path, tensors = _read_open_clip_weights(folder, allow_pickle)
     expected = open_clip_shapes(table, expected_shapes(config))
     if layout.has_logit_bias:
         expected["logit_bias"] = layout.logit_scale_shape
@@ -108,6 +106,27 @@ def _read_open_clip(folder: Path, allow_pickle: bool) -> StoredCheckpoint:
     _check_names(found, expected, set(), str(path), config_path)
     extras = {n: found[n] for n in EXTRA_TENSORS if n in found}
     return StoredCheckpoint(config, open_clip_to_hf(found, table), extras, "open_clip", folder)
+
+
+def _read_open_clip_siglip(folder: Path, data: dict, allow_pickle: bool) -> StoredCheckpoint:
+    """open_clip's SigLIP (timm trunk + open_clip text tower): logit_bias is a model tensor."""
+    config_path = folder / detect.OPEN_CLIP_CONFIG
+    config = open_clip_siglip.siglip_config_from_open_clip(data, str(config_path))
+    layout = layout_of(data["model_cfg"])
+    table = open_clip_siglip.rules(config.vision_config.num_hidden_layers, config.text_config.num_hidden_layers,
+                                   text_prefix=layout.text_prefix, logit_scale_shape=layout.logit_scale_shape)
+    path, tensors = _read_open_clip_weights(folder, allow_pickle)
+    found = {n: t for n, t in tensors.items() if not is_buffer(n)}
+    _check_names(found, open_clip_siglip.open_clip_shapes(table, expected_shapes(config)), set(), str(path),
+                 config_path)
+    return StoredCheckpoint(config, open_clip_siglip.open_clip_to_hf(found, table), {}, "open_clip", folder)
+
+
+def _read_open_clip_weights(folder: Path, allow_pickle: bool) -> tuple[Path, dict[str, Tensor]]:
+    path = detect.weights_file(folder, detect.OPEN_CLIP_WEIGHTS)
+    if path.suffix == ".safetensors":
+        return path, read_safetensors(path)[0]
+    return path, read_pickled(path, allow_pickle=allow_pickle)
 
 
 def _read_hf_weights(folder: Path, allow_pickle: bool) -> tuple[dict[str, Tensor], str]:

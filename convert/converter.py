@@ -20,7 +20,8 @@ from convert import detect
 from convert.checkpoint import read_stored
 from convert.dtypes import cast, check_dtype
 from convert.open_clip_config import preprocess_cfg_from_hf
-from convert.writer import copy_side_files, open_clip_normalisation, write_preprocessor_config, write_stored
+from convert.writer import (copy_side_files, open_clip_crops, open_clip_normalisation, write_preprocessor_config,
+                            write_stored)
 from mlx_clip.errors import ConvertError
 
 # (source folder, staged result folder, target format, whether any side holds float16/bfloat16)
@@ -45,11 +46,14 @@ def convert(src: str | Path, dst: str | Path, *, to: str, verify: Verifier | Non
     reduced = any(t.dtype in ("F16", "BF16") for t in [*tensors.values(), *stored.tensors.values()])
     staging = staging_folder(dst)
     try:
-        write_stored(staging, to, stored.config, tensors, extras, preprocess_cfg=preprocess_cfg_from_hf(src))
+        config = stored.config
+        write_stored(staging, to, config, tensors, extras,
+                     preprocess_cfg=preprocess_cfg_from_hf(src, siglip=config.is_siglip))
         copied = copy_side_files(src, staging)
-        normalisation = open_clip_normalisation(stored.config)
+        normalisation = open_clip_normalisation(config)
         if to != "open_clip" and "preprocessor_config.json" not in copied and normalisation:
-            write_preprocessor_config(staging, stored.config.vision_config.image_size, **normalisation)
+            write_preprocessor_config(staging, config.vision_config.image_size,
+                                      siglip=config.is_siglip and not open_clip_crops(config), **normalisation)
         if verify is not None:
             try:
                 verify(src, staging, to, reduced)

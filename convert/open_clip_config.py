@@ -4,8 +4,9 @@ The field meanings and defaults are open_clip's (`open_clip/model.py`: `CLIPVisi
 `CLIPTextCfg`, `_build_vision_tower`, `_build_text_tower`): vision heads = width // head_width,
 MLP width = int(width * mlp_ratio), one `quick_gelu` flag for both towers, LayerNorm eps from
 `norm_kwargs` (torch's default 1e-5 otherwise). Only configs a `transformers.CLIPModel` computes
-exactly are accepted; anything else (layer scale, attentional pooling, timm or HF towers, ...) is a
-ConfigError naming the field.
+exactly are accepted; anything else (layer scale, attentional pooling, HF towers, ...) is a
+ConfigError naming the field. Models with a timm image trunk (open_clip's SigLIP) are mapped by
+`convert/open_clip_siglip.py`, which shares the field helpers below.
 
 The original open_clip config travels in the HF config under `open_clip_config`, so a round trip
 gives back the same `open_clip_config.json` (preprocess_cfg and tokenizer fields included).
@@ -77,12 +78,13 @@ def _square(source: str, key: str, value: Any) -> int:
     return value
 
 
-def _check_fixed(source: str, owner: str, cfg: dict[str, Any], fixed: dict[str, tuple]) -> None:
+def _check_fixed(source: str, owner: str, cfg: dict[str, Any], fixed: dict[str, tuple],
+                 model: str = "CLIPModel") -> None:
     for key, allowed in fixed.items():
         value = cfg.get(key, allowed[0])
         if value not in allowed:
             raise ConfigError(f"{source}: model_cfg.{owner}.{key}={value!r} is not supported "
-                              f"(a Hugging Face CLIPModel needs {' or '.join(map(repr, allowed))})")
+                              f"(a Hugging Face {model} needs {' or '.join(map(repr, allowed))})")
 
 
 def _activation(source: str, owner: str, cfg: dict[str, Any], quick_gelu: bool) -> str:
@@ -116,10 +118,9 @@ def clip_config_from_open_clip(data: dict[str, Any], source: str = OPEN_CLIP_CON
     vision = {**VISION_DEFAULTS, **(model_cfg.get("vision_cfg") or {})}
     text = {**TEXT_DEFAULTS, **(model_cfg.get("text_cfg") or {})}
     if vision.get("timm_model_name"):
-        raise ConfigError(f"{source}: open_clip models with a timm image trunk (vision_cfg.timm_model_name="
-                          f"{vision['timm_model_name']!r}, e.g. open_clip's ViT-*-SigLIP*) are not converted: this "
-                          "converter maps open_clip's own VisionTransformer only, not timm's layout; convert the "
-                          "Hugging Face release of the model (google/siglip-*), which loads as model_type 'siglip'")
+        raise ConfigError(f"{source}: model_cfg.vision_cfg.timm_model_name={vision['timm_model_name']!r}: a timm "
+                          "image trunk is open_clip's SigLIP layout, read as model_type 'siglip' by "
+                          "convert.open_clip_siglip.siglip_config_from_open_clip, not as a CLIP")
     _check_fixed(source, "vision_cfg", vision, VISION_FIXED)
     _check_fixed(source, "text_cfg", text, TEXT_FIXED)
     if not isinstance(vision["layers"], int) or isinstance(vision["layers"], bool):
@@ -243,13 +244,26 @@ def open_clip_config_for(config: CLIPConfig, logit_bias: float | None = None,
     return data
 
 
-def preprocess_cfg_from_hf(folder: Path) -> dict[str, Any] | None:
-    """open_clip's preprocess_cfg (mean, std) from a Hugging Face preprocessor_config.json."""
+# transformers' `resample` (PIL's codes) -> open_clip's `interpolation`.
+INTERPOLATIONS = {2: "bilinear", 3: "bicubic"}
+
+
+def preprocess_cfg_from_hf(folder: Path, siglip: bool = False) -> dict[str, Any] | None:
+    """open_clip's preprocess_cfg (mean, std) from a Hugging Face preprocessor_config.json; for
+    SigLIP also how it resizes (open_clip's SigLIP configs say `resize_mode` 'squash', bicubic)."""
     path = folder / "preprocessor_config.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if isinstance(data, dict) and isinstance(data.get("image_mean"), list) and isinstance(data.get("image_std"), list):
-        return {"mean": data["image_mean"], "std": data["image_std"]}
-    return None
+    if not (isinstance(data, dict) and isinstance(data.get("image_mean"), list)
+            and isinstance(data.get("image_std"), list)):
+        return None
+    out: dict[str, Any] = {"mean": data["image_mean"], "std": data["image_std"]}
+    if siglip:
+        if data.get("resample") in INTERPOLATIONS:
+            out["interpolation"] = INTERPOLATIONS[data["resample"]]
+        size = data.get("size")
+        crop = data.get("do_center_crop", isinstance(size, dict) and "shortest_edge" in size)
+        out["resize_mode"] = "shortest" if crop else "squash"  # CLIP's crop, or SiglipImageProcessor's resize
+    return out

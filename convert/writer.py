@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from convert import detect
+from convert import detect, open_clip_siglip
 from convert.dtypes import TAG_NAMES, cast, from_numpy, to_numpy
 from convert.layout import torch_to_mlx
 from convert.names import hf_to_open_clip, rules
@@ -40,10 +40,8 @@ def write_stored(folder: str | Path, to: str, config: CLIPConfig, tensors: dict[
     folder.mkdir(parents=True, exist_ok=True)
     extra_tensors = extra_tensors or {}
     if to == "open_clip" and config.is_siglip:
-        raise ConvertError("SigLIP cannot be written as open_clip: open_clip's SigLIP models put a timm "
-                           "image trunk beside its own text tower, a layout this converter does not map; "
-                           "use --to hf or --to mlx")
-    if to == "open_clip":
+        _write_open_clip_siglip(folder, config, tensors, preprocess_cfg)
+    elif to == "open_clip":
         _write_open_clip(folder, config, tensors, extra_tensors, preprocess_cfg)
     elif to in ("mlx", "hf"):
         _with_dtype(config, tensors).save(folder)
@@ -121,15 +119,25 @@ def open_clip_normalisation(config: CLIPConfig) -> dict[str, list[float]]:
             if isinstance(cfg.get(k), (list, tuple)) and len(cfg[k]) == 3}
 
 
+def open_clip_crops(config: CLIPConfig) -> bool:
+    """Whether the open_clip preprocess_cfg a config came with resizes the shortest side and crops
+    (`resize_mode` 'shortest') rather than squashing to a square, as open_clip's SigLIP configs do."""
+    from convert.open_clip_config import EXTRAS_KEY
+
+    original = config.extras.get(EXTRAS_KEY)
+    cfg = original.get("preprocess_cfg") if isinstance(original, dict) else None
+    return isinstance(cfg, dict) and cfg.get("resize_mode") == "shortest"
+
+
 def write_preprocessor_config(folder: Path, image_size: int, *, siglip: bool = False,
                               mean: list[float] | None = None, std: list[float] | None = None) -> None:
     if siglip:
-        # SiglipImageProcessor: a square bicubic resize, no crop, mean = std = 0.5.
+        # SiglipImageProcessor: a square bicubic resize, no crop, mean = std = 0.5 unless given.
         processor = {
             "image_processor_type": "SiglipImageProcessor", "do_resize": True,
             "size": {"height": image_size, "width": image_size}, "resample": 3, "do_rescale": True,
-            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(SIGLIP_MEAN),
-            "image_std": list(SIGLIP_STD), "do_convert_rgb": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(mean or SIGLIP_MEAN),
+            "image_std": list(std or SIGLIP_STD), "do_convert_rgb": True,
         }
         (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
         return
@@ -165,6 +173,19 @@ def _write_open_clip(folder: Path, config: CLIPConfig, tensors: dict[str, Tensor
     out = hf_to_open_clip(tensors, table)
     if bias is not None:
         out["logit_bias"] = bias.with_array(bias.array.reshape(layout.logit_scale_shape))
+    (folder / detect.OPEN_CLIP_CONFIG).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    write_safetensors(folder / detect.OPEN_CLIP_SAFETENSORS, out, {"format": "pt"})
+
+
+def _write_open_clip_siglip(folder: Path, config: CLIPConfig, tensors: dict[str, Tensor],
+                            preprocess_cfg: dict[str, Any] | None) -> None:
+    """open_clip's SigLIP layout: a named timm trunk (`convert/open_clip_siglip.py`)."""
+    bias = float(to_numpy(tensors["logit_bias"]).reshape(-1)[0])
+    data = open_clip_siglip.open_clip_config_for(config, bias, preprocess_cfg)
+    layout = layout_of(data["model_cfg"])
+    table = open_clip_siglip.rules(config.vision_config.num_hidden_layers, config.text_config.num_hidden_layers,
+                                   text_prefix=layout.text_prefix, logit_scale_shape=layout.logit_scale_shape)
+    out = open_clip_siglip.hf_to_open_clip(tensors, table)
     (folder / detect.OPEN_CLIP_CONFIG).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     write_safetensors(folder / detect.OPEN_CLIP_SAFETENSORS, out, {"format": "pt"})
 

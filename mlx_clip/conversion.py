@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from convert import converter
-from mlx_clip.api import load
+from mlx_clip.backend import load_backend
 from mlx_clip.config import CLIPConfig
 from mlx_clip.errors import ConvertError
 
@@ -69,8 +69,10 @@ def verify_conversion(src: Path, out: Path, to: str, reduced: bool, *, allow_pic
     """Embed one seeded batch with the source and the result (engines from `verify_backends`);
     ConvertError unless they agree."""
     source_backend, result_backend = verify_backends(to)
-    source = load(src, backend=source_backend, allow_pickle=allow_pickle)
-    result = load(out, backend=result_backend)
+    # Engines only: the batch is token ids, so no tokenizer is read (an open_clip SigLIP folder
+    # has none of its own, and its converted folder then has no tokenizer.json either).
+    source = load_backend(source_backend, src, allow_pickle=allow_pickle)
+    result = load_backend(result_backend, out)
     pixels, ids = verify_batch(source.config)
     for kind, a, b in (("image", source.encode_images(pixels), result.encode_images(pixels)),
                        ("text", source.encode_texts(ids), result.encode_texts(ids))):

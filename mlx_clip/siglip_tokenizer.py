@@ -23,6 +23,7 @@ from mlx_clip.errors import CheckpointError, ConfigError, DataError
 
 TOKENIZER_JSON = "tokenizer.json"
 SPECIAL_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+OPEN_CLIP_CONFIG = "open_clip_config.json"
 
 
 class SiglipTokenizer:
@@ -72,14 +73,42 @@ class SiglipTokenizer:
 
 
 def is_siglip_folder(folder: Path) -> bool:
-    """Whether `folder`'s config.json names the SigLIP family (model_type 'siglip')."""
+    """Whether `folder`'s config.json names the SigLIP family (model_type 'siglip'), or, without a
+    config.json, its open_clip_config.json builds the image tower from timm (open_clip's SigLIP)."""
     path = folder / "config.json"
-    if not path.is_file():
-        return False
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8")).get("model_type") == "siglip"
+        except (OSError, ValueError, AttributeError):
+            return False  # the config reader reports a broken config.json with its own message
+    vision = _open_clip_model_cfg(folder).get("vision_cfg")
+    return isinstance(vision, dict) and bool(vision.get("timm_model_name"))
+
+
+def _open_clip_model_cfg(folder: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("model_type") == "siglip"
+        data = json.loads((folder / OPEN_CLIP_CONFIG).read_text(encoding="utf-8"))
+        model_cfg = data.get("model_cfg")
     except (OSError, ValueError, AttributeError):
-        return False  # the config reader reports a broken config.json with its own message
+        return {}
+    return model_cfg if isinstance(model_cfg, dict) else {}
+
+
+def _open_clip_text_cfg(folder: Path) -> dict:
+    text = _open_clip_model_cfg(folder).get("text_cfg")
+    return text if isinstance(text, dict) else {}
+
+
+def _tokenizer_repo(folder: Path) -> str | None:
+    """The hub repository open_clip's SigLIP reads its tokenizer from (`text_cfg.hf_tokenizer_name`),
+    from the folder's open_clip_config.json or the copy a converted config.json keeps."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        text = ((config.get("open_clip_config") or {}).get("model_cfg") or {}).get("text_cfg") or {}
+    except (OSError, ValueError, AttributeError):
+        text = _open_clip_text_cfg(folder)
+    name = text.get("hf_tokenizer_name") if isinstance(text, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def load_siglip_tokenizer(folder: str | Path) -> SiglipTokenizer:
@@ -87,12 +116,18 @@ def load_siglip_tokenizer(folder: str | Path) -> SiglipTokenizer:
     folder = Path(folder)
     path = folder / TOKENIZER_JSON
     if not path.is_file():
-        hint = (" (it has only the SentencePiece spiece.model: write tokenizer.json once with transformers, "
-                "`AutoTokenizer.from_pretrained(folder).save_pretrained(folder)`)"
-                if (folder / "spiece.model").is_file() else "")
+        hint = ""
+        repo = _tokenizer_repo(folder)
+        if (folder / "spiece.model").is_file():
+            hint = (" (it has only the SentencePiece spiece.model: write tokenizer.json once with transformers, "
+                    "`AutoTokenizer.from_pretrained(folder).save_pretrained(folder)`)")
+        elif repo:
+            hint = (f" (open_clip reads this model's tokenizer from the hub repository {repo!r}, "
+                    "text_cfg.hf_tokenizer_name: copy its tokenizer.json and tokenizer_config.json here)")
         raise CheckpointError(f"{path}: file not found; a SigLIP model folder needs its tokenizer.json{hint}")
     stamps = tuple((str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size)
-                   for p in (path, *(folder / n for n in SPECIAL_FILES), folder / "config.json") if p.is_file())
+                   for p in (path, *(folder / n for n in SPECIAL_FILES), folder / "config.json",
+                             folder / OPEN_CLIP_CONFIG) if p.is_file())
     return _cached(stamps)
 
 
@@ -107,6 +142,8 @@ def _cached(stamps: tuple[tuple[str, int, int], ...]) -> SiglipTokenizer:
     config = _read_json(paths.get("config.json"))
     text = config.get("text_config") or {}
     context = text.get("max_position_embeddings", 64)
+    if "config.json" not in paths and OPEN_CLIP_CONFIG in paths:  # an open_clip SigLIP folder
+        context = _open_clip_text_cfg(paths[OPEN_CLIP_CONFIG].parent).get("context_length", context)
     specials = {**_read_json(paths.get("special_tokens_map.json")), **_read_json(paths.get("tokenizer_config.json"))}
     pad_id = _pad_id(tokenizer, specials, text, path)
     return SiglipTokenizer(tokenizer, context_length=int(context), pad_id=pad_id, source=str(path))

@@ -50,3 +50,31 @@ def random_pixels(rng: np.random.Generator, batch: int, size: int) -> np.ndarray
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def perturb(model, seed):
+    """Random-init CLIPs have LayerNorm weights 1 and biases 0: move every parameter so that a
+    misplaced or untransposed tensor cannot go unnoticed."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model.eval()
+
+
+def tensors_of(path) -> dict:
+    """name -> torch tensor, read by the safetensors library (not our reader)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def assert_same_bytes(a: dict, b: dict):
+    import torch
+
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert a[name].reshape(-1).view(torch.uint8).equal(b[name].reshape(-1).view(torch.uint8)), name

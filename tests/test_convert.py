@@ -10,7 +10,6 @@ import mlx_clip  # noqa: F401  (BLAS loader first)
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,33 +21,11 @@ from convert.shapes import expected_shapes
 from mlx_clip.config import CLIPConfig
 from mlx_clip.conversion import convert
 from mlx_clip.errors import ConvertError
-from tests.helpers import random_pixels, random_tokens, rel_err, save_hf, tiny_hf_clip
+from tests.helpers import (assert_same_bytes, perturb, random_pixels, random_tokens, rel_err, save_hf,
+                           tensors_of, tiny_hf_clip)
 
 FP32_REL = 1e-5
 OC_VOCAB, OC_CONTEXT = 512, 16
-
-
-def perturb(model, seed):
-    """Random-init CLIPs have LayerNorm weights 1 and biases 0: move every parameter so that a
-    misplaced or untransposed tensor cannot go unnoticed."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model.eval()
-
-
-def tensors_of(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file  # the library's reader, not ours
-
-    return load_file(str(path))
-
-
-def assert_same_bytes(a: dict, b: dict):
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
-        assert a[name].reshape(-1).view(torch.uint8).equal(b[name].reshape(-1).view(torch.uint8)), name
 
 
 # ---------------------------------------------------------------- sources

@@ -407,24 +407,3 @@ def test_wise_ft_interpolates_siglip_and_refuses_mixing_families(tmp_path):
     assert load(out, backend="torch").encode_texts(["a red circle"]).shape == (1, 64)
     with pytest.raises(CheckpointError, match="siglip model"):
         wise_ft(base, resolve("tiny"), 0.5, tmp_path / "bad")
-
-
-def test_open_clip_siglip_timm_trunk_is_refused_with_the_reason(tmp_path):
-    """open_clip's SigLIP (timm trunk + its text tower) is not converted: one line, exit 2."""
-    import open_clip
-    from click.testing import CliRunner
-    from pathlib import Path
-
-    from mlx_clip.cli import main
-
-    model_cfg = json.loads((Path(open_clip.__file__).parent / "model_configs" / "ViT-B-16-SigLIP.json").read_text())
-    src = tmp_path / "oc"
-    src.mkdir()
-    (src / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
-    (src / "open_clip_model.safetensors").write_bytes(b"")
-    result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "out"), "--to", "hf"])
-    assert result.exit_code == 2
-    message = result.output.strip()
-    assert "timm image trunk" in message and "vit_base_patch16_siglip_224" in message
-    assert len(message.splitlines()) == 1
-    assert not (tmp_path / "out").exists()

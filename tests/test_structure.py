@@ -27,9 +27,10 @@ CORE = {"mlx_clip.errors", "mlx_clip.version", "mlx_clip.config", "mlx_clip.poli
 ENGINE_SUPPORT = {"mlx_clip.lora_plan", "mlx_clip.schedule", "mlx_clip.interpolate", "mlx_clip.builtin",
                   "mlx_clip.blas", "mlx_clip.distributed"}  # distributed: the world, its timeout, its errors
 ENGINES = {"mlx": "mlx_clip.mlx_backend", "torch": "torch_backend"}
-FRAMEWORKS = {"mlx": "mlx", "torch": "torch", "transformers": "torch"}  # top-level import -> engine
-# torch's unpickler with weights_only=True is the one safe reader of `.bin` files (lazy import).
-FRAMEWORK_EXCEPTIONS = {("convert.pickle_weights", "torch")}
+FRAMEWORKS = {"mlx": "mlx", "torch": "torch", "transformers": "torch", "timm": "torch"}  # import -> engine
+# torch's unpickler with weights_only=True is the one safe reader of `.bin` files (lazy import);
+# timm, on the meta device, is the architecture of a timm trunk outside the converter's table (lazy).
+FRAMEWORK_EXCEPTIONS = {("convert.pickle_weights", "torch"), ("convert.timm_siglip", "timm")}
 BOUNDARY = "mlx_clip.backend"
 # The op-by-op profile times the engines' own functions, so it looks inside them.
 INSIDE_VIEWS = {"benchmarks.ops"}
