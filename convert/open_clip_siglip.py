@@ -63,9 +63,6 @@ def siglip_config_from_open_clip(data: dict[str, Any], source: str = OPEN_CLIP_C
     if size != trunk.image_size:
         raise ConfigError(f"{source}: model_cfg.vision_cfg.image_size={size}, but timm's {name} takes "
                           f"{trunk.image_size} px images (open_clip builds the trunk from its name, not the size)")
-    if trunk.image_size % trunk.patch_size:
-        raise ConfigError(f"{field}={name!r}: {trunk.image_size} px images do not tile into {trunk.patch_size} px "
-                          "patches (timm and transformers drop the remainder; mlxclip needs whole patches)")
     _check_fixed(source, "text_cfg", text, TEXT_FIXED, model="SiglipModel")
     embed_dim = model_cfg.get("embed_dim")
     if embed_dim != trunk.hidden_size:

@@ -111,7 +111,9 @@ class CLIPTextConfig(_TowerConfig):
 
 
 class _VisionChecks:
-    """Square image and patch sizes, the image a whole number of patches."""
+    """Square image and patch sizes. The patch grid is floor(image_size / patch_size) a side, as the
+    stride-`patch_size` convolution gives in transformers and timm: google/siglip-so400m-patch14-384
+    has 27 patches of 14 px and leaves the last 6 px of each side unused."""
 
     @classmethod
     def _normalize(cls, known: dict[str, Any]) -> dict[str, Any]:
@@ -128,9 +130,9 @@ class _VisionChecks:
         super().validate()
         _check_positive(self.SECTION, image_size=self.image_size, patch_size=self.patch_size,
                         num_channels=self.num_channels)
-        if self.image_size % self.patch_size:
-            raise ConfigError(f"vision_config.image_size must be a multiple of patch_size "
-                              f"({self.patch_size}), got {self.image_size}")
+        if self.image_size < self.patch_size:
+            raise ConfigError(f"vision_config.image_size ({self.image_size}) must be at least patch_size "
+                              f"({self.patch_size})")
 
     @property
     def grid(self) -> int:

@@ -37,6 +37,12 @@ CONFIGS = {
                   max_position_embeddings=9, hidden_act="gelu", layer_norm_eps=1e-5, projection_size=36),
         vision=dict(hidden_size=36, intermediate_size=60, num_hidden_layers=1, num_attention_heads=4, image_size=30,
                     patch_size=6, hidden_act="gelu", layer_norm_eps=1e-5)),
+    # 34 px in 8 px patches: a 4x4 grid and 2 px unused, as google/siglip-so400m-patch14-384 (27x27 of 14 px)
+    "tanh-34px-p8-remainder": dict(
+        text=dict(vocab_size=80, hidden_size=24, intermediate_size=56, num_hidden_layers=1, num_attention_heads=3,
+                  max_position_embeddings=10, projection_size=20),
+        vision=dict(hidden_size=20, intermediate_size=44, num_hidden_layers=2, num_attention_heads=2, image_size=34,
+                    patch_size=8)),
     "tanh-48px-p16-deep": dict(
         text=dict(vocab_size=64, hidden_size=16, intermediate_size=80, num_hidden_layers=1, num_attention_heads=1,
                   max_position_embeddings=20, projection_size=48),

@@ -132,9 +132,9 @@ class BatchLoader:
         self.buckets: list[Bucket] | None = None
         if buckets:
             _check_int("patch_size", patch_size, minimum=1)
-            if image_size % patch_size:
-                raise ConfigError(f"aspect-ratio buckets need image_size ({image_size}) to be a multiple of "
-                                  f"patch_size ({patch_size})")
+            if image_size < patch_size:
+                raise ConfigError(f"aspect-ratio buckets need image_size ({image_size}) of at least one patch "
+                                  f"({patch_size})")
             self.patch_size = patch_size
             self._base_grid = image_size // patch_size
             self.buckets = grid_buckets(self._base_grid)
