@@ -78,3 +78,26 @@ def assert_same_bytes(a: dict, b: dict):
     for name in a:
         assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
         assert a[name].reshape(-1).view(torch.uint8).equal(b[name].reshape(-1).view(torch.uint8)), name
+
+
+def open_clip_features(model, pixels_nhwc, ids, *, normalize: bool = True):
+    """open_clip's own `encode_image` / `encode_text` of NHWC pixels and token ids (numpy)."""
+    import torch
+
+    with torch.no_grad():
+        image = model.encode_image(torch.from_numpy(pixels_nhwc).permute(0, 3, 1, 2), normalize=normalize)
+        text = model.encode_text(torch.from_numpy(ids), normalize=normalize)
+    return image.numpy(), text.numpy()
+
+
+def hf_features(model, pixels_nhwc, ids, *, normalize: bool = True):
+    """transformers' `get_image_features` / `get_text_features` (CLIPModel or SiglipModel)."""
+    import torch
+
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=torch.from_numpy(pixels_nhwc).permute(0, 3, 1, 2))
+        text = model.get_text_features(input_ids=torch.from_numpy(ids))
+    image, text = getattr(image, "pooler_output", image), getattr(text, "pooler_output", text)
+    if normalize:
+        image, text = torch.nn.functional.normalize(image, dim=-1), torch.nn.functional.normalize(text, dim=-1)
+    return image.numpy(), text.numpy()

@@ -21,8 +21,8 @@ from convert.shapes import expected_shapes
 from mlx_clip.config import CLIPConfig
 from mlx_clip.conversion import convert
 from mlx_clip.errors import ConvertError
-from tests.helpers import (assert_same_bytes, perturb, random_pixels, random_tokens, rel_err, save_hf,
-                           tensors_of, tiny_hf_clip)
+from tests.helpers import (assert_same_bytes, hf_features, open_clip_features, perturb, random_pixels, random_tokens,
+                           rel_err, save_hf, tensors_of, tiny_hf_clip)
 
 FP32_REL = 1e-5
 OC_VOCAB, OC_CONTEXT = 512, 16
@@ -75,23 +75,6 @@ def oc_source(request, tmp_path_factory):
     config = {"model_cfg": model_cfg, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
     (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     return model, folder
-
-
-def open_clip_features(model, pixels_nhwc, ids):
-    with torch.no_grad():
-        image = model.encode_image(torch.from_numpy(pixels_nhwc).permute(0, 3, 1, 2), normalize=True)
-        text = model.encode_text(torch.from_numpy(ids), normalize=True)
-    return image.numpy(), text.numpy()
-
-
-def hf_features(model, pixels_nhwc, ids):
-    with torch.no_grad():
-        image = model.get_image_features(pixel_values=torch.from_numpy(pixels_nhwc).permute(0, 3, 1, 2))
-        text = model.get_text_features(input_ids=torch.from_numpy(ids))
-    image = getattr(image, "pooler_output", image)
-    text = getattr(text, "pooler_output", text)
-    return (torch.nn.functional.normalize(image, dim=-1).numpy(),
-            torch.nn.functional.normalize(text, dim=-1).numpy())
 
 
 def oc_tokens(rng):

@@ -33,7 +33,7 @@ from convert.open_clip_siglip import siglip_config_from_open_clip
 from convert.timm_siglip import KNOWN_TRUNKS, TimmTrunk, read_timm_trunk
 from mlx_clip.conversion import convert
 from mlx_clip.errors import CheckpointError, ConfigError, ConvertError
-from tests.helpers import assert_same_bytes, perturb, rel_err, tensors_of
+from tests.helpers import assert_same_bytes, hf_features, open_clip_features, perturb, rel_err, tensors_of
 
 FP32 = 1e-5
 B16 = "ViT-B-16-SigLIP"
@@ -93,20 +93,6 @@ def siglip_ids(rng, batch: int, vocab: int, length: int) -> np.ndarray:
     return ids
 
 
-def open_clip_embeddings(model, pixels, ids):
-    with torch.no_grad():
-        image = model.encode_image(torch.from_numpy(pixels).permute(0, 3, 1, 2), normalize=False)
-        text = model.encode_text(torch.from_numpy(ids), normalize=False)
-    return image.numpy(), text.numpy()
-
-
-def hf_embeddings(model, pixels, ids):
-    with torch.no_grad():
-        image = model.get_image_features(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2))
-        text = model.get_text_features(input_ids=torch.from_numpy(ids))
-    return getattr(image, "pooler_output", image).numpy(), getattr(text, "pooler_output", text).numpy()
-
-
 def normalized(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
@@ -149,7 +135,7 @@ def build_source(name: str, root: Path, *, tokenizer: bool = True) -> SimpleName
     rng = np.random.default_rng(2)
     pixels = rng.standard_normal((batch, size, size, 3)).astype(np.float32)
     ids = siglip_ids(rng, batch, vocab, context)
-    image, text = open_clip_embeddings(model, pixels, ids)
+    image, text = open_clip_features(model, pixels, ids, normalize=False)
     return SimpleNamespace(name=name, model=None if name == B16 else model, src=src, pixels=pixels, ids=ids,
                            image=image, text=text, logit_scale=model.logit_scale.detach().reshape(-1).clone(),
                            logit_bias=model.logit_bias.detach().reshape(-1).clone())
@@ -185,7 +171,7 @@ def test_open_clip_siglip_to_hf_embeds_like_open_clip(source, converted):
     hf = transformers.SiglipModel.from_pretrained(converted).eval()
     if source.name == B16:
         assert TimmTrunk.of(hf.config.vision_config) == KNOWN_TRUNKS["vit_base_patch16_siglip_224"]
-    image, text = hf_embeddings(hf, source.pixels, source.ids)
+    image, text = hf_features(hf, source.pixels, source.ids, normalize=False)
     assert_close(image, source.image)
     assert_close(text, source.text)
     assert torch.equal(hf.logit_scale.detach(), source.logit_scale)
@@ -269,7 +255,7 @@ def test_hf_siglip_to_open_clip_loads_strictly_and_embeds_like_hf(tmp_path):
     loaded = open_clip.create_model(f"local-dir:{out}").eval()  # open_clip's own loader, strict
     rng = np.random.default_rng(5)
     pixels, ids = rng.standard_normal((2, 256, 256, 3)).astype(np.float32), siglip_ids(rng, 2, TINY_VOCAB, TINY_CONTEXT)
-    for ours, theirs in zip(open_clip_embeddings(loaded, pixels, ids), hf_embeddings(hf, pixels, ids)):
+    for ours, theirs in zip(open_clip_features(loaded, pixels, ids, normalize=False), hf_features(hf, pixels, ids, normalize=False)):
         assert_close(ours, theirs)
     assert torch.equal(loaded.logit_scale.detach().reshape(1), hf.logit_scale.detach())
     assert torch.equal(loaded.logit_bias.detach().reshape(1), hf.logit_bias.detach())
