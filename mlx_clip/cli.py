@@ -245,14 +245,16 @@ def finetune(config_file, **flags):
 
     Without --data (in flags or --config) this runs the built-in demo: the 'small' random CLIP on
     rendered shapes, with the demo preset (lr 2e-3, 1000 steps of 48, warmup 40, weight decay
-    0.05, out runs/demo) in place of the defaults shown below; any of them can still be given.
+    0.05, out runs/demo; for --model siglip-tiny lr 1e-3 and 2000 steps) in place of the defaults
+    shown below; any of them can still be given.
     """
     from mlx_clip.finetune import demo_preset, finetune as run
     from mlx_clip.train_config import TrainConfig, read_config_file
 
     given = {k: v for k, v in flags.items() if v is not None}
     file_values = read_config_file(config_file) if config_file else {}
-    preset = demo_preset() if given.get("data", file_values.get("data")) is None else {}
+    demo = given.get("data", file_values.get("data")) is None
+    preset = demo_preset(given.get("model", file_values.get("model"))) if demo else {}
     cfg = TrainConfig.resolve(config_file, given, preset=preset)
     run(cfg, echo=click.echo, progress="bar" if sys.stderr.isatty() else "lines")
 
