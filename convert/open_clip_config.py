@@ -110,13 +110,18 @@ def _mlp(source: str, owner: str, width: int, cfg: dict[str, Any], defaults: dic
     return int(width * ratio)  # as ResidualAttentionBlock computes it
 
 
-def clip_config_from_open_clip(data: dict[str, Any], source: str = OPEN_CLIP_CONFIG) -> CLIPConfig:
-    """An open_clip_config.json (as loaded) -> the equivalent CLIPConfig."""
+def tower_cfgs(data: dict[str, Any], source: str, vision_defaults: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """model_cfg and its vision_cfg / text_cfg over open_clip's defaults; CoCa refused."""
     model_cfg = data["model_cfg"]
     if model_cfg.get("multimodal_cfg"):
         raise ConfigError(f"{source}: model_cfg.multimodal_cfg (CoCa) is not supported")
-    vision = {**VISION_DEFAULTS, **(model_cfg.get("vision_cfg") or {})}
-    text = {**TEXT_DEFAULTS, **(model_cfg.get("text_cfg") or {})}
+    return (model_cfg, {**vision_defaults, **(model_cfg.get("vision_cfg") or {})},
+            {**TEXT_DEFAULTS, **(model_cfg.get("text_cfg") or {})})
+
+
+def clip_config_from_open_clip(data: dict[str, Any], source: str = OPEN_CLIP_CONFIG) -> CLIPConfig:
+    """An open_clip_config.json (as loaded) -> the equivalent CLIPConfig."""
+    model_cfg, vision, text = tower_cfgs(data, source, VISION_DEFAULTS)
     if vision.get("timm_model_name"):
         raise ConfigError(f"{source}: model_cfg.vision_cfg.timm_model_name={vision['timm_model_name']!r}: a timm "
                           "image trunk is open_clip's SigLIP layout, read as model_type 'siglip' by "

@@ -22,7 +22,7 @@ import numpy as np
 
 from convert.names import FUSED_QKV, IDENTITY, LAYER_TABLE, Transform
 from convert.open_clip_config import (_CUSTOM_BLOCK, EXTRAS_KEY, OPEN_CLIP_CONFIG, TEXT_DEFAULTS, TORCH_LAYER_NORM_EPS,
-                                      _activation, _check_fixed, _eps, _mlp, _mlp_ratio, _square)
+                                      _activation, _check_fixed, _eps, _mlp, _mlp_ratio, _square, tower_cfgs)
 from convert.safetensors_io import Tensor
 from convert.shapes import Shape
 from convert.timm_siglip import KNOWN_TRUNKS, SIGLIP_POOL, TimmTrunk, timm_name_for, trunk_of
@@ -48,11 +48,7 @@ def has_timm_trunk(model_cfg: dict[str, Any]) -> bool:
 
 def siglip_config_from_open_clip(data: dict[str, Any], source: str = OPEN_CLIP_CONFIG) -> CLIPConfig:
     """An open_clip_config.json (as loaded) with a timm trunk -> the equivalent SigLIP CLIPConfig."""
-    model_cfg = data["model_cfg"]
-    if model_cfg.get("multimodal_cfg"):
-        raise ConfigError(f"{source}: model_cfg.multimodal_cfg (CoCa) is not supported")
-    vision = {**VISION_DEFAULTS, **(model_cfg.get("vision_cfg") or {})}
-    text = {**TEXT_DEFAULTS, **(model_cfg.get("text_cfg") or {})}
+    model_cfg, vision, text = tower_cfgs(data, source, VISION_DEFAULTS)
     name = vision["timm_model_name"]
     field = f"{source}: model_cfg.vision_cfg.timm_model_name"
     if not isinstance(name, str):
