@@ -70,10 +70,15 @@ def nearest_bucket(width: int, height: int, buckets: list[Bucket]) -> int:
     return min(range(len(buckets)), key=lambda i: (abs(math.log(buckets[i].aspect) - target), i))
 
 
+def batches_in(samples: int, batch_size: int, drop_last: bool) -> int:
+    """Batches `samples` fill: whole ones only with drop_last, else a short last one too."""
+    return samples // batch_size if drop_last else -(-samples // batch_size)
+
+
 def epoch_schedule(sizes: list[int], batch_size: int, drop_last: bool, rng: np.random.Generator) -> np.ndarray:
     """Which bucket each batch of an epoch draws from: bucket b appears once per batch it can fill
     (or per started batch without drop_last), in a seeded random order, so buckets interleave
     instead of the epoch running through one shape after another."""
-    counts = [n // batch_size if drop_last else -(-n // batch_size) for n in sizes]
+    counts = [batches_in(n, batch_size, drop_last) for n in sizes]
     schedule = np.repeat(np.arange(len(sizes)), counts)
     return rng.permutation(schedule)

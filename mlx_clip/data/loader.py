@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mlx_clip.data.buckets import Bucket, epoch_schedule, grid_buckets, nearest_bucket
+from mlx_clip.data.buckets import Bucket, batches_in, epoch_schedule, grid_buckets, nearest_bucket
 from mlx_clip.data.sample import Sample
 from mlx_clip.errors import ConfigError, DataError, ImageError
 from mlx_clip.image_processing import (
@@ -160,10 +160,9 @@ class BatchLoader:
 
     def __len__(self) -> int:
         """Batches in one training epoch, assuming every image decodes."""
-        n, b = len(self.samples), self.batch_size
         if self.buckets is not None:
-            return sum(k // b if self.drop_last else -(-k // b) for _, k in self.bucket_counts())
-        return n // b if self.drop_last else -(-n // b)
+            return sum(batches_in(n, self.batch_size, self.drop_last) for _, n in self.bucket_counts())
+        return batches_in(len(self.samples), self.batch_size, self.drop_last)
 
     def bucket_counts(self) -> list[tuple[tuple[int, int], int]]:
         """((height, width) at the current image size, samples) for every aspect-ratio bucket."""
