@@ -18,7 +18,7 @@ import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from convert.shapes import Shape
 from mlx_clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, read_json
@@ -223,24 +223,34 @@ def fresh_model_cfg(config: CLIPConfig) -> dict[str, Any]:
     return dict(embed_dim=config.projection_dim, quick_gelu=quick, vision_cfg=vision, text_cfg=text)
 
 
-def open_clip_config_for(config: CLIPConfig, logit_bias: float | None = None,
-                         preprocess_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The open_clip_config.json for `config`: the original one it came from when the architecture
-    is unchanged, else one derived from the config (keeping the original preprocess_cfg)."""
+def kept_or_derived(config: CLIPConfig, read: Callable[[dict, str], CLIPConfig], architecture: Callable[[CLIPConfig], tuple],
+                    derive: Callable[[dict[str, Any] | None], dict[str, Any]],
+                    preprocess_cfg: dict[str, Any] | None) -> dict[str, Any]:
+    """open_clip_config.json data for `config`: the original file it was read from (kept in its
+    extras) when reading that back gives the same architecture, so a round trip changes nothing; else
+    the original's other keys with `derive(original model_cfg or None)`. `preprocess_cfg` where the
+    data has none."""
     original = config.extras.get(EXTRAS_KEY)
-    data: dict[str, Any] = {}
     if isinstance(original, dict) and isinstance(original.get("model_cfg"), dict):
         data = copy.deepcopy(original)
         try:
-            same = _architecture(clip_config_from_open_clip(original, EXTRAS_KEY)) == _architecture(config)
+            same = architecture(read(original, EXTRAS_KEY)) == architecture(config)
         except ConfigError:
             same = False
         if not same:
-            data["model_cfg"] = fresh_model_cfg(config)
+            data["model_cfg"] = derive(original["model_cfg"])
     else:
-        data["model_cfg"] = fresh_model_cfg(config)
+        data = {"model_cfg": derive(None)}
     if preprocess_cfg and "preprocess_cfg" not in data:
         data["preprocess_cfg"] = preprocess_cfg
+    return data
+
+
+def open_clip_config_for(config: CLIPConfig, logit_bias: float | None = None,
+                         preprocess_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The open_clip_config.json for a CLIP `config` (see `kept_or_derived`)."""
+    data = kept_or_derived(config, clip_config_from_open_clip, _architecture, lambda _: fresh_model_cfg(config),
+                           preprocess_cfg)
     model_cfg = data["model_cfg"]
     if logit_bias is None:
         model_cfg.pop("init_logit_bias", None)

@@ -22,7 +22,8 @@ import numpy as np
 
 from convert.names import FUSED_QKV, IDENTITY, LAYER_TABLE, Transform
 from convert.open_clip_config import (_CUSTOM_BLOCK, EXTRAS_KEY, OPEN_CLIP_CONFIG, TEXT_DEFAULTS, TORCH_LAYER_NORM_EPS,
-                                      _activation, _check_fixed, _eps, _mlp, _mlp_ratio, _square, tower_cfgs)
+                                      _activation, _check_fixed, _eps, _mlp, _mlp_ratio, _square, kept_or_derived,
+                                      tower_cfgs)
 from convert.safetensors_io import Tensor
 from convert.shapes import Shape
 from convert.timm_siglip import KNOWN_TRUNKS, SIGLIP_POOL, TimmTrunk, timm_name_for, trunk_of
@@ -130,22 +131,12 @@ def fresh_model_cfg(config: CLIPConfig, logit_bias: float, keep_text: dict[str, 
 
 def open_clip_config_for(config: CLIPConfig, logit_bias: float,
                          preprocess_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The open_clip_config.json for a SigLIP `config`: the original one it came from when the
-    architecture is unchanged, else one derived from the config (keeping the original's other keys)."""
-    original = config.extras.get(EXTRAS_KEY)
-    if isinstance(original, dict) and isinstance(original.get("model_cfg"), dict):
-        data = copy.deepcopy(original)
-        try:
-            same = _architecture(siglip_config_from_open_clip(original, EXTRAS_KEY)) == _architecture(config)
-        except ConfigError:
-            same = False
-        if not same:
-            data["model_cfg"] = fresh_model_cfg(config, logit_bias, original["model_cfg"].get("text_cfg"))
-    else:
-        data = {"model_cfg": fresh_model_cfg(config, logit_bias)}
-    if preprocess_cfg and "preprocess_cfg" not in data:
-        data["preprocess_cfg"] = preprocess_cfg
-    return data
+    """The open_clip_config.json for a SigLIP `config` (see `kept_or_derived`); a derived model_cfg
+    keeps the original's tokenizer fields."""
+    return kept_or_derived(
+        config, siglip_config_from_open_clip, _architecture,
+        lambda original: fresh_model_cfg(config, logit_bias, original.get("text_cfg") if original else None),
+        preprocess_cfg)
 
 
 # ---------------------------------------------------------------- tensor names

@@ -73,10 +73,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     def torch_grads(checkpointing: bool):
         hf.zero_grad()
         hf.train()
-        if checkpointing:
-            hf.gradient_checkpointing_enable()
-        else:
-            hf.gradient_checkpointing_disable()
+        switch = "enable" if checkpointing else "disable"
+        (getattr(hf, f"activation_checkpointing_{switch}", None) or getattr(hf, f"gradient_checkpointing_{switch}"))()
         out = hf(input_ids=torch.from_numpy(tokens), pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2))
         torch_clip_loss(out.image_embeds, out.text_embeds, hf.logit_scale.exp()).backward()
         return {k: p.grad.clone() for k, p in hf.named_parameters()}

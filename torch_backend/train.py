@@ -49,7 +49,8 @@ def prepare(clip, cfg, device: torch.device, world=None) -> Training:
     module = TrainModule(clip, plan.logit_bias).to(device)
     apply_plan(clip, plan)
     if cfg.gradient_checkpointing:
-        clip.gradient_checkpointing_enable()
+        # transformers renamed it (5.2x: the old name warns and goes in v6); older 5.x has only the old one.
+        (getattr(clip, "activation_checkpointing_enable", None) or clip.gradient_checkpointing_enable)()
     module.train()
     anchors = {n: p.detach().clone() for n, p in trainable(module)} if cfg.l2_to_base else None
     # float16's narrow range needs loss scaling; bfloat16 has float32's exponent and does not.
