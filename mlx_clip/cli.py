@@ -245,8 +245,8 @@ def finetune(config_file, **flags):
 
     Without --data (in flags or --config) this runs the built-in demo: the 'small' random CLIP on
     rendered shapes, with the demo preset (lr 2e-3, 1000 steps of 48, warmup 40, weight decay
-    0.05, out runs/demo; for --model siglip-tiny lr 1e-3 and 2000 steps) in place of the defaults
-    shown below; any of them can still be given.
+    0.05, out runs/demo; for --model siglip-tiny lr 1e-3, 2000 steps, warmup 200) in place of the
+    defaults shown below; any of them can still be given.
     """
     from mlx_clip.finetune import demo_preset, finetune as run
     from mlx_clip.train_config import TrainConfig, read_config_file
