@@ -15,6 +15,7 @@ from mlx_clip.mlx_backend.loss import clip_loss as mlx_clip_loss
 from tests.helpers import random_pixels, random_tokens, rel_err, tiny_hf_clip
 from tests.test_model_parity import mlx_from_hf
 from torch_backend.loss import clip_loss as torch_clip_loss
+from torch_backend.train import set_activation_checkpointing
 
 
 def test_clip_loss_gradients_match_torch():
@@ -73,8 +74,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     def torch_grads(checkpointing: bool):
         hf.zero_grad()
         hf.train()
-        switch = "enable" if checkpointing else "disable"
-        (getattr(hf, f"activation_checkpointing_{switch}", None) or getattr(hf, f"gradient_checkpointing_{switch}"))()
+        set_activation_checkpointing(hf, checkpointing)
         out = hf(input_ids=torch.from_numpy(tokens), pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2))
         torch_clip_loss(out.image_embeds, out.text_embeds, hf.logit_scale.exp()).backward()
         return {k: p.grad.clone() for k, p in hf.named_parameters()}

@@ -392,8 +392,11 @@ def test_demo_reaches_held_out_zero_shot_top1(tmp_path):
     from mlx_clip.finetune import demo_preset, finetune
     from mlx_clip.train_config import TrainConfig
 
+    preset = demo_preset("siglip-tiny")
+    steps = 200
     cfg = TrainConfig.resolve(None, {"model": "siglip-tiny", "out": str(tmp_path / "demo"), "num_workers": 1,
-                                     "steps": 200, "warmup_steps": 20}, preset=demo_preset("siglip-tiny"))
+                                     "steps": steps, "warmup_steps": preset["warmup_steps"] * steps // preset["steps"]},
+                              preset=preset)
     result = finetune(cfg, progress=False, echo=lambda *a: None)
     assert result.before["val_zero_shot_top1"] < 0.15
     assert result.after["val_zero_shot_top1"] >= 0.15

@@ -40,6 +40,13 @@ class Training(NamedTuple):
     anchors: dict[str, torch.Tensor] | None  # L2-SP: the starting value of each trained tensor
 
 
+def set_activation_checkpointing(model, enabled: bool) -> None:
+    """Switch a transformers model's activation checkpointing; transformers renamed the switch (the
+    old `gradient_checkpointing_*` warns since 5.2x and goes in v6; older 5.x has only that one)."""
+    switch = "enable" if enabled else "disable"
+    (getattr(model, f"activation_checkpointing_{switch}", None) or getattr(model, f"gradient_checkpointing_{switch}"))()
+
+
 def prepare(clip, cfg, device: torch.device, world=None) -> Training:
     """Everything a run needs beside the data, from a `TrainConfig`: `clip` is adapted in place.
 
@@ -49,8 +56,7 @@ def prepare(clip, cfg, device: torch.device, world=None) -> Training:
     module = TrainModule(clip, plan.logit_bias).to(device)
     apply_plan(clip, plan)
     if cfg.gradient_checkpointing:
-        # transformers renamed it (5.2x: the old name warns and goes in v6); older 5.x has only the old one.
-        (getattr(clip, "activation_checkpointing_enable", None) or clip.gradient_checkpointing_enable)()
+        set_activation_checkpointing(clip, True)
     module.train()
     anchors = {n: p.detach().clone() for n, p in trainable(module)} if cfg.l2_to_base else None
     # float16's narrow range needs loss scaling; bfloat16 has float32's exponent and does not.
