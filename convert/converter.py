@@ -23,6 +23,7 @@ from convert.open_clip_config import preprocess_cfg_from_hf
 from convert.writer import (copy_side_files, open_clip_crops, open_clip_normalisation, write_preprocessor_config,
                             write_stored)
 from mlx_clip.errors import ConvertError
+from mlx_clip.outputs import overlap
 
 # (source folder, staged result folder, target format, whether any side holds float16/bfloat16)
 # -> None, or ConvertError when the result does not behave like the source.
@@ -66,12 +67,15 @@ def convert(src: str | Path, dst: str | Path, *, to: str, verify: Verifier | Non
 
 
 def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    """ConvertError unless `dst` may receive a result made from `src`: absent, empty, or
-    (with `overwrite`) a non-empty folder that is not `src` itself."""
+    """ConvertError unless `dst` may receive a result made from `src`: absent, empty, or (with
+    `overwrite`) a non-empty folder; never the source, a folder holding it or one inside it, which
+    replacing `dst` would delete or the result would mix into."""
     if dst.exists() and not dst.is_dir():
         raise ConvertError(f"{dst}: destination exists and is not a folder")
-    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise ConvertError(f"{dst}: destination is the source folder; choose another folder")
+    relation = overlap(dst, src) if src.exists() else None
+    if relation:
+        raise ConvertError(f"{dst}: destination {relation} the source folder {src}; choose a folder apart from it "
+                           "(--overwrite never removes the source)")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise ConvertError(f"{dst}: destination folder is not empty; pass overwrite=True (--overwrite) "
                            "to replace it")

@@ -63,17 +63,46 @@ class RunFolder:
     # What a run leaves in its folder; another run may not mix into them.
     RUN_FILES = ("metrics.jsonl", "checkpoints", "final", "best", "bad_images.txt", "config.json", "tensorboard")
 
-    def claim(self, *, overwrite: bool) -> None:
-        """Refuse a folder that holds another run, or clear it with `overwrite`."""
-        present = [name for name in self.RUN_FILES if (self.root / name).exists()]
-        if not present:
-            return
-        if not overwrite:
+    def existing(self) -> list[str]:
+        """The run files already in the folder."""
+        return [name for name in self.RUN_FILES if (self.root / name).exists()]
+
+    def ever_stepped(self) -> bool:
+        """Whether the run in this folder got anywhere: a checkpoint, a model, or a logged step.
+        A run refused or interrupted before its first step leaves only its config and start
+        record, which a new run may replace without --overwrite."""
+        if self.complete_checkpoints() or self.final.exists() or self.best.exists():
+            return True
+        try:
+            lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
+        except OSError:
+            return True  # unreadable: assume it holds work
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                return True
+            if int(record.get("step", 0) or 0) > 0:
+                return True
+        return False
+
+    def check_claim(self, *, overwrite: bool, replaceable: bool = False) -> list[str]:
+        """The run files a new run in this folder will replace; ConfigError if they hold a run
+        that trained and neither `overwrite` nor `replaceable` (the demo's own folder holding a
+        demo run) allows it. Nothing is deleted here: `clear` does that once the run can start."""
+        present = self.existing()
+        if present and self.ever_stepped() and not (overwrite or replaceable):
             raise ConfigError(f"--out {self.root} already holds a run ({', '.join(present)}); continue it with "
                               f"--resume latest, replace it with --overwrite, or choose another --out")
-        for name in present:
+        return present
+
+    def clear(self, names: list[str]) -> None:
+        for name in names:
             path = self.root / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
 
     @property
     def best(self) -> Path:
@@ -140,7 +169,9 @@ class RunFolder:
         if resume == "latest":
             found = self.latest()
             if found is None:
-                raise CheckpointError(f"--resume latest: no complete checkpoint in {self.checkpoints}")
+                hint = "; the run there never reached its first step: start it again without --resume" \
+                    if self.existing() and not self.ever_stepped() else ""
+                raise CheckpointError(f"--resume latest: no complete checkpoint in {self.checkpoints}{hint}")
             return found
         path = Path(resume)
         if not (path / TRAINER_FILE).is_file():
@@ -152,7 +183,10 @@ class FollowerRun(RunFolder):
     """The run folder as ranks other than 0 see it: they read checkpoints (to resume) but write
     nothing; rank 0 writes for all of them."""
 
-    def claim(self, *, overwrite: bool) -> None:
+    def check_claim(self, *, overwrite: bool, replaceable: bool = False) -> list[str]:
+        return []
+
+    def clear(self, names: list[str]) -> None:
         pass
 
     def prepare(self) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 
 from mlx_clip.api import load
 from mlx_clip.errors import ConfigError
+from mlx_clip.outputs import check_file
 
 
 def embed(model: str | Path, *, images: Sequence[str | Path] = (), texts: Sequence[str] = (),
@@ -19,6 +20,7 @@ def embed(model: str | Path, *, images: Sequence[str | Path] = (), texts: Sequen
     out = Path(out)
     if out.suffix != ".npz":
         raise ConfigError(f"--out must end in .npz, got {out}")
+    check_file(out)  # before the model is loaded and every input embedded
     clip = load(model, backend, device=device, dtype=dtype, allow_pickle=allow_pickle, image_size=image_size)
     dim = clip.config.projection_dim
     arrays = {

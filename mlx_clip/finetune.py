@@ -3,6 +3,7 @@ and report zero-shot top-1 / retrieval R@1 on held-out data before and after."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,13 +12,15 @@ from typing import Any
 from mlx_clip.api import CLIP, preprocessor_settings, resolve
 from mlx_clip.backend import Backend, load_backend
 from mlx_clip.checkpoint import FollowerRun, RunFolder
+from mlx_clip.data.fingerprint import fingerprint
 from mlx_clip.data.loader import BatchLoader
 from mlx_clip.data.records import Dataset, load_dataset, split_samples
-from mlx_clip.distributed import World, launched
-from mlx_clip.errors import DataError
+from mlx_clip.distributed import launched
+from mlx_clip.errors import ConfigError, DataError
+from mlx_clip.outputs import check_folder, overlap
 from mlx_clip.tokenizer import load_tokenizer
 from mlx_clip.train_config import TrainConfig
-from mlx_clip.trainer import Trainer, TrainResult
+from mlx_clip.trainer import Interrupted, Trainer, TrainResult
 
 
 # The sigmoid loss learns the demo domain more slowly than InfoNCE: siglip-tiny reached held-out
@@ -26,15 +29,20 @@ from mlx_clip.trainer import Trainer, TrainResult
 # warming up over a tenth of the run gave 0.9375 (0.95 from a second random init) against 0.892
 # (0.925) at 40 and 0.904 at 400 (2000 steps, measured side by side on 2 cores: ~4 minutes).
 DEMO_BY_MODEL: dict[str, dict[str, Any]] = {"siglip-tiny": {"lr": 1e-3, "steps": 2000, "warmup_steps": 200}}
+# The demo's own folder: the toolkit's scratch, where a rerun of the demo replaces an earlier demo
+# run without --overwrite. Any other --out is the user's and never replaced without it.
+DEMO_OUT = "runs/demo"
+# Below this many held-out samples one sample moves a held-out score by more than 0.05: the
+# before/after figures are printed with a warning that they mean little.
+MIN_HELD_OUT = 20
 
 
 def demo_preset(model: str | None = None) -> dict[str, Any]:
     """The built-in default: the 'small' random model on the rendered shapes domain (or the
     built-in `model`, with its own learning rate and length). Values sit between the defaults
     and the user's file/flags, so any of them can still be overridden."""
-    # The demo's folder is the toolkit's own scratch: running the demo again replaces it.
     preset = {"model": "small", "lr": 2e-3, "steps": 1000, "batch_size": 48, "warmup_steps": 40,
-              "weight_decay": 0.05, "out": "runs/demo", "log_every": 20, "save_every": 250, "overwrite": True}
+              "weight_decay": 0.05, "out": DEMO_OUT, "log_every": 20, "save_every": 250}
     return {**preset, **DEMO_BY_MODEL.get(model or preset["model"], {})}
 
 
@@ -46,6 +54,10 @@ class DomainData:
     templates: list[str] | None
     val_captions: Dataset | None  # captions for retrieval on held-out images
     control: Dataset | None
+    root: Path  # where the training data live; image paths are fingerprinted relative to it
+
+    def fingerprint(self) -> dict:
+        return fingerprint(self.train, self.val, self.root)
 
 
 def prepare_data(cfg: TrainConfig) -> DomainData:
@@ -57,9 +69,14 @@ def prepare_data(cfg: TrainConfig) -> DomainData:
         target = load_dataset(paths["target"], templates=cfg.templates)
         captions = load_dataset(paths["captions_val"])
         control = load_dataset(paths["control_val"], templates=cfg.templates)
-        return DomainData(target.samples, target.val or [], target.class_names, target.templates, captions, control)
+        return DomainData(target.samples, target.val or [], target.class_names, target.templates, captions, control,
+                          paths["target"])
     columns = {"image_column": cfg.image_column, "caption_column": cfg.caption_column}
     data = load_dataset(cfg.data, templates=cfg.templates, **columns)
+    if data.class_names is not None and len(data.class_names) < 2:
+        raise DataError(f"{cfg.data}: class folders need two classes or more to fine-tune on, found "
+                        f"{len(data.class_names)} ({', '.join(data.class_names)}): every pair of a batch would be a "
+                        "positive of every other, and the contrastive loss would have nothing to contrast")
     if cfg.val_data:
         val_set = load_dataset(cfg.val_data, templates=cfg.templates, classes=data.class_names, **columns)
         train, val = data.samples, val_set.samples
@@ -75,7 +92,59 @@ def prepare_data(cfg: TrainConfig) -> DomainData:
     val_captions = None
     if data.kind == "captions" and val:
         val_captions = Dataset(val, None, None, "captions", data.source)
-    return DomainData(train, val, data.class_names, data.templates, val_captions, control)
+    return DomainData(train, val, data.class_names, data.templates, val_captions, control, Path(cfg.data))
+
+
+def held_out_note(data: DomainData, cfg: TrainConfig) -> str | None:
+    """A warning when the held-out scores printed before and after cannot mean much."""
+    n = len(data.val)
+    if not cfg.evaluate:
+        return None
+    if n == 0:
+        return ("note: no held-out samples (--val-fraction 0 and no --val-data): no held-out scores are measured "
+                "before and after")
+    if n < MIN_HELD_OUT:
+        return (f"warning: the held-out split has only {n} sample{'s' if n > 1 else ''}: one sample moves its scores "
+                f"by {1 / n:.2f}; hold out more (--val-fraction, --val-data) for scores that mean something")
+    return None
+
+
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def holds_demo_run(run: RunFolder) -> bool:
+    """A run of the built-in demo: its saved config has no --data."""
+    try:
+        return json.loads((run.root / "config.json").read_text()).get("data", "") is None
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def claim_out(cfg: TrainConfig, run: RunFolder) -> list[str]:
+    """Check --out before anything is built, and return the run files a new run will replace.
+    Refused: a folder that cannot be written; one that is, or lies inside, an input (the run
+    would write into the user's data or model); run files that are or hold an input (replacing
+    them would delete it); a run that trained, unless --overwrite, or it is the demo's own folder
+    holding a demo run."""
+    inputs = {"--model": cfg.model, "--data": cfg.data, "--val-data": cfg.val_data,
+              "--control-data": cfg.control_data, "--templates": cfg.templates}
+    out = Path(cfg.out)
+    for name, path in inputs.items():
+        if path is None or not Path(path).expanduser().exists():
+            continue
+        if overlap(out, path) in ("is", "is inside"):
+            raise ConfigError(f"--out {out} {overlap(out, path)} {name} {path}; a run folder never mixes into an "
+                              "input: choose a folder apart from it")
+        for file in RunFolder.RUN_FILES:
+            if overlap(out / file, path):
+                raise ConfigError(f"--out {out}: its {file} {overlap(out / file, path)} {name} {path}, which a run "
+                                  "there would replace; choose another --out")
+    check_folder(out)
+    if cfg.resume:
+        return []
+    demo = cfg.data is None and _same_path(out, DEMO_OUT) and holds_demo_run(run)
+    return run.check_claim(overwrite=cfg.overwrite, replaceable=demo)
 
 
 def make_evaluator(data: DomainData, folder: Path, batch_size: int):
@@ -123,28 +192,27 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
     echo("mlxclip finetune, resolved config:\n" + cfg.describe())
     data = prepare_data(cfg)  # every input problem surfaces here, before any model is resolved or built
     run = RunFolder(cfg.out) if main else FollowerRun(cfg.out)
-    if not cfg.resume:
-        run.claim(overwrite=cfg.overwrite)
-    folder = resolve(cfg.model, allow_pickle=cfg.allow_pickle)
-    if cfg.memory_budget:
-        cfg = _within_budget(cfg, folder, run, echo)
-    tokenizer = load_tokenizer(folder)
-    engine = build_engine(cfg, folder)
-    world = getattr(engine, "world", None) or World()  # the engine checked the batch divides over it
-    mean, std, crop = preprocessor_settings(folder)
-    loader = BatchLoader(data.train, batch_size=cfg.batch_size, image_size=engine.config.vision_config.image_size,
-                         tokenize=lambda texts: tokenizer.trim(tokenizer.encode(texts)), seed=cfg.seed, augment=cfg.augment,
-                         num_workers=cfg.num_workers, max_bad_fraction=cfg.max_bad_fraction,
-                         crop_scale=(cfg.crop_scale_min, 1.0), mean=mean, std=std, crop=crop,
-                         multi_positive=cfg.multi_positive, buckets=cfg.buckets,
-                         patch_size=engine.config.vision_config.patch_size)
-    total = cfg.steps or max(1, math.ceil(cfg.epochs * len(loader)))
+    replaced = claim_out(cfg, run) if main else []
+    if cfg.resume:
+        run.resolve_resume(cfg.resume)  # a missing checkpoint is refused before anything is built
+    note = held_out_note(data, cfg)
+    if note:
+        echo(note)
+    try:
+        trainer, loader, evaluator = _build(cfg, data, run, progress, evaluate, stop_after, echo)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted while starting, before step 0: nothing was trained or written; run the same "
+                          "command again") from None
+    cfg, engine, world = trainer.cfg, trainer.engine, trainer.world  # cfg: with --memory-budget's choice
+    # The run can start: only now does its folder change (a run refused above left nothing behind).
+    if replaced:
+        echo(f"replacing the run in {run.root} ({', '.join(replaced)})" if run.ever_stepped() else
+             f"replacing a run in {run.root} that never reached its first step")
+    run.clear(replaced)
     run.prepare()
     if main:
         cfg.save(run.root / "config.json")
-    evaluate = cfg.evaluate if evaluate is None else evaluate
-    evaluator = make_evaluator(data, folder, cfg.batch_size) if evaluate else None
-    trainer = Trainer(cfg, engine, loader, run, total, evaluate=evaluator, progress=progress, stop_after=stop_after)
+    total = trainer.total_steps
     echo(f"{engine.name} engine, {engine.trainable_count():,} trainable parameters, {len(data.train)} training "
          f"samples, {len(data.val)} held out, {total} steps of {cfg.batch_size}"
          + (f" ({cfg.batch_size // world.size} on each of {world.size} processes)" if world.size > 1 else ""))
@@ -153,24 +221,33 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
         echo(f"aspect-ratio buckets (height x width: samples): {shown}; each epoch leaves out fewer than "
              f"{cfg.batch_size} samples of each bucket, a different few every epoch")
     before = None
-    if not cfg.resume:
-        trainer.log.write({"step": 0, "event": "start", "engine": engine.name, "train_samples": len(data.train),
-                           "val_samples": len(data.val), "trainable_parameters": engine.trainable_count(),
-                           "total_steps": total})
-    if cfg.resume:
-        checkpoint = run.resolve_resume(cfg.resume)
-        trainer.restore(checkpoint)
-        echo(f"resumed from {checkpoint} at step {trainer.step}")
-    elif evaluator:
-        before = evaluator(engine)
-        trainer.log.write({"step": 0, "eval": before})
+    try:
+        if cfg.resume:
+            checkpoint = run.resolve_resume(cfg.resume)
+            trainer.restore(checkpoint)
+            echo(f"resumed from {checkpoint} at step {trainer.step}")
+        else:
+            trainer.log.write({"step": 0, "event": "start", "engine": engine.name, "train_samples": len(data.train),
+                               "val_samples": len(data.val), "trainable_parameters": engine.trainable_count(),
+                               "total_steps": total})
+            if evaluator:
+                before = evaluator(engine)
+                trainer.log.write({"step": 0, "eval": before})
+    except KeyboardInterrupt:
+        where = "the checkpoint is unchanged; continue with --resume latest" if cfg.resume else \
+            "the run folder holds no training yet: run the same command again"
+        raise Interrupted(f"interrupted before the first step; {where}") from None
     trainer.baseline = before or first_evaluation(run)
     try:
         result = trainer.fit()
     finally:
         if main:
             write_bad_images(run, loader)
-    after = evaluator(engine) if evaluator else None
+    try:
+        after = evaluator(engine) if evaluator else None
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted during the final evaluation; training is complete: {result.final_model}") \
+            from None
     if after:
         trainer.log.write({"step": trainer.step, "eval": after})
         trainer.consider_best(after, echo)
@@ -178,6 +255,30 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
         echo(summary_table(before, after))
     echo(f"final model: {result.final_model}")
     return FinetuneResult(result, before, after, run)
+
+
+def _build(cfg: TrainConfig, data: DomainData, run: RunFolder, progress, evaluate: bool | None,
+           stop_after: int | None, echo) -> tuple[Trainer, BatchLoader, Any]:
+    """Model, engine, loader and trainer: everything that can still refuse the run, before its
+    folder is touched."""
+    folder = resolve(cfg.model, allow_pickle=cfg.allow_pickle)
+    if cfg.memory_budget:
+        cfg = _within_budget(cfg, folder, run, echo)
+    tokenizer = load_tokenizer(folder)
+    engine = build_engine(cfg, folder)
+    mean, std, crop = preprocessor_settings(folder)
+    loader = BatchLoader(data.train, batch_size=cfg.batch_size, image_size=engine.config.vision_config.image_size,
+                         tokenize=lambda texts: tokenizer.trim(tokenizer.encode(texts)), seed=cfg.seed, augment=cfg.augment,
+                         num_workers=cfg.num_workers, max_bad_fraction=cfg.max_bad_fraction,
+                         crop_scale=(cfg.crop_scale_min, 1.0), mean=mean, std=std, crop=crop,
+                         multi_positive=cfg.multi_positive, buckets=cfg.buckets,
+                         patch_size=engine.config.vision_config.patch_size)
+    total = cfg.steps or max(1, math.ceil(cfg.epochs * len(loader)))
+    evaluate = cfg.evaluate if evaluate is None else evaluate
+    evaluator = make_evaluator(data, folder, cfg.batch_size) if evaluate else None
+    trainer = Trainer(cfg, engine, loader, run, total, evaluate=evaluator, progress=progress, stop_after=stop_after,
+                      data_fingerprint=data.fingerprint())
+    return trainer, loader, evaluator
 
 
 def _within_budget(cfg: TrainConfig, folder: Path, run: RunFolder, echo) -> TrainConfig:

@@ -183,6 +183,9 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{name} {rule}, got {getattr(self, name)!r}")
 
+        if isinstance(self.batch_size, int) and self.batch_size == 1:
+            raise ConfigError("batch_size must be at least 2, got 1: a contrastive loss scores each pair against the "
+                              "other pairs of its batch; alone, its loss and gradient are 0 and nothing is learned")
         for name in ("batch_size", "log_every", "max_nan_steps", "lora_rank", "keep_checkpoints", "lp_steps"):
             value = getattr(self, name)
             check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from convert.safetensors_io import read_header
 from mlx_clip.checkpoint import ENGINE_STATE_FILE, RunFolder, read_trainer_state
+from mlx_clip.data.fingerprint import differences
 from mlx_clip.distributed import World
 from mlx_clip.errors import CheckpointError, ConfigError, MlxClipError
 from mlx_clip.monitor import Progress, RunLog, SilentLog
@@ -46,9 +47,16 @@ class TrainResult:
 # --keep-best names for the evaluation metrics people ask for most.
 BEST_ALIASES = {"acc1": "val_zero_shot_top1", "top1": "val_zero_shot_top1", "R@1": "val_image_retrieval_R@1",
                 "control_acc1": "control_zero_shot_top1"}
-# What decides the set and meaning of the saved tensors: a checkpoint resumes only under the same.
-RESUME_KEYS = ("strategy", "lora_rank", "lora_alpha", "lora_targets", "loss", "precision", "parameter_dtype",
-               "lp_steps", "l2_to_base", "buckets")  # LP-FT's switch step; L2-SP's anchors exist only with lambda > 0
+# Options a resumed run may change: they decide how long it runs, what it logs, saves and
+# evaluates, where and how fast a step runs — never which samples a step sees or the update it
+# makes. Every other option must equal the checkpoint's (an option added later is frozen unless
+# named here). --model may name the same architecture elsewhere (checked tensor by tensor; the
+# checkpoint holds every weight); the data are compared by their fingerprint, not by path.
+RESUME_FREE = frozenset({
+    "steps", "epochs", "log_every", "save_every", "keep_checkpoints", "evaluate", "eval_every", "max_control_drop",
+    "max_nan_steps", "tensorboard", "keep_best", "control_data", "num_workers", "max_bad_fraction",
+    "gradient_checkpointing", "memory_budget", "device", "allow_pickle", "resume", "overwrite", "out", "model",
+    "data", "val_data", "image_column", "caption_column"})
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -61,9 +69,11 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_resumable(checkpoint, state: dict, cfg: TrainConfig, engine: Backend) -> None:
+def check_resumable(checkpoint, state: dict, cfg: TrainConfig, engine: Backend,
+                    data_fingerprint: dict | None = None) -> None:
     """Name what differs between a checkpoint and the run resuming it, before any tensor is
-    loaded: training options, the model's architecture, then each saved tensor's name and shape."""
+    loaded: training options, the data, the model's architecture, then each saved tensor's name
+    and shape."""
     saved_cfg = state.get("config") or {}
     if saved_cfg:
         from mlx_clip.policy import default_loss
@@ -74,11 +84,17 @@ def check_resumable(checkpoint, state: dict, cfg: TrainConfig, engine: Backend) 
             value = getattr(c, key)
             return (value or default_loss(engine.config)) if key == "loss" else value
 
+        frozen = [key for key in TrainConfig.field_names() if key not in RESUME_FREE]
         changed = [f"{key}: checkpoint {effective(saved, key)!r}, now {effective(cfg, key)!r}"
-                   for key in RESUME_KEYS if effective(saved, key) != effective(cfg, key)]
+                   for key in frozen if effective(saved, key) != effective(cfg, key)]
         if changed:
             raise CheckpointError(f"--resume {checkpoint}: the run was started with other options ("
                                   f"{'; '.join(changed)}); resume with the same ones or start a new --out")
+    if data_fingerprint is not None and state.get("data") is not None:
+        changed = differences(state["data"], data_fingerprint)
+        if changed:
+            raise CheckpointError(f"--resume {checkpoint}: the data are not the ones the run was trained on "
+                                  f"({'; '.join(changed)}); resume with the same data or start a new --out")
     if "model_config" in state:
         before, now = _flat(state["model_config"]), _flat(dataclasses.asdict(engine.config))
         changed = [f"{k}: checkpoint {before.get(k)!r}, now {now.get(k)!r}"
@@ -97,6 +113,19 @@ def check_resumable(checkpoint, state: dict, cfg: TrainConfig, engine: Backend) 
         raise CheckpointError(f"{Path(checkpoint) / ENGINE_STATE_FILE}: does not fit this model ({'; '.join(problems)})")
 
 
+def check_warmup(warmup_steps: int, total_steps: int, probe_steps: int = 0) -> None:
+    """Refuse a warmup the run never finishes (LP-FT: each of its two phases warms up anew):
+    the learning rate would never reach --lr, silently. Refused rather than scaled, so the
+    schedule a run follows is always the one its options say."""
+    phases = [("the run's", total_steps)] if not probe_steps else \
+        [("LP-FT's probe phase of", probe_steps), ("LP-FT's second phase of", total_steps - probe_steps)]
+    for name, length in phases:
+        if warmup_steps >= length:
+            raise ConfigError(f"warmup_steps {warmup_steps} is not below {name} {length} steps, so the learning rate "
+                              f"would never reach --lr; give --warmup-steps below {length} (e.g. {length // 10}) "
+                              "or more --steps")
+
+
 def _resolutions(cfg: TrainConfig, engine: Backend) -> list[tuple[int, int]] | None:
     if not cfg.resolution_schedule:
         return None
@@ -112,12 +141,13 @@ def _resolutions(cfg: TrainConfig, engine: Backend) -> list[tuple[int, int]] | N
 class Trainer:
     def __init__(self, cfg: TrainConfig, engine: Backend, loader: Any, run: RunFolder, total_steps: int, *,
                  evaluate: Callable[[Any], dict] | None = None, progress: bool = True,
-                 stop_after: int | None = None):
+                 stop_after: int | None = None, data_fingerprint: dict | None = None):
         self.cfg, self.engine, self.loader, self.run = cfg, engine, loader, run
         self.total_steps = total_steps
         self.evaluate = evaluate
         self.progress_enabled = progress
         self.stop_after = stop_after  # tests: stop (as if interrupted) after this step
+        self.data_fingerprint = data_fingerprint  # saved with checkpoints; a resume on other data is refused
         self.plan = training_plan(cfg)  # its probe_steps: LP-FT's first phase (0 for other strategies)
         if self.plan.probe_steps >= total_steps:
             raise ConfigError(f"lp_steps must be below the run's {total_steps} steps, or LP-FT never trains the "
@@ -138,7 +168,8 @@ class Trainer:
     def trainer_state(self) -> dict:
         state = {"loader": self.loader.state_dict(), "nan_steps": self.nan_steps, "total_steps": self.total_steps,
                  "backend": self.engine.name, "config": self.cfg.to_dict(),
-                 "model_config": dataclasses.asdict(self.engine.config), "best": self.best}
+                 "model_config": dataclasses.asdict(self.engine.config), "best": self.best,
+                 "data": self.data_fingerprint}
         if self.world.size > 1:  # absent: one process
             state["world_size"] = self.world.size
         return state
@@ -156,7 +187,10 @@ class Trainer:
             raise CheckpointError(f"--resume {checkpoint}: the run was trained by {saved_world} process(es), this one "
                                   f"has {self.world.size}; resume with {saved_world} (the batch's split and the "
                                   "summation order follow the world size)")
-        check_resumable(checkpoint, state, self.cfg, self.engine)
+        check_resumable(checkpoint, state, self.cfg, self.engine, self.data_fingerprint)
+        if int(state["step"]) > self.total_steps:
+            raise CheckpointError(f"--resume {checkpoint}: the run is at step {state['step']}, beyond this run's "
+                                  f"{self.total_steps} steps; give --steps {state['step']} or more")
         self.engine.load_state(checkpoint)
         self.loader.load_state_dict(state["loader"])
         self.step = int(state["step"])
@@ -223,6 +257,13 @@ class Trainer:
             result.final_model = self.engine.save(self.run.final, to="hf") if self.world.is_main else self.run.final
         except TrainingStopped:  # Interrupted included: both have saved what they should
             raise
+        except KeyboardInterrupt:
+            # A second Ctrl-C (the first asks for a checkpoint at the next step): stop at once, even
+            # mid-save. A save is renamed into place whole, so the newest complete checkpoint stands.
+            latest = self.run.latest()
+            where = f"the last complete checkpoint is {latest}; continue with --resume latest" if latest else \
+                "no checkpoint was saved yet: run the same command again to start over"
+            raise Interrupted(f"stopped at once at step {self.step}; {where}") from None
         except BaseException:
             # A crash between steps leaves a consistent state: keep it resumable.
             if not in_step and self.step > 0:

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from mlx_clip.api import IMAGE_BATCH
+from convert.converter import move_into_place, staging_folder
 from mlx_clip.errors import CheckpointError, ConfigError
+from mlx_clip.outputs import check_folder, refuse_overlap
 
 MAX_SWEEP_POINTS = 1001
 _DECIMALS = 12  # sweep values are rounded here: 0.1 * 3 gives 0.3, not 0.30000000000000004
@@ -168,13 +170,22 @@ def wise_ft(zero_shot_dir: str | Path, fine_tuned_dir: str | Path, alpha: float,
     """Write the WiSE-FT model for `alpha` as a Hugging Face folder that both engines load."""
     alpha = check_alpha(alpha)
     out_dir = Path(out_dir)
-    for src in (zero_shot_dir, fine_tuned_dir):
-        if out_dir.resolve() == Path(src).resolve():
-            raise ConfigError(f"--out {out_dir} is an input checkpoint; write the result elsewhere")
+    refuse_overlap(out_dir, {"the zero-shot model": zero_shot_dir, "the fine-tuned model": fine_tuned_dir})
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} exists and is not a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ConfigError(f"--out {out_dir} is not empty; pass overwrite=True (--overwrite) to replace it")
+    check_folder(out_dir.parent)
     c0, c1 = _read_pair(zero_shot_dir, fine_tuned_dir, allow_pickle)
-    return _write_folder(out_dir, c1, c0, interpolate_weights(c0.tensors, c1.tensors, alpha))
+    # Written beside --out and renamed over it whole: no old file mixes into the new model, and a
+    # failure leaves the old folder as it was.
+    staging = staging_folder(out_dir)
+    try:
+        _write_folder(staging, c1, c0, interpolate_weights(c0.tensors, c1.tensors, alpha))
+        move_into_place(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
 
 
 def wise_ft_sweep(zero_shot_dir: str | Path, fine_tuned_dir: str | Path, alphas: Sequence[float] | str,

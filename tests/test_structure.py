@@ -21,7 +21,7 @@ PACKAGES = ("mlx_clip", "torch_backend", "convert", "benchmarks")
 # mlx_clip.interpolate: numpy maths of the position-embedding resize, which convert/resolution
 # applies to checkpoints and the MLX model at run time.
 CORE = {"mlx_clip.errors", "mlx_clip.version", "mlx_clip.config", "mlx_clip.policy", "mlx_clip.tokenizer",
-        "mlx_clip.siglip_tokenizer", "mlx_clip.image_processing", "mlx_clip.interpolate"}
+        "mlx_clip.siglip_tokenizer", "mlx_clip.image_processing", "mlx_clip.interpolate", "mlx_clip.outputs"}
 # What an engine may use of the toolkit besides the core and `convert/`: policy decided once for
 # both engines (LoRA sites, schedule constants), numpy maths, the built-in random initialisation.
 ENGINE_SUPPORT = {"mlx_clip.lora_plan", "mlx_clip.schedule", "mlx_clip.interpolate", "mlx_clip.builtin",
