@@ -5,6 +5,11 @@ when the folder holds a train/ split, a linear probe; captions files give image-
 A control domain evaluated beside the target measures forgetting. Everything here is numpy over
 the engine boundary: images are decoded and preprocessed a batch at a time and only the (B, P)
 embeddings are kept, so memory grows with the dataset by the embeddings alone.
+
+Data that would score 1.0 whatever the model is refused before any model loads (fewer than 2
+classes: `TooFewClassesError`; retrieval over one image: `DataError`), and a top-k or recall@K
+that every guess reaches (k >= candidates) is NaN in the metrics, null in the result dicts and
+JSON, "n/a" in Markdown and print.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from mlx_clip.data.records import Dataset, load_dataset, split_samples
 from mlx_clip.data.sample import Sample
 from mlx_clip.data.templates import DEFAULT_TEMPLATES, check_templates, fill
 from mlx_clip.errors import ConfigError, DataError, ImageError
+from mlx_clip.metrics import TooFewClassesError  # noqa: F401  (re-exported: callers catch it from here)
 from mlx_clip.metrics import (
     build_class_embeds,
+    check_num_classes,
     classification_metrics,
     confusion_matrix,
     linear_probe,
@@ -42,6 +49,7 @@ TASK_ALIASES = {
     RETRIEVAL: RETRIEVAL, "retrieval": RETRIEVAL,
     PROBE: PROBE, "probe": PROBE,
 }
+TASK_LABELS = {ZERO_SHOT: "zero-shot classification", PROBE: "a linear probe", RETRIEVAL: "retrieval"}
 RECALL_KS = (1, 5, 10)
 _SHOWN_ERRORS = 5  # unreadable images listed by name in a result; the count is always complete
 
@@ -198,6 +206,27 @@ def _require(dataset: Dataset, kind: str, task: str) -> None:
         raise DataError(f"{dataset.source}: {task} needs {layout}, but this dataset is {dataset.kind}")
 
 
+def check_classes(dataset: Dataset, task: str = ZERO_SHOT) -> None:
+    """Raise `TooFewClassesError` (a DataError: `.source`, `.num_classes`) when `dataset` has
+    fewer than 2 classes for zero-shot classification or a linear probe (`task`)."""
+    check_num_classes(len(dataset.class_names or []), str(dataset.source), TASK_LABELS[task])
+
+
+def _check_images(dataset: Dataset) -> None:
+    """Retrieval over one image finds it for every caption: refuse before encoding anything."""
+    samples = eval_samples(dataset)
+    if samples and all(s.image_id == samples[0].image_id for s in samples):
+        raise DataError(f"{dataset.source}: retrieval needs at least 2 images, got 1; with one, "
+                        "every caption finds it whatever the model")
+
+
+def _check_task(dataset: Dataset, task: str) -> None:
+    if task == RETRIEVAL:
+        _check_images(dataset)
+    else:
+        check_classes(dataset, task)
+
+
 def _zero_shot_metrics(clip: CLIP, encoded: EncodedDataset, class_names: list[str],
                        templates: Sequence[str], *, text_batch_size: int = TEXT_BATCH) -> dict:
     if encoded.labels is None:
@@ -214,8 +243,10 @@ def _zero_shot_metrics(clip: CLIP, encoded: EncodedDataset, class_names: list[st
 def zero_shot(clip: CLIP, dataset: Dataset, templates: Sequence[str] | None = None, *,
               batch_size: int = IMAGE_BATCH) -> dict:
     """acc1, acc5, mean_per_class_recall (CLIP_benchmark's names) + per_class, confusion_matrix,
-    class_names, images, unreadable_images. Templates default to the dataset's, then CLIP's."""
+    class_names, images, unreadable_images. Templates default to the dataset's, then CLIP's.
+    acc5 is NaN for 5 classes or fewer; fewer than 2 classes raise `TooFewClassesError`."""
     _require(dataset, "class_folders", "zero-shot classification")
+    check_classes(dataset)
     templates = templates if templates is not None else dataset.templates or DEFAULT_TEMPLATES
     encoded = encode_dataset(clip, eval_samples(dataset), batch_size=batch_size, texts=False)
     return _zero_shot_metrics(clip, encoded, dataset.class_names, templates)
@@ -223,8 +254,10 @@ def zero_shot(clip: CLIP, dataset: Dataset, templates: Sequence[str] | None = No
 
 def retrieval(clip: CLIP, dataset: Dataset, *, ks: Sequence[int] = RECALL_KS,
               batch_size: int = IMAGE_BATCH) -> dict:
-    """image_retrieval_recall@K and text_retrieval_recall@K, several captions per image."""
+    """image_retrieval_recall@K and text_retrieval_recall@K, several captions per image; NaN for
+    a K every caption (or image) would reach whatever the model (see `metrics`)."""
     _require(dataset, "captions", "retrieval")
+    _check_images(dataset)
     encoded = encode_dataset(clip, eval_samples(dataset), batch_size=batch_size)
     out = retrieval_recall_at_k(encoded.image_embeds, encoded.text_embeds, encoded.text_to_image, ks)
     out.update(captions=int(encoded.text_embeds.shape[0]), **encoded.report_extras())
@@ -248,6 +281,7 @@ def linear_probe_eval(clip: CLIP, train_dataset: Dataset, test_dataset: Dataset,
     evaluation samples (its val/ split if it has one)."""
     _require(train_dataset, "class_folders", "a linear probe")
     _require(test_dataset, "class_folders", "a linear probe")
+    check_classes(train_dataset, PROBE)
     test_samples = _relabel(eval_samples(test_dataset), test_dataset.class_names,
                             train_dataset.class_names, str(test_dataset.source))
     check_val_fraction(val_fraction)
@@ -331,6 +365,8 @@ def load_jobs(data, *, control=None, templates=None, classes=None, tasks=None, i
         raise ConfigError("no data to evaluate: give at least one dataset")
     for job in jobs:
         job.tasks = _tasks_for(job.dataset, wanted)
+        for task in job.tasks:
+            _check_task(job.dataset, task)
     for task in wanted or []:
         if not any(task in j.tasks for j in jobs):
             need = {ZERO_SHOT: "class folders", RETRIEVAL: "a captions file",
@@ -345,6 +381,8 @@ def evaluate_clip(clip: CLIP, jobs: Sequence[_Job], *, model_name: str, batch_si
     results = []
     for job in jobs:
         ds = job.dataset
+        for task in job.tasks:
+            _check_task(ds, task)
         encoded = None
         if ZERO_SHOT in job.tasks or PROBE in job.tasks:
             encoded = encode_dataset(clip, eval_samples(ds), batch_size=batch_size, texts=False)

@@ -9,6 +9,13 @@ Ported from LAION-AI/CLIP_benchmark (`clip_benchmark/metrics/`):
 - `linear_probe.py`: logistic regression on frozen features, L2 strength chosen on a validation
   split, refit on train+val, test acc1/acc5/mean_per_class_recall.
 
+Not applicable. A top-k score over k or fewer candidates is 1.0 whatever the model: acc@k for
+k >= C classes, image recall@k for k >= N images, text recall@k once k exceeds the texts that can
+rank ahead of an image's own. Such a score is NaN here, as CLIP_benchmark writes acc5 for fewer
+than 5 classes (it computes acc5 at exactly 5 classes, always 1.0; here that is NaN too). Fewer
+than 2 candidates leave nothing to rank and are refused: `TooFewClassesError`, or a `DataError`
+for retrieval over one image.
+
 Ties. CLIP_benchmark ranks with `torch.topk`, whose order among equal scores is unspecified. Here
 every ranking is deterministic: candidates are ordered by descending score, and equal scores by
 ascending index (class index, image index, text index). A query is a hit at k when fewer than k
@@ -25,8 +32,11 @@ import numpy as np
 from mlx_clip.errors import DataError
 
 __all__ = [
+    "MIN_CLASSES",
+    "TooFewClassesError",
     "accuracy_topk",
     "build_class_embeds",
+    "check_num_classes",
     "classification_metrics",
     "confusion_matrix",
     "linear_probe",
@@ -37,6 +47,25 @@ __all__ = [
 ]
 
 DEFAULT_REGS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+MIN_CLASSES = 2  # with one class every prediction is right: there is nothing to measure
+
+
+class TooFewClassesError(DataError):
+    """Classification over fewer than `MIN_CLASSES` classes. `source` names the data (or the
+    array), `num_classes` is the count found."""
+
+    def __init__(self, message: str, *, source: str = "", num_classes: int = 0):
+        super().__init__(message)
+        self.source, self.num_classes = source, num_classes
+
+
+def check_num_classes(num_classes: int, source: str, task: str = "classification") -> None:
+    """Raise `TooFewClassesError` ("<source>: <task> needs at least 2 classes, got N") when N < 2."""
+    if num_classes < MIN_CLASSES:
+        raise TooFewClassesError(
+            f"{source}: {task} needs at least {MIN_CLASSES} classes, got {num_classes}; "
+            "with fewer, every image is classified right whatever the model",
+            source=str(source), num_classes=num_classes)
 
 
 # --- input checks -----------------------------------------------------------------------------
@@ -150,14 +179,17 @@ def accuracy_topk(
 ) -> dict[str, float]:
     """{"acc1": ..., "acc5": ...}: fraction of samples whose target is among the top-k classes.
 
-    CLIP_benchmark's `accuracy` (`topk` then `correct[:k].sum() / n`). k is capped at the number
-    of classes C, so acc@k = 1.0 for k >= C, where CLIP_benchmark reports acc5 = NaN for C < 5.
+    CLIP_benchmark's `accuracy` (`topk` then `correct[:k].sum() / n`). For k >= C classes every
+    target is in the top k, so acc@k is NaN (not applicable), as CLIP_benchmark's acc5 for C < 5.
+    Fewer than 2 classes raise `TooFewClassesError`.
     Ties: equal logits rank by ascending class index (see the module docstring).
     """
     logits, targets = _logits_targets(logits, targets)
     ks = _ks(ks)
+    c = logits.shape[1]
+    check_num_classes(c, f"logits of shape {logits.shape}")
     rank = _rank_of(logits, targets)
-    return {f"acc{k}": float(np.mean(rank < min(k, logits.shape[1]))) for k in ks}
+    return {f"acc{k}": float(np.mean(rank < k)) if k < c else float("nan") for k in ks}
 
 
 def confusion_matrix(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -211,8 +243,10 @@ def retrieval_recall_at_k(
     As CLIP_benchmark's `zeroshot_retrieval.evaluate` (pass L2-normalised embeddings, as it does):
     - `image_retrieval_recall@k`: over texts, is the text's image among its top-k images;
     - `text_retrieval_recall@k`: over images, is any of the image's texts among its top-k texts.
-    k is capped at the number of candidates. Every image needs at least one text (CLIP_benchmark
-    would count a captionless image as a miss through a 0/0 recall; here it is an error).
+    A recall every query reaches whatever the scores is NaN (not applicable): image side k >= N;
+    text side k > M - (fewest texts of an image). CLIP_benchmark's `topk` fails for k past the
+    candidates. At least 2 images are needed, and every image needs at least one text
+    (CLIP_benchmark would count a captionless image as a miss through a 0/0 recall).
     Queries are scored `block_size` rows at a time: memory O(block_size x max(N, M)).
     """
     img = _matrix(image_embeds, "image_embeds")
@@ -220,11 +254,15 @@ def retrieval_recall_at_k(
     if img.shape[1] != txt.shape[1]:
         raise DataError(f"image_embeds width {img.shape[1]} differs from text_embeds width {txt.shape[1]}")
     n, m = img.shape[0], txt.shape[0]
+    if n < 2:
+        raise DataError(f"retrieval needs at least 2 images, got {n}; with one, every query "
+                        "finds it whatever the model")
     t2i = _labels(text_to_image, "text_to_image", m, num_classes=n)
     ks = _ks(ks)
     if block_size < 1:
         raise DataError(f"block_size must be >= 1, got {block_size}")
-    captioned = np.bincount(t2i, minlength=n) > 0
+    per_image = np.bincount(t2i, minlength=n)
+    captioned = per_image > 0
     if not captioned.all():
         raise DataError(
             f"image {int(np.argmin(captioned))} has no text in text_to_image: "
@@ -243,22 +281,23 @@ def retrieval_recall_at_k(
         best = np.argmax(np.where(own, scores, -np.inf), axis=1)
         text_rank[s:s + block_size] = _rank_of(scores, best)
 
+    # An image's best own text ranks at worst behind the M - c texts of other images.
+    worst_text_rank = m - int(per_image.min())
     out: dict[str, float] = {}
     for k in ks:
-        out[f"image_retrieval_recall@{k}"] = float(np.mean(image_rank < min(k, n)))
-        out[f"text_retrieval_recall@{k}"] = float(np.mean(text_rank < min(k, m)))
+        out[f"image_retrieval_recall@{k}"] = float(np.mean(image_rank < k)) if k < n else float("nan")
+        out[f"text_retrieval_recall@{k}"] = (float(np.mean(text_rank < k)) if k <= worst_text_rank
+                                             else float("nan"))
     return out
 
 
 # --- linear probe -----------------------------------------------------------------------------
 
 
-def _probe_logits(clf, feats: np.ndarray, num_classes: int) -> np.ndarray:
-    """Class probabilities laid out on all `num_classes` columns (classes never fit get -1)."""
-    proba = clf.predict_proba(feats)
-    full = np.full((feats.shape[0], num_classes), -1.0)
-    full[:, clf.classes_] = proba
-    return full
+def _probe_scores(clf, feats: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C_fit) class probabilities and the labels as their columns: the candidates are the
+    classes the probe was fit on, so top-k is n/a from k = C_fit on (labels are a subset, checked)."""
+    return clf.predict_proba(feats), np.searchsorted(clf.classes_, labels)
 
 
 def linear_probe(
@@ -278,7 +317,8 @@ def linear_probe(
 
     For each L2 strength λ in `regs` fit scikit-learn's L-BFGS `LogisticRegression(C=1/λ)` on
     train and score top-1 on val; the best λ (ties: the larger λ, the simpler model) is refit on
-    train+val and scored on test with CLIP_benchmark's acc1/acc5/mean_per_class_recall.
+    train+val and scored on test with CLIP_benchmark's acc1/acc5/mean_per_class_recall (acc5 is
+    NaN with 5 train classes or fewer: the top 5 of those hold every label).
     `normalize` L2-normalises features first, as CLIP_benchmark's `Featurizer` does.
     """
     from sklearn.linear_model import LogisticRegression  # heavy import, only for this metric
@@ -293,15 +333,13 @@ def linear_probe(
     if len(widths) != 1:
         raise DataError(f"train/val/test features have different widths {sorted(widths)}")
     seen = set(np.unique(splits["train"][1]).tolist())
-    if len(seen) < 2:
-        raise DataError(f"train_labels hold {len(seen)} class; a linear probe needs at least 2")
+    check_num_classes(len(seen), "train_labels", "a linear probe")
     for name in ("val", "test"):
         missing = sorted(set(np.unique(splits[name][1]).tolist()) - seen)
         if missing:
             raise DataError(f"{name}_labels contain classes {missing[:10]} that train_labels lack")
     if not regs or any(r <= 0 for r in regs):
         raise DataError(f"regs must be positive L2 strengths, got {tuple(regs)}")
-    num_classes = 1 + max(int(y.max()) for _, y in splits.values())
 
     def fit(x: np.ndarray, y: np.ndarray, reg: float):
         return LogisticRegression(C=1.0 / reg, max_iter=max_iter, random_state=seed).fit(x, y)
@@ -309,12 +347,11 @@ def linear_probe(
     (xtr, ytr), (xva, yva), (xte, yte) = splits["train"], splits["val"], splits["test"]
     val_acc1 = {}
     for reg in sorted(float(r) for r in regs):
-        logits = _probe_logits(fit(xtr, ytr, reg), xva, num_classes)
-        val_acc1[reg] = accuracy_topk(logits, yva, ks=(1,))["acc1"]
+        val_acc1[reg] = accuracy_topk(*_probe_scores(fit(xtr, ytr, reg), xva, yva), ks=(1,))["acc1"]
     best = max(val_acc1, key=lambda r: (val_acc1[r], r))
 
     final = fit(np.concatenate([xtr, xva]), np.concatenate([ytr, yva]), best)
-    result = classification_metrics(_probe_logits(final, xte, num_classes), yte, ks=(1, 5))
+    result = classification_metrics(*_probe_scores(final, xte, yte), ks=(1, 5))
     # String keys so the sweep survives a JSON round trip unchanged.
     result.update(reg=best, val_acc1_by_reg={f"{r:g}": a for r, a in val_acc1.items()},
                   seed=seed, normalized=normalize)

@@ -1,8 +1,10 @@
 """Evaluation results as files a person can read: JSON, a Markdown summary, PNG figures.
 
 Result dicts are shaped like CLIP_benchmark's output (`{"dataset", "model", "task", "metrics"}`),
-so its tooling reads ours. JSON is strict: NaN (a class without samples, an undefined metric) is
-written as null. Figures are drawn on matplotlib's Agg canvas through the object API, which
+so its tooling reads ours. JSON is strict: NaN (a class without samples, a metric that does not
+apply, such as acc5 over 5 classes or fewer, where CLIP_benchmark writes NaN) is written as null,
+and shown as "n/a" in Markdown and figures; "—" marks a metric one side of a comparison lacks.
+Figures are drawn on matplotlib's Agg canvas through the object API, which
 leaves the process's pyplot backend alone.
 """
 
@@ -234,7 +236,7 @@ def write_clip_benchmark_files(results: Sequence[Mapping], folder: Path) -> list
     written = []
     for r in results:
         dump = {"dataset": r["dataset"], "model": r["model"], "pretrained": r.get("pretrained", "mlxclip"),
-                "task": r["task"], "metrics": {k: v for k, v in r["metrics"].items() if isinstance(v, (int, float))},
+                "task": r["task"], "metrics": {k: v for k, v in r["metrics"].items() if v is None or _is_number(v)},
                 "language": r.get("language", "en")}
         if r.get("class_names"):
             dump["classnames"] = list(r["class_names"])
@@ -307,20 +309,28 @@ def compare_table(base: Mapping, finetuned: Mapping) -> str:
     return "\n".join(lines)
 
 
-def _plot_comparison(b: Mapping, f: Mapping, title: str, path: Path) -> None:
-    # Only scores on a 0..1 scale share one axis meaningfully (accuracies, recalls).
-    keys = [k for k in _deltas(b, f) if 0 <= b[k] <= 1 and 0 <= f[k] <= 1]
+def _comparison_figure(b: Mapping, f: Mapping, title: str):
+    """Grouped bars per metric; a metric that is n/a (None) on a side gets "n/a" in place of its bar."""
+    def score(v: Any) -> bool:  # only scores on a 0..1 scale share one axis (accuracies, recalls)
+        return _is_number(v) and 0 <= v <= 1
+
+    keys = [k for k in b if k in f and all(score(v) or v is None for v in (b[k], f[k]))]
     fig = _figure(max(6, 1.1 * len(keys) + 2), 4.5)
     ax = fig.add_subplot()
-    x = np.arange(len(keys))
-    ax.bar(x - 0.2, [b[k] for k in keys], 0.4, label="base")
-    ax.bar(x + 0.2, [f[k] for k in keys], 0.4, label="fine-tuned")
-    ax.set_xticks(x, keys, rotation=30, ha="right")
+    for side, values, dx in (("base", b, -0.2), ("fine-tuned", f, 0.2)):
+        shown = [i for i, k in enumerate(keys) if values[k] is not None]
+        ax.bar([i + dx for i in shown], [values[keys[i]] for i in shown], 0.4, label=side,
+               color="tab:blue" if side == "base" else "tab:orange")
+    for i, k in enumerate(keys):
+        missing = [dx for dx, v in ((-0.2, b[k]), (0.2, f[k])) if v is None]
+        for dx in ([0.0] if len(missing) == 2 else missing):
+            ax.text(i + dx, 0.02, "n/a", ha="center", va="bottom", color="gray")
+    ax.set_xticks(range(len(keys)), keys, rotation=30, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("score")
     ax.set_title(title)
     ax.legend()
-    fig.savefig(path, dpi=110)
+    return fig
 
 
 def write_comparison(base: Mapping, finetuned: Mapping, out_json: Path) -> ReportFiles:
@@ -332,7 +342,7 @@ def write_comparison(base: Mapping, finetuned: Mapping, out_json: Path) -> Repor
     _write_json({"base": b, "finetuned": f, "delta": _deltas(bm, fm)}, out_json)
     title = f"Base vs fine-tuned: {b.get('dataset', '')} {b.get('task', '')}".strip()
     png = out_json.with_suffix(".png")
-    _plot_comparison(bm, fm, title, png)
+    _comparison_figure(bm, fm, title).savefig(png, dpi=110)
     models = f"base = `{b.get('model', 'base')}`, fine-tuned = `{f.get('model', 'fine-tuned')}`"
     md = [f"# {title}", "", models, "", table, "", f"![{title}]({png.name})", ""]
     markdown = out_json.with_suffix(".md")

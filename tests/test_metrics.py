@@ -114,12 +114,40 @@ def test_accuracy_matches_clip_benchmark_on_random_logits():
         assert ours == pytest.approx({"acc1": ref[0], "acc5": ref[1]}, abs=1e-12)
 
 
-def test_accuracy_ties_go_to_lower_class_index_and_k_is_capped():
+def test_accuracy_ties_go_to_lower_class_index_and_k_past_the_classes_is_not_applicable():
     logits = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 2.0, 2.0]], dtype=np.float32)
     targets = np.array([0, 1, 2])
     # Row 0: class 0 wins its tie; row 1: class 1 loses to class 0; row 2: class 2 loses to 1.
-    assert accuracy_topk(logits, targets, ks=(1, 2, 3, 5)) == {
-        "acc1": pytest.approx(1 / 3), "acc2": 1.0, "acc3": 1.0, "acc5": 1.0}
+    got = accuracy_topk(logits, targets, ks=(1, 2, 3, 5))
+    assert got["acc1"] == pytest.approx(1 / 3) and got["acc2"] == 1.0
+    # k >= C: every target is in the top k whatever the logits, so the score says nothing.
+    assert np.isnan(got["acc3"]) and np.isnan(got["acc5"])
+
+
+def cb_single_label_metrics(logits: torch.Tensor, target: torch.Tensor, num_classes: int) -> dict:
+    """CLIP_benchmark's `zeroshot_classification.evaluate`, single-label branch, as written."""
+    pred = logits.argmax(axis=1)
+    if num_classes >= 5:
+        acc1, acc5 = cb_accuracy(logits, target, topk=(1, 5))
+    else:
+        acc1, = cb_accuracy(logits, target, topk=(1,))
+        acc5 = float("nan")
+    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": balanced_accuracy_score(target, pred)}
+
+
+@pytest.mark.parametrize("c", [2, 3, 4, 6])
+def test_fewer_classes_than_five_give_nan_top5_as_clip_benchmark(c):
+    rng = np.random.default_rng(c)
+    logits = rng.normal(size=(40, c)).astype(np.float32)
+    targets = rng.integers(0, c, size=40)
+    ref = cb_single_label_metrics(torch.from_numpy(logits), torch.from_numpy(targets), c)
+    assert classification_metrics(logits, targets) == pytest.approx(ref, abs=1e-12, nan_ok=True)
+
+
+def test_top5_of_exactly_five_classes_is_not_applicable():
+    # CLIP_benchmark computes it (= 1.0 for any model); here k >= C is n/a, as for C < 5.
+    logits = np.random.default_rng(0).normal(size=(10, 5)).astype(np.float32)
+    assert np.isnan(accuracy_topk(logits, np.arange(10) % 5)["acc5"])
 
 
 def test_per_class_recall_and_confusion_match_sklearn_with_empty_classes():
@@ -155,6 +183,8 @@ def test_mean_per_class_recall_matches_sklearn_on_random_logits():
     (lambda: zero_shot_logits(np.ones((2, 4), np.float32), np.ones((3, 5), np.float32)), "width"),
     (lambda: build_class_embeds(np.zeros((2, 3, 4), np.float32)), "all-zero"),
     (lambda: accuracy_topk(np.full((1, 2), np.nan, np.float32), np.array([0])), "NaN"),
+    (lambda: accuracy_topk(np.ones((3, 1), np.float32), np.zeros(3, int)), "at least 2 classes, got 1"),
+    (lambda: classification_metrics(np.ones((3, 1), np.float32), np.zeros(3, int)), "at least 2 classes"),
 ])
 def test_bad_classification_inputs_raise_data_error(call, match):
     with pytest.raises(DataError, match=match):
@@ -173,12 +203,28 @@ def test_retrieval_hand_built_several_captions_and_ties():
     # Best own-text rank per image: I0 via T0 (ties T3, lower index) 0; I1 via T2 behind T1 -> 1;
     # I2 via T3 behind T2 (tie at 1.5, lower index) -> 1.
     got = retrieval_recall_at_k(images, texts, t2i, ks=(1, 2, 3, 10))
+    nan = float("nan")
+    # Not applicable (NaN) where every query is a hit whatever the scores: image side k >= 3
+    # images; text side k > 5 texts - 1 (the fewest captions of an image).
     assert got == pytest.approx({
         "image_retrieval_recall@1": 3 / 5, "text_retrieval_recall@1": 1 / 3,
         "image_retrieval_recall@2": 4 / 5, "text_retrieval_recall@2": 1.0,
-        "image_retrieval_recall@3": 1.0, "text_retrieval_recall@3": 1.0,
-        "image_retrieval_recall@10": 1.0, "text_retrieval_recall@10": 1.0,
-    })
+        "image_retrieval_recall@3": nan, "text_retrieval_recall@3": 1.0,
+        "image_retrieval_recall@10": nan, "text_retrieval_recall@10": nan,
+    }, nan_ok=True)
+
+
+def test_retrieval_recall_is_not_applicable_only_when_every_query_must_hit():
+    rng = np.random.default_rng(8)
+    images, texts = unit(rng, 4, 8), unit(rng, 8, 8)
+    t2i = np.array([0, 0, 0, 1, 1, 2, 3, 3])  # 8 texts; the fewest captions of an image: 1
+    got = retrieval_recall_at_k(images, texts, t2i, ks=(3, 4, 7, 8))
+    assert not np.isnan(got["image_retrieval_recall@3"]) and np.isnan(got["image_retrieval_recall@4"])
+    assert not np.isnan(got["text_retrieval_recall@7"]) and np.isnan(got["text_retrieval_recall@8"])
+    # Several captions for every image: a hit is certain sooner (8 texts, at least 2 each -> k > 6).
+    t2i = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    got = retrieval_recall_at_k(images, texts, t2i, ks=(6, 7))
+    assert not np.isnan(got["text_retrieval_recall@6"]) and np.isnan(got["text_retrieval_recall@7"])
 
 
 def test_retrieval_matches_clip_benchmark_on_random_embeddings():
@@ -212,6 +258,11 @@ def test_retrieval_blocks_equal_unblocked():
 def test_bad_retrieval_inputs_raise_data_error(t2i, match):
     with pytest.raises(DataError, match=match):
         retrieval_recall_at_k(np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32), t2i)
+
+
+def test_retrieval_over_one_image_is_refused():
+    with pytest.raises(DataError, match="at least 2 images, got 1"):
+        retrieval_recall_at_k(np.ones((1, 3), np.float32), np.ones((2, 3), np.float32), np.array([0, 0]))
 
 
 # --- linear probe -----------------------------------------------------------------------------
@@ -251,3 +302,23 @@ def test_linear_probe_rejects_classes_unseen_in_train():
     y = np.array([0, 1, 0, 1, 0, 1, 2, 0, 1, 0, 1, 0])
     with pytest.raises(DataError, match=r"val_labels contain classes \[2\]"):
         linear_probe(x[:6], y[:6], x[6:9], y[6:9], x[9:], y[9:], regs=(1.0,))
+
+
+def test_linear_probe_on_three_classes_reports_top5_not_applicable():
+    # CLIP_benchmark's linear_probe: acc5 = NaN unless test labels reach class 5.
+    rng = np.random.default_rng(9)
+    means = rng.normal(size=(3, 6)) * 4
+    y = np.arange(480) % 3
+    x = (means[y] + rng.normal(size=(480, 6))).astype(np.float32)
+    res = linear_probe(*_split(x, y), regs=(1.0,))
+    assert np.isnan(res["acc5"]) and res["acc1"] >= 0.9
+
+
+def test_linear_probe_counts_the_classes_it_was_fit_on():
+    # Labels 0 and 7 only: 8 columns, but the 6 classes never fit always rank last, so with 2 real
+    # candidates top-5 is certain whatever the features.
+    rng = np.random.default_rng(10)
+    y = np.where(np.arange(480) % 2 == 0, 0, 7)
+    x = (np.eye(8)[y] * 3 + rng.normal(size=(480, 8))).astype(np.float32)
+    res = linear_probe(*_split(x, y), regs=(1.0,))
+    assert res["acc1"] >= 0.9 and np.isnan(res["acc5"])

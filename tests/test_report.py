@@ -87,6 +87,29 @@ def test_write_report_files_and_contents(tmp_path):
         assert f"]({png.name})" in md
 
 
+def test_not_applicable_metric_is_null_in_every_json_and_n_a_in_markdown(tmp_path):
+    """CLIP_benchmark dumps acc5 = NaN for fewer than 5 classes; strict JSON writes it as null,
+    in our result list and in the per-result file `clip_benchmark build` reads."""
+    r = results_json("digits", "tiny", "zeroshot_classification",
+                     {"acc1": 0.5, "acc5": float("nan"), "mean_per_class_recall": 0.5})
+    files = write_report([r], tmp_path / "eval.json")
+    assert strict_json(files.json)[0]["metrics"]["acc5"] is None
+    [dump] = (tmp_path / "eval-clip_benchmark").glob("*.json")
+    assert strict_json(dump)["metrics"] == {"acc1": 0.5, "acc5": None, "mean_per_class_recall": 0.5}
+    assert "| acc5 | n/a |" in files.markdown.read_text()
+
+
+def test_comparison_figure_marks_not_applicable_metrics():
+    from mlx_clip.report import _comparison_figure
+
+    base = {"acc1": 0.5, "acc5": None, "mean_per_class_recall": 0.5}
+    tuned = {"acc1": 0.75, "acc5": None, "mean_per_class_recall": 0.6}
+    ax = _comparison_figure(base, tuned, "t").axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["acc1", "acc5", "mean_per_class_recall"]
+    assert [t.get_text() for t in ax.texts] == ["n/a"]
+    assert len(ax.patches) == 4  # two bars for each applicable metric, none for acc5
+
+
 def test_compare_table_numbers_and_delta():
     base = results_json("pets", "base", "zeroshot_classification", {"acc1": 0.5, "acc5": 0.9})
     tuned = results_json("pets", "tuned", "zeroshot_classification",
