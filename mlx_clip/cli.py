@@ -20,6 +20,17 @@ def domain_errors(fn):
         except MlxClipError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            # Where a command has something to say (what was kept) it raises Interrupted instead;
+            # any other Ctrl-C ends with one line and the shell's code for SIGINT, not a traceback.
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except OSError as err:
+            # A file or folder the system refused (full disk, permissions, a path under a file):
+            # the path and the reason, once; the commands check their outputs before any work.
+            where = f"{err.filename}: " if err.filename else ""
+            click.echo(f"error: {where}{err.strerror or err}", err=True)
+            sys.exit(2)
 
     return wrapper
 
@@ -154,6 +165,10 @@ model_option = click.option("--model", required=True,
 @click.option("--max-items", type=click.IntRange(1), default=64, show_default=True,
               help="Images or texts per request.")
 @click.option("--max-labels", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--max-prompts", type=click.IntRange(1), default=4096, show_default=True,
+              help="Labels x templates in one /v1/classify: each is a text embedded before the image is classified.")
+@click.option("--max-text-chars", type=click.IntRange(1), default=4096, show_default=True,
+              help="Characters per text, label or template (413 past it, before any is tokenized).")
 @click.option("--max-concurrent-requests", type=click.IntRange(1), default=64, show_default=True,
               help="Requests in flight; more are answered 429 at once.")
 @click.option("--max-image-pixels", type=click.IntRange(1), default=40_000_000, show_default=True,
@@ -165,18 +180,19 @@ model_option = click.option("--model", required=True,
               default="info", show_default=True)
 @domain_errors
 def serve(model, backend, device, dtype, allow_pickle, host, port, index_dir, max_batch_size, max_wait_ms,
-          max_body_mb, max_items, max_labels, max_concurrent_requests, max_image_pixels, no_truncate, api_key,
-          log_level):
-    """HTTP API: embeddings (also OpenAI's /v1/embeddings), zero-shot classify, search; docs at /docs."""
+          max_body_mb, max_items, max_labels, max_prompts, max_text_chars, max_concurrent_requests, max_image_pixels,
+          no_truncate, api_key, log_level):
+    """HTTP API: embeddings (also OpenAI's /v1/embeddings), zero-shot classify, search; docs at /docs.
+    Ctrl-C or SIGTERM shuts it down cleanly (exit 0)."""
     from pathlib import Path
 
-    from mlx_clip.serve.inputs import Limits
+    from mlx_clip.serve.limits import Limits
     from mlx_clip.serve.server import serve as run
     from mlx_clip.serve.service import ServeSettings
 
     limits = Limits(max_body_bytes=int(max_body_mb * 2 ** 20), max_items=max_items, max_labels=max_labels,
-                    max_image_pixels=max_image_pixels, max_concurrent_requests=max_concurrent_requests,
-                    truncate=not no_truncate)
+                    max_prompts=max_prompts, max_text_chars=max_text_chars, max_image_pixels=max_image_pixels,
+                    max_concurrent_requests=max_concurrent_requests, truncate=not no_truncate)
     settings = ServeSettings(model=model, backend=backend, device=device, dtype=dtype, allow_pickle=allow_pickle,
                              index=Path(index_dir) if index_dir else None, max_batch_size=max_batch_size,
                              max_wait_ms=max_wait_ms, limits=limits, api_key=api_key or None)
@@ -194,15 +210,26 @@ def serve(model, backend, device, dtype, allow_pickle, host, port, index_dir, ma
 @click.option("--batch-size", type=click.IntRange(1), default=IMAGE_BATCH, show_default=True)
 @domain_errors
 def index(image_dir, model, out, backend, device, dtype, allow_pickle, batch_size):
-    """Embed every image under IMAGE_DIR for `serve --index`; a rerun embeds only new or changed files."""
-    from mlx_clip.index import build_index
+    """Embed every image under IMAGE_DIR for `serve --index`; a rerun embeds only new or changed files.
+    Images the server would refuse (not JPEG, PNG or WebP by their bytes, or unreadable) are
+    skipped and listed. Ctrl-C keeps what was embedded (exit 130)."""
+    from mlx_clip.index import IndexInterrupted, build_index
 
-    report = build_index(image_dir, model, out, backend=backend, device=device, dtype=dtype,
-                         allow_pickle=allow_pickle, batch_size=batch_size)
+    try:
+        report = build_index(image_dir, model, out, backend=backend, device=device, dtype=dtype,
+                             allow_pickle=allow_pickle, batch_size=batch_size)
+    except IndexInterrupted as stop:
+        click.echo(f"interrupted: kept {stop.kept} of {stop.total} images in {stop.out}; run the same command "
+                   "again to embed the rest", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted before embedding began; {out} is as it was", err=True)
+        sys.exit(130)
     click.echo(f"wrote {report.out}: {report.images} images ({report.embedded} embedded, {report.reused} "
-               f"unchanged, {report.removed} removed), {len(report.bad)} unreadable")
+               f"unchanged, {report.removed} removed), {len(report.bad)} skipped")
     if report.bad:
-        click.echo(f"unreadable images are listed in {report.out / 'bad_images.txt'}", err=True)
+        click.echo(f"skipped images (unreadable, or a format the server refuses) are listed with the reason in "
+                   f"{report.out / 'bad_images.txt'}", err=True)
 
 
 @main.command()
@@ -283,24 +310,28 @@ def report_command(run_dir, out):
 @click.option("--templates", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--out", required=True, type=click.Path(),
               help="Output model folder, or (with --sweep) folder for the curve JSON/PNG.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out model folder (never an input).")
 @backend_option
 @device_option
 @dtype_option
 @pickle_option
 @domain_errors
-def wise_ft(zero_shot, fine_tuned, alpha, sweep, eval_target, eval_control, control_floor, templates, out, backend,
-            device, dtype, allow_pickle):
+def wise_ft(zero_shot, fine_tuned, alpha, sweep, eval_target, eval_control, control_floor, templates, out, overwrite,
+            backend, device, dtype, allow_pickle):
     """Interpolate weights against domain shift (WiSE-FT, Wortsman et al. 2022)."""
     from pathlib import Path
 
     from mlx_clip import wise_ft as wf
     from mlx_clip.api import resolve
     from mlx_clip.errors import ConfigError
+    from mlx_clip.outputs import check_folder, refuse_overlap
 
     models = [resolve(m, allow_pickle=allow_pickle) for m in (zero_shot, fine_tuned)]
     if sweep is None:
-        click.echo(f"wrote {wf.wise_ft(*models, alpha, out, allow_pickle=allow_pickle)}")
+        click.echo(f"wrote {wf.wise_ft(*models, alpha, out, overwrite=overwrite, allow_pickle=allow_pickle)}")
         return
+    refuse_overlap(out, {"an input checkpoint (--zero-shot)": models[0], "an input checkpoint (--fine-tuned)": models[1]})
+    check_folder(out)
     if not eval_target or not eval_control:
         missing = " and ".join(o for o, given in (("--eval-target", eval_target), ("--eval-control", eval_control))
                                if not given)
@@ -352,7 +383,9 @@ def eval_command(model, compare_models, data, control, templates, classes, tasks
     if model is None:
         raise ConfigError("give --model, or --compare BASE FINETUNED")
     for result in ev.evaluate(resolve(model, allow_pickle=allow_pickle), list(data), out=out, **common):
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items() if isinstance(v, float))
+        # None: a top-k or recall@K every guess would reach (k >= candidates), written null in the JSON.
+        shown = ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in result["metrics"].items()
+                          if v is None or isinstance(v, float))
         click.echo(f"{result.get('role', 'target')} {result['dataset']} {result['task']}: {shown}")
 
 

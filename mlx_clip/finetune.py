@@ -104,8 +104,10 @@ def held_out_note(data: DomainData, cfg: TrainConfig) -> str | None:
         return ("note: no held-out samples (--val-fraction 0 and no --val-data): no held-out scores are measured "
                 "before and after")
     if n < MIN_HELD_OUT:
+        images = len({s.image_id for s in data.val})
+        skipped = "; retrieval, which needs 2 images, is not measured" if data.class_names is None and images < 2 else ""
         return (f"warning: the held-out split has only {n} sample{'s' if n > 1 else ''}: one sample moves its scores "
-                f"by {1 / n:.2f}; hold out more (--val-fraction, --val-data) for scores that mean something")
+                f"by {1 / n:.2f}{skipped}; hold out more (--val-fraction, --val-data) for scores that mean something")
     return None
 
 
@@ -156,7 +158,7 @@ def make_evaluator(data: DomainData, folder: Path, batch_size: int):
         if data.class_names and data.val:
             held_out = Dataset(data.val, data.class_names, data.templates, "class_folders", Path("val"))
             out["val_zero_shot_top1"] = float(zero_shot(clip, held_out, data.templates, batch_size=batch_size)["acc1"])
-        if data.val_captions is not None:
+        if data.val_captions is not None and len({s.image_id for s in data.val_captions.samples}) >= 2:
             metrics = retrieval(clip, data.val_captions, batch_size=batch_size)
             out["val_image_retrieval_R@1"] = float(metrics["image_retrieval_recall@1"])
             out["val_text_retrieval_R@1"] = float(metrics["text_retrieval_recall@1"])
@@ -213,6 +215,10 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
     if main:
         cfg.save(run.root / "config.json")
     total = trainer.total_steps
+    if trainer.warmup_steps != cfg.warmup_steps and not cfg.resume:
+        echo(f"note: warmup_steps {cfg.warmup_steps} is not below the run's {total} steps"
+             f"{' (or an LP-FT phase)' if cfg.strategy == 'lp-ft' else ''}, so the learning rate would never reach "
+             f"--lr: warming up over {trainer.warmup_steps} steps instead, a tenth of it")
     echo(f"{engine.name} engine, {engine.trainable_count():,} trainable parameters, {len(data.train)} training "
          f"samples, {len(data.val)} held out, {total} steps of {cfg.batch_size}"
          + (f" ({cfg.batch_size // world.size} on each of {world.size} processes)" if world.size > 1 else ""))

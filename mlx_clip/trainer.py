@@ -113,17 +113,13 @@ def check_resumable(checkpoint, state: dict, cfg: TrainConfig, engine: Backend,
         raise CheckpointError(f"{Path(checkpoint) / ENGINE_STATE_FILE}: does not fit this model ({'; '.join(problems)})")
 
 
-def check_warmup(warmup_steps: int, total_steps: int, probe_steps: int = 0) -> None:
-    """Refuse a warmup the run never finishes (LP-FT: each of its two phases warms up anew):
-    the learning rate would never reach --lr, silently. Refused rather than scaled, so the
-    schedule a run follows is always the one its options say."""
-    phases = [("the run's", total_steps)] if not probe_steps else \
-        [("LP-FT's probe phase of", probe_steps), ("LP-FT's second phase of", total_steps - probe_steps)]
-    for name, length in phases:
-        if warmup_steps >= length:
-            raise ConfigError(f"warmup_steps {warmup_steps} is not below {name} {length} steps, so the learning rate "
-                              f"would never reach --lr; give --warmup-steps below {length} (e.g. {length // 10}) "
-                              "or more --steps")
+def effective_warmup(warmup_steps: int, total_steps: int, probe_steps: int = 0) -> int:
+    """The warmup a run follows: --warmup-steps, or a tenth of the shortest phase when it is not
+    below it (LP-FT warms up anew in each of its two phases). A warmup as long as the run would
+    keep the learning rate from ever reaching --lr (`--steps 10` under the default 50); the run
+    says when it scales it, and a resumed run keeps the warmup it started with."""
+    shortest = total_steps if not probe_steps else min(probe_steps, total_steps - probe_steps)
+    return warmup_steps if warmup_steps < shortest else shortest // 10
 
 
 def _resolutions(cfg: TrainConfig, engine: Backend) -> list[tuple[int, int]] | None:
@@ -152,6 +148,7 @@ class Trainer:
         if self.plan.probe_steps >= total_steps:
             raise ConfigError(f"lp_steps must be below the run's {total_steps} steps, or LP-FT never trains the "
                               f"full model, got {self.plan.probe_steps}")
+        self.warmup_steps = effective_warmup(cfg.warmup_steps, total_steps, self.plan.probe_steps)
         # Several processes (mlx_clip.distributed): rank 0 writes for all of them.
         self.world = getattr(engine, "world", None) or World()
         self.log = RunLog(run.root, tensorboard=cfg.tensorboard) if self.world.is_main else SilentLog(run.metrics_path)
@@ -169,7 +166,7 @@ class Trainer:
         state = {"loader": self.loader.state_dict(), "nan_steps": self.nan_steps, "total_steps": self.total_steps,
                  "backend": self.engine.name, "config": self.cfg.to_dict(),
                  "model_config": dataclasses.asdict(self.engine.config), "best": self.best,
-                 "data": self.data_fingerprint}
+                 "data": self.data_fingerprint, "warmup_steps": self.warmup_steps}
         if self.world.size > 1:  # absent: one process
             state["world_size"] = self.world.size
         return state
@@ -195,6 +192,7 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         self.step = int(state["step"])
         self.nan_steps = int(state.get("nan_steps", 0))
+        self.warmup_steps = int(state.get("warmup_steps", self.warmup_steps))  # --steps may grow on resume
         self.best = state.get("best")
         self.log.resume_at(self.step)
 
@@ -223,7 +221,7 @@ class Trainer:
                     self.loader.set_image_size(resolution_at(self.resolutions, self.step))
                 batch = self.loader.next_batch()
                 self._enter_phase(progress)
-                lr = phased_lr(self.step, self.total_steps, self.plan.probe_steps, self.cfg.lr, self.cfg.warmup_steps,
+                lr = phased_lr(self.step, self.total_steps, self.plan.probe_steps, self.cfg.lr, self.warmup_steps,
                                self.cfg.min_lr_ratio)
                 in_step = True
                 metrics = self.engine.train_step(batch, lr)

@@ -170,7 +170,8 @@ def wise_ft(zero_shot_dir: str | Path, fine_tuned_dir: str | Path, alpha: float,
     """Write the WiSE-FT model for `alpha` as a Hugging Face folder that both engines load."""
     alpha = check_alpha(alpha)
     out_dir = Path(out_dir)
-    refuse_overlap(out_dir, {"the zero-shot model": zero_shot_dir, "the fine-tuned model": fine_tuned_dir})
+    refuse_overlap(out_dir, {"an input checkpoint (--zero-shot)": zero_shot_dir,
+                             "an input checkpoint (--fine-tuned)": fine_tuned_dir})
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} exists and is not a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -229,4 +230,9 @@ def wise_ft_sweep(zero_shot_dir: str | Path, fine_tuned_dir: str | Path, alphas:
 def _mean_scores(results: list[dict]) -> dict:
     """One domain's scores; several datasets of a role are averaged metric by metric."""
     keys = results[0]["metrics"].keys()
-    return {k: float(np.mean([r["metrics"][k] for r in results])) for k in keys}
+    out = {}
+    for key in keys:
+        values = [r["metrics"].get(key) for r in results]
+        # None: a top-k that every guess reaches on a domain with k classes or fewer (not applicable).
+        out[key] = None if any(v is None for v in values) else float(np.mean(values))
+    return out

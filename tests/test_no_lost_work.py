@@ -92,7 +92,7 @@ def test_wise_ft_overwrite_never_removes_an_input(tiny_copy, tmp_path):
     shutil.copytree(tiny_copy, other)
     before = tree(tiny_copy.parent)
     assert_refused(invoke("wise-ft", "--zero-shot", tiny_copy, "--fine-tuned", other, "--out", tiny_copy.parent,
-                          "--overwrite"), "contains the zero-shot model")
+                          "--overwrite"), "contains an input checkpoint (--zero-shot)")
     assert tree(tiny_copy.parent) == before
 
 

@@ -8,6 +8,7 @@ with `transformers.CLIPModel.from_pretrained` and `safetensors.torch.load_file` 
 import mlx_clip  # noqa: F401  (first, as everywhere)
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -205,3 +206,19 @@ def test_sweep_refuses_captions_data_and_bad_floors(models, tmp_path):
     with pytest.raises(ConfigError, match="control_floor must be a score"):
         wise_ft_sweep(models["zero_shot"], models["fine_tuned"], [0.0, 1.0], demo["target_val"],
                       demo["control_val"], out_json=tmp_path / "w.json", control_floor=1.5)
+
+
+def test_sweep_on_domains_of_few_classes_keeps_top5_not_applicable(models, tmp_path):
+    """With 5 classes or fewer, top-5 is not applicable (None): the sweep averages the rest and
+    keeps it None, where it used to fail on np.mean over None."""
+    demo = small_demo(tmp_path / "demo")
+    few = tmp_path / "few"
+    for name in sorted(p.name for p in demo["target_val"].iterdir())[:3]:
+        shutil.copytree(demo["target_val"] / name, few / name)
+    report = wise_ft_sweep(models["zero_shot"], models["fine_tuned"], [0.0, 1.0], few, demo["control_val"],
+                           backend="mlx", out_json=tmp_path / "wise.json", templates=TEMPLATES)
+    saved = json.loads((tmp_path / "wise.json").read_text())
+    direct = evaluate(models["fine_tuned"], few, templates=TEMPLATES)[0]["metrics"]
+    last = saved["points"][-1]["target"]
+    assert last["acc5"] is None and direct["acc5"] is None
+    assert last["acc1"] == direct["acc1"] and report.best_alpha in (0.0, 1.0)
