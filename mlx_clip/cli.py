@@ -330,7 +330,9 @@ def wise_ft(zero_shot, fine_tuned, alpha, sweep, eval_target, eval_control, cont
     if sweep is None:
         click.echo(f"wrote {wf.wise_ft(*models, alpha, out, overwrite=overwrite, allow_pickle=allow_pickle)}")
         return
-    refuse_overlap(out, {"an input checkpoint (--zero-shot)": models[0], "an input checkpoint (--fine-tuned)": models[1]})
+    # The curve's files may go beside the models, never into them.
+    refuse_overlap(out, {"an input checkpoint (--zero-shot)": models[0],
+                         "an input checkpoint (--fine-tuned)": models[1]}, relations=("is", "is inside"))
     check_folder(out)
     if not eval_target or not eval_control:
         missing = " and ".join(o for o, given in (("--eval-target", eval_target), ("--eval-control", eval_control))
@@ -372,7 +374,12 @@ def eval_command(model, compare_models, data, control, templates, classes, tasks
     from mlx_clip import evaluate as ev
     from mlx_clip.api import resolve
     from mlx_clip.errors import ConfigError
+    from mlx_clip.outputs import check_file, check_folder, refuse_overlap
 
+    # Before any model is loaded or image embedded: reports never land in the data they measure.
+    refuse_overlap(out, [*(("--data", d) for d in data), *(("--control", c) for c in control)],
+                   relations=("is", "is inside"))
+    check_file(out) if str(out).endswith(".json") else check_folder(out)
     common = dict(control=list(control) or None, backend=backend, templates=templates, classes=classes,
                   tasks=tasks, batch_size=batch_size, device=device, dtype=dtype, allow_pickle=allow_pickle,
                   image_column=image_column, caption_column=caption_column, image_size=image_size)

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from mlx_clip.errors import ConfigError
@@ -32,17 +32,19 @@ def overlap(out: str | Path, other: str | Path) -> str | None:
     return None
 
 
-def refuse_overlap(out: str | Path, inputs: Mapping[str, str | Path | None], *, option: str = "--out") -> None:
+def refuse_overlap(out: str | Path, inputs: Mapping[str, str | Path | None] | Iterable[tuple[str, str | Path | None]],
+                   *, option: str = "--out", relations: tuple[str, ...] = ("is", "contains", "is inside")) -> None:
     """ConfigError if `out` is, contains or lies inside one of `inputs` (name -> path; names are
-    what the user typed, e.g. "the source model", "--data"). Inputs that are not local paths
-    (built-in names, hub ids, None) are skipped."""
-    for name, path in inputs.items():
+    what the user typed, e.g. "--data"). Inputs that are not local paths (built-in names, hub
+    ids, None) are skipped. `relations` narrows the check for commands that only add files (a
+    report may go into a folder that holds its data, never into the data or over them)."""
+    for name, path in (inputs.items() if isinstance(inputs, Mapping) else inputs):
         if path is None or not Path(path).expanduser().exists():
             continue
         relation = overlap(out, path)
-        if relation:
+        if relation in relations:
             raise ConfigError(f"{option} {out} {relation} {name} {path}; an output never replaces or mixes into an "
-                              "input of the same command: choose a folder apart from it")
+                              "input of the same command: choose a path apart from it")
 
 
 def check_folder(path: str | Path, *, option: str = "--out") -> Path:

@@ -191,3 +191,18 @@ def test_outputs_that_cannot_be_created_are_one_line(tmp_path):
     assert_refused(invoke("embed", "--model", "tiny", "--text", "a cat", "--out", blocker / "e.npz"),
                    str(blocker), "not a folder")
     assert_refused(invoke("embed", "--model", "tiny", "--text", "a cat", "--out", "/proc/x/e.npz"), "/proc")
+
+
+def test_eval_outputs_are_checked_before_any_model_loads(tmp_path):
+    from mlx_clip.data.demo import make_demo
+
+    data = make_demo(tmp_path / "demo", image_size=16, per_class_train=1, per_class_val=1, per_class_control=1)
+    val = data["target"] / "val"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    before = tree(val)
+    assert_refused(invoke("eval", "--model", "tiny", "--data", val, "--out", blocker / "report"), "not a folder")
+    assert_refused(invoke("eval", "--model", "tiny", "--data", val, "--out", blocker / "r.json"), "not a folder")
+    # A report written into the class folders would be read back as part of the data.
+    assert_refused(invoke("eval", "--model", "tiny", "--data", val, "--out", val / "report"), "is inside --data")
+    assert tree(val) == before
