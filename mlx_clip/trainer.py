@@ -206,8 +206,9 @@ class Trainer:
         self.run.prepare()
         result = TrainResult(steps=self.step, final_model=None, nan_steps=self.nan_steps)
         previous = signal.signal(signal.SIGINT, self._on_sigint)
-        if self.world.size > 1:  # a launcher passes Ctrl-C on as SIGTERM: stop at a step boundary too
-            previous_term = signal.signal(signal.SIGTERM, self._on_sigint)
+        # SIGTERM too: a launcher passes Ctrl-C on as SIGTERM, and `kill`, `timeout`, a container's
+        # stop or a scheduler's preemption send it: each stops at a step boundary with a checkpoint.
+        previous_term = signal.signal(signal.SIGTERM, self._on_sigint)
         progress = Progress(self.total_steps, self.step, self.progress_enabled if self.world.is_main else "silent")
         in_step = False
         try:
@@ -274,8 +275,7 @@ class Trainer:
             progress.close()
             self.log.close()
             signal.signal(signal.SIGINT, previous)
-            if self.world.size > 1:
-                signal.signal(signal.SIGTERM, previous_term)
+            signal.signal(signal.SIGTERM, previous_term)
         result.steps, result.nan_steps = self.step, self.nan_steps
         return result
 

@@ -206,3 +206,30 @@ def test_eval_outputs_are_checked_before_any_model_loads(tmp_path):
     # A report written into the class folders would be read back as part of the data.
     assert_refused(invoke("eval", "--model", "tiny", "--data", val, "--out", val / "report"), "is inside --data")
     assert tree(val) == before
+
+
+def test_sigterm_stops_at_a_step_with_a_checkpoint(tmp_path):
+    """`kill`, `timeout`, a container's stop and a scheduler's preemption send SIGTERM: the run
+    stops as on Ctrl-C, with a checkpoint to resume from (it used to die with nothing saved since
+    the last --save-every)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_clip", "finetune", *TINY_RUN[:2], "--steps", "500",
+                             *TINY_RUN[4:], "--log-every", "1", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def stepped() -> bool:
+        log = out / "metrics.jsonl"
+        return log.exists() and '"loss"' in log.read_text()
+
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not stepped():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "interrupted at step" in output and "--resume latest" in output and "Traceback" not in output
+    assert RunFolder(out).latest() is not None
