@@ -1,7 +1,7 @@
 """The tokenizer of the built-in `siglip-tiny`, made at build time with the `tokenizers` library:
 a SentencePiece-style Unigram model over the demo domain's words and common English words, shaped
-like SigLIP's (lower-cased, punctuation removed, `▁` word boundaries, `</s>` appended and used as
-padding), saved as a tokenizer.json that `siglip_tokenizer` and `transformers.AutoTokenizer` load.
+like SigLIP's (lower-cased, `▁` word boundaries, `</s>` appended and used as padding; punctuation
+becomes a space, where big_vision deletes it), saved as a tokenizer.json that `siglip_tokenizer` and `transformers.AutoTokenizer` load.
 """
 
 from __future__ import annotations

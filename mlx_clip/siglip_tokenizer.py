@@ -119,8 +119,10 @@ def load_siglip_tokenizer(folder: str | Path) -> SiglipTokenizer:
         hint = ""
         repo = _tokenizer_repo(folder)
         if (folder / "spiece.model").is_file():
-            hint = (" (it has only the SentencePiece spiece.model: write tokenizer.json once with transformers, "
-                    "`AutoTokenizer.from_pretrained(folder).save_pretrained(folder)`)")
+            # transformers has no slow-to-fast converter for SigLIP's SentencePiece model (5.x writes
+            # spiece.model back, no tokenizer.json), so no one-line conversion can be offered.
+            hint = (" (it has only the SentencePiece spiece.model; mlxclip reads a SigLIP tokenizer from its "
+                    "tokenizer.json, as the hub repositories of SigLIP 2 ship it)")
         elif repo:
             hint = (f" (open_clip reads this model's tokenizer from the hub repository {repo!r}, "
                     "text_cfg.hf_tokenizer_name: copy its tokenizer.json and tokenizer_config.json here)")

@@ -59,11 +59,10 @@ def test_gradient_checkpointing_gives_the_same_losses(demo, tmp_path, engine):
         assert result.exit_code == 0, result.output
         runs[flag] = losses(records)
     with_cp, plain = runs["--gradient-checkpointing"], runs["--no-gradient-checkpointing"]
-    # The first forward is the same computation (1e-6); later steps follow updates from gradients
-    # equal to rounding, which AdamW's first steps (~lr * sign(g)) amplify: the engines' parity
-    # tolerance over several steps, 1e-3, applies.
-    np.testing.assert_allclose(with_cp[0], plain[0], rtol=1e-6)
-    np.testing.assert_allclose(with_cp, plain, rtol=1e-3)
+    # Recomputing a layer in the backward pass runs the same ops on the same inputs: the losses of
+    # all 3 steps were bit-identical in both engines (measured); 1e-6 leaves room for a kernel
+    # that sums in another order on another machine, far below what a wrong recompute moves.
+    np.testing.assert_allclose(with_cp, plain, rtol=1e-6)
 
 
 @pytest.mark.parametrize("engine", ["mlx", "torch"])

@@ -1,8 +1,10 @@
 """Feature caching (--micro-batch-size M with --batch-size B): the update equals the full-batch
 update, in both engines, for both losses, with LoRA and locked towers, and resumes exactly.
 
-Reference: the same run without caching. Tolerance 1e-5 relative on losses and 1e-5 absolute on
-weights: the two differ only in float32 summation order (chunked matmuls, summed gradients)."""
+Reference: the same run without caching: the two differ only in float32 summation order (chunked
+matmuls, summed gradients). Measured over the eight cases (5 steps): losses at most 4.0e-7 relative
+(step 1 identical), final weights at most 6.8e-7 absolute; the bounds, about 10x: 4e-6 relative on
+losses, 7e-6 absolute on weights."""
 
 from __future__ import annotations
 
@@ -21,11 +23,11 @@ def test_cached_update_equals_the_full_batch_update(tmp_path, engine, loss, stra
     common = dict(steps=5, batch_size=32, save_every=0, loss=loss, strategy=strategy)
     full = run(small_config(tmp_path / "full", engine, **common))
     cached = run(small_config(tmp_path / "cached", engine, micro_batch_size=8, **common))
-    np.testing.assert_allclose(cached.train.losses, full.train.losses, rtol=1e-5)
+    np.testing.assert_allclose(cached.train.losses, full.train.losses, rtol=4e-6)
     a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "cached")
     assert a.keys() == b.keys()
     for name in a:
-        np.testing.assert_allclose(b[name], a[name], atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(b[name], a[name], rtol=0, atol=7e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("engine", ["mlx", "torch"])

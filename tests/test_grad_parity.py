@@ -1,7 +1,9 @@
 """Gradients of the symmetric CLIP loss w.r.t. every parameter: MLX vs transformers + torch autograd.
 
-Tolerance: relative L2 norm of the difference <= 1e-4 per parameter (float32; the backward pass
-doubles the depth of accumulated rounding and small gradients amplify relative error)."""
+Tolerance: relative L2 norm of the difference <= 2e-5 per parameter (float32; the backward pass
+doubles the depth of accumulated rounding and small gradients amplify relative error). Measured on
+this machine: 4.8e-7 to 1.7e-6 over the 74 parameters, the loss 9.4e-8 (bound 1e-6): each bound is
+about 10x the largest measured."""
 
 import numpy as np
 import torch
@@ -16,6 +18,8 @@ from tests.helpers import random_pixels, random_tokens, rel_err, tiny_hf_clip
 from tests.test_model_parity import mlx_from_hf
 from torch_backend.loss import clip_loss as torch_clip_loss
 from torch_backend.train import set_activation_checkpointing
+
+EPS32 = float(np.finfo(np.float32).eps)
 
 
 def test_clip_loss_gradients_match_torch():
@@ -33,7 +37,7 @@ def test_clip_loss_gradients_match_torch():
         return mlx_clip_loss(o["image_embeds"], o["text_embeds"], mx.exp(m.logit_scale))
 
     loss, grads = nn.value_and_grad(model, loss_fn)(model)
-    assert rel_err(np.array(loss), ref_loss.detach().numpy()) <= 1e-5
+    assert rel_err(np.array(loss), ref_loss.detach().numpy()) <= 1e-6
     grads = dict(tree_flatten(grads))
     reference = {k: p.grad for k, p in hf.named_parameters()}
     assert set(grads) == set(reference)
@@ -46,7 +50,7 @@ def test_clip_loss_gradients_match_torch():
             assert np.abs(np.array(grad)).max() <= 1e-5 * scale and np.abs(ref).max() <= 1e-5 * scale
             continue
         assert np.linalg.norm(ref) > 0, name
-        assert rel_err(grad, ref) <= 1e-4, name
+        assert rel_err(grad, ref) <= 2e-5, name
 
 
 def _clip_loss_grads(model, tokens, pixels):
@@ -59,7 +63,9 @@ def _clip_loss_grads(model, tokens, pixels):
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     """Recomputing each layer in the backward pass (mx.checkpoint; transformers' switch on the torch
-    side) changes no gradient beyond float32 rounding: within 1e-6 of the largest gradient entry."""
+    side) recomputes the same operations in the same order. Measured: bit-identical gradients in both
+    engines (3 seeds); the bound is one float32 epsilon (1.2e-7) of the largest gradient entry, room
+    for a recomputation that reorders a sum, none for a different one."""
     hf = tiny_hf_clip(seed=7, hidden_act="gelu")
     model = mlx_from_hf(hf)
     rng = np.random.default_rng(8)
@@ -69,7 +75,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     recomputed = _clip_loss_grads(model, tokens, pixels)
     scale = max(float(np.abs(np.array(g)).max()) for g in plain.values())
     for name in plain:
-        assert np.abs(np.array(recomputed[name]) - np.array(plain[name])).max() <= 1e-6 * scale, name
+        assert np.abs(np.array(recomputed[name]) - np.array(plain[name])).max() <= EPS32 * scale, name
 
     def torch_grads(checkpointing: bool):
         hf.zero_grad()
@@ -83,4 +89,4 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert hf.text_model.encoder.gradient_checkpointing  # the switch really took
     scale = max(float(g.abs().max()) for g in a.values())
     for name in a:
-        assert float((a[name] - b[name]).abs().max()) <= 1e-6 * scale, name
+        assert float((a[name] - b[name]).abs().max()) <= EPS32 * scale, name

@@ -1,10 +1,13 @@
 """LoRA in both engines, held to transformers.CLIPModel, torch autograd and numpy.
 
-Tolerances (float32): forward MLX vs torch <= 1e-5 relative L2 (as the model parity tests);
-merged weights vs numpy float64 W + (alpha/r) B A <= 1e-6; merged vs unmerged forward <= 1e-5
-(the update is added to the weight instead of the activations: one reassociation); gradients MLX vs
-torch <= 1e-4 (the backward pass doubles the depth of accumulated rounding). Exact where the maths
-is exact: B = 0 adds exactly zero, and A is the same bytes in both engines.
+Tolerances (float32, relative L2), each about 10x what was measured on this machine: forward MLX
+vs torch <= 5e-6 (measured 4.5e-7); merged weights vs numpy float64 W + (alpha/r) B A <= 4e-7
+(3.6e-8: one float32 rounding); merged vs unmerged forward and the merged model reloaded by
+transformers <= 1e-5 (8.7e-7: the update is added to the weight instead of the activations, one
+reassociation); loss MLX vs torch <= 1e-6 (0); gradients MLX vs torch <= 2e-5 (1.3e-6: the backward
+pass doubles the depth of accumulated rounding); the compiled step vs the uncompiled one: loss <=
+1e-6 (1.8e-7), gradients <= 1e-5 (1.5e-6). Exact where the maths is exact: B = 0 adds exactly zero,
+and A is the same bytes in both engines.
 """
 
 import math
@@ -159,7 +162,7 @@ def test_lora_forward_parity_and_merge():
     lora_torch, lora_mlx = run_torch(hf, tokens, pixels), run_mlx(model, tokens, pixels)
     assert rel_err(lora_torch["logits_per_image"], base_out["logits_per_image"]) > 1e-3  # LoRA matters
     for key in lora_torch:
-        assert rel_err(lora_mlx[key], lora_torch[key]) <= 1e-5, key
+        assert rel_err(lora_mlx[key], lora_torch[key]) <= 5e-6, key
 
     lora_state = {k: v.numpy().astype(np.float64) for k, v in hf.state_dict().items()}
     torch_lora.merge_lora(hf)
@@ -174,8 +177,8 @@ def test_lora_forward_parity_and_merge():
     for path in paths:
         a, b = lora_state[f"{path}.lora_a"], lora_state[f"{path}.lora_b"]
         want = plain[f"{path}.weight"] + (ALPHA / RANK) * b @ a
-        assert rel_err(merged_torch[f"{path}.weight"], want) <= 1e-6, path
-        assert rel_err(merged_mlx[f"{path}.weight"], want) <= 1e-6, path
+        assert rel_err(merged_torch[f"{path}.weight"], want) <= 4e-7, path
+        assert rel_err(merged_mlx[f"{path}.weight"], want) <= 4e-7, path
         assert np.array_equal(merged_mlx[f"{path}.bias"], plain[f"{path}.bias"].astype(np.float32)), path
     for name in set(plain) - {f"{p}.weight" for p in paths}:
         assert np.array_equal(merged_torch[name], plain[name].astype(np.float32)), name
@@ -226,11 +229,11 @@ def test_gradients_reach_only_lora_and_match_torch():
     loss, grads = loss_and_grad(model, *inputs)
     grads = dict(tree_flatten(grads))
     assert sorted(grads) == sorted(names)
-    assert rel_err(np.array(loss), ref_loss.detach().numpy()) <= 1e-5
+    assert rel_err(np.array(loss), ref_loss.detach().numpy()) <= 1e-6
     reference_grads = {n: p.grad.numpy() for n, p in hf.named_parameters() if p.grad is not None}
     for name in names:
         assert np.linalg.norm(reference_grads[name]) > 0, name
-        assert rel_err(grads[name], reference_grads[name]) <= 1e-4, name
+        assert rel_err(grads[name], reference_grads[name]) <= 2e-5, name
 
     # The same step traced by mx.compile, with the model state as an implicit input.
     compiled = mx.compile(lambda ids, px: loss_and_grad(model, ids, px), inputs=model.state, outputs=model.state)

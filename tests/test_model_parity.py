@@ -1,7 +1,10 @@
 """The MLX model against `transformers.CLIPModel` on the same random weights.
 
 Tolerance: relative L2 error <= 1e-5 in float32 (accumulation order differs between MLX's and
-torch's kernels; a single float32 rounding is ~6e-8, a few layers of matmuls reach ~1e-6)."""
+torch's kernels; a single float32 rounding is ~6e-8, a few layers of matmuls reach ~1e-6). Measured
+on this machine: 1.9e-7 to 8.0e-7 for the small configs, 2.1e-6 for ViT-B/32's 12 layers of 768;
+the interpolated positions and the saved-and-reloaded model (a few layers, 32 wide) 1.6e-7, held to
+2e-6 (`SMALL`), about 10x."""
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from mlx_clip.mlx_backend.model import CLIPModel, init_weights
 from tests.helpers import hf_clip, random_pixels, random_tokens, rel_err
 
 TOL = 1e-5
+SMALL = 2e-6
 
 CONFIGS = {
     "quick_gelu-32px-p8": dict(
@@ -86,7 +90,7 @@ def test_interpolated_positions_match_transformers():
             ref = hf.get_image_features(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2),
                                         interpolate_pos_encoding=True).pooler_output
         ours = model.get_image_features(mx.array(pixels))
-        assert rel_err(ours, ref.numpy()) <= TOL, size
+        assert rel_err(ours, ref.numpy()) <= SMALL, size
 
 
 def test_init_weights_gives_finite_distinct_embeddings():
@@ -123,7 +127,7 @@ def test_mlx_save_then_load_is_exact_and_idempotent(tmp_path):
     ours = np.array(model.get_image_features(mx.array(pixels)))
     ours /= np.linalg.norm(ours, axis=-1, keepdims=True)
     torch_view = TorchBackend.from_folder(tmp_path / "b").encode_images(pixels)
-    assert rel_err(torch_view, ours) <= TOL
+    assert rel_err(torch_view, ours) <= SMALL
 
 
 def test_cpu_exp_is_exact_to_float32_and_differentiable():

@@ -28,8 +28,9 @@ def distance(a: dict, b: dict) -> float:
 
 @pytest.mark.parametrize("name, options", [("lp-ft", LP), ("l2-sp", L2SP)])
 def test_engines_agree_over_20_steps(tmp_path, name, options):
-    """Same weights, data and seed; tolerances as tests/test_trainer.py's plain run. Measured:
-    step 1 0, max ~7e-7 for both."""
+    """Same weights, data and seed; relative loss differences. Measured (this machine, seeds 0-4):
+    step 1 0 to 8.0e-8; the largest over 20 steps, LP-FT 3.3e-7 to 1.4e-5 (seed 0, this test:
+    6.8e-7), L2-SP 4.3e-7 to 3.7e-6. Bounds about 10x the largest: step 1 1e-6, 20 steps 1.5e-4."""
     losses, weights = {}, {}
     for engine in ENGINES:
         out = tmp_path / engine
@@ -38,8 +39,8 @@ def test_engines_agree_over_20_steps(tmp_path, name, options):
         weights[engine] = final_weights(out)
     rel = np.abs(losses["mlx"] - losses["torch"]) / np.abs(losses["torch"])
     print(f"{name}: step 1 {rel[0]:.2e}, max over 20 {rel.max():.2e}")
-    assert rel[0] <= 1e-5
-    assert rel.max() <= 1e-3
+    assert rel[0] <= 1e-6
+    assert rel.max() <= 1.5e-4
     plain = final_weights(run(small_config(tmp_path / "plain", "mlx", steps=20, batch_size=16,
                                            save_every=0)).run.root)
     assert distance(weights["mlx"], plain) > 0  # the strategy changes the run
@@ -129,8 +130,11 @@ def test_l2_sp_is_the_decoupled_pull_toward_the_start(tmp_path, engine):
         if name == "logit_scale":
             expected = np.clip(expected, 0, np.log(100.0))
         pull = np.abs(lr * lam * (w1[name] - base[name])).max()
+        # Measured: at most 6.0e-8 off (one float32 rounding of a weight under 1) in both engines;
+        # the bound is 10x that, scaled by the tensor's largest weight when above 1 (the pull itself
+        # is ~1e-5: a wrong anchor, lambda or lr is far outside it).
         np.testing.assert_allclose(after["l2sp"][name], expected, rtol=0,
-                                   atol=1e-6 * max(1.0, float(np.abs(w1[name]).max())), err_msg=name)
+                                   atol=6e-7 * max(1.0, float(np.abs(w1[name]).max())), err_msg=name)
         assert pull == 0 or np.abs(after["l2sp"][name] - after["plain"][name]).max() > 0, name
 
 
@@ -177,8 +181,9 @@ def test_lp_ft_on_siglip_probes_its_heads_in_both_engines(tmp_path):
         moved = {k for k in base if base[k].tobytes() != probed[k].tobytes()}
         assert moved and all(k.startswith(("text_model.head.", "vision_model.head.", "logit_")) for k in moved)
         assert any(k.startswith("vision_model.head.") for k in moved) and "logit_bias" in moved
+    # Measured over 6 steps (seeds 0-4): 4.2e-7 to 4.8e-6; about 10x the largest.
     rel = np.abs(losses["mlx"] - losses["torch"]) / np.abs(losses["torch"])
-    assert rel.max() <= 1e-3
+    assert rel.max() <= 5e-5
 
 
 @pytest.mark.parametrize("changed", [{"l2_to_base": 5.0}, {"strategy": "lp-ft", "lp_steps": 4}])

@@ -1,14 +1,18 @@
 """SigLIP (and fixed-resolution SigLIP 2, the same model): the MLX model and the torch engine
-against `transformers.SiglipModel`, the tokenizer against `transformers.AutoTokenizer`, the
-preprocessing against the PIL `SiglipImageProcessor`, conversion round trips and refusals.
+against `transformers.SiglipModel`, the tokenizer against Google's SentencePiece under big_vision's
+canonicalisation (transformers' slow `SiglipTokenizer`) and against `transformers.AutoTokenizer`,
+the preprocessing against the PIL `SiglipImageProcessor`, conversion round trips and refusals.
 
 References are random `transformers.SiglipConfig` models of unusual sizes saved to tmp folders.
-Tolerances as for CLIP (tests/test_model_parity.py, tests/test_grad_parity.py): embeddings
-relative L2 error <= 1e-5 and max |difference| <= 1e-5 in float32, gradients <= 1e-4 relative."""
+Tolerances (float32), each about 10x what was measured on this machine: the MLX model's raw
+features relative L2 error <= 1e-5 (measured up to 5.5e-7) and max |difference| of features and
+logits <= 1e-5 (1.6e-6); both engines' unit embeddings from a saved folder max
+|difference| <= 3e-6 (3.1e-7); gradients <= 1e-5 relative (8.1e-7)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,7 +176,7 @@ def test_gradients_match_torch():
             assert np.abs(grad).max() <= 1e-5 * scale and np.abs(ref).max() <= 1e-5 * scale
             continue
         assert np.linalg.norm(ref) > 0, name
-        assert rel_err(grad, ref) <= 1e-4, name
+        assert rel_err(grad, ref) <= 1e-5, name
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -191,8 +195,8 @@ def test_both_engines_load_a_saved_folder_and_embed_like_transformers(name, tmp_
     text = (text / text.norm(dim=-1, keepdim=True)).numpy()
     for engine in ("mlx", "torch"):
         backend = load_backend(engine, folder)
-        assert max_abs(backend.encode_images(pixels), image) <= TOL, engine
-        assert max_abs(backend.encode_texts(ids), text) <= TOL, engine
+        assert max_abs(backend.encode_images(pixels), image) <= 3e-6, engine
+        assert max_abs(backend.encode_texts(ids), text) <= 3e-6, engine
 
 
 # --- tokenizer and preprocessing ---------------------------------------------------------------
@@ -218,7 +222,81 @@ def tokenizer_strings() -> list[str]:
     return texts
 
 
+def sentencepiece_model(tokenizer_json: Path, out: Path) -> Path:
+    """The Unigram piece table of a tokenizer.json (pieces and scores: data, not code) as a
+    SentencePiece model file, the format google/siglip-* ship (`spiece.model`), with SigLIP's ids
+    (`<pad>` 0, `</s>` 1, `<unk>` 2, no `<s>`) and T5's / SigLIP's `nmt_nfkc` normaliser. The
+    normaliser spec comes from a throwaway model that SentencePiece's own trainer writes."""
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2
+
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(["a b c d e f g h"] * 10), model_prefix=str(out.with_suffix("")), vocab_size=12,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, normalization_rule_name="nmt_nfkc",
+        num_threads=1, hard_vocab_limit=False, minloglevel=2)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(out.read_bytes())
+    del proto.pieces[:]
+    kinds = {"<unk>": proto.SentencePiece.UNKNOWN, "<pad>": proto.SentencePiece.CONTROL,
+             "</s>": proto.SentencePiece.CONTROL}
+    model = json.loads(tokenizer_json.read_text(encoding="utf-8"))["model"]
+    assert model["type"] == "Unigram" and model["vocab"][:3] == [["<pad>", 0.0], ["</s>", 0.0], ["<unk>", 0.0]]
+    for piece, score in model["vocab"]:
+        proto.pieces.add(piece=piece, score=score, type=kinds.get(piece, proto.SentencePiece.NORMAL))
+    out.write_bytes(proto.SerializeToString())
+    return out
+
+
+def test_tokenizer_ids_equal_sentencepiece_under_big_vision_canonicalisation(tmp_path):
+    """siglip-tiny's tokenizer against an implementation we did not write and that shares no code
+    with ours: transformers' slow `SiglipTokenizer`, which canonicalises text in Python as
+    big_vision does for SigLIP (`canonicalize_text`: lower-case, delete string.punctuation, squeeze
+    whitespace) and segments with Google's SentencePiece library (C++ Viterbi), on the same piece
+    table exported as an spiece.model. Ours runs the tokenizer.json's normaliser and Unigram model
+    in the Rust `tokenizers` library, then cuts, appends `</s>` and pads in our own code; the
+    AutoTokenizer test below shares that Rust library with us, this one does not.
+
+    Exact integer equality: on big_vision-canonicalised text every row agrees, truncation and
+    padding included. On raw text the rows may differ only where punctuation sits between two
+    other characters: the built-in normaliser turns punctuation into a space ("top-left" ->
+    "top left") where big_vision deletes it ("topleft"); everywhere else raw rows agree too."""
+    import re
+    import string
+
+    import transformers
+
+    from mlx_clip.api import resolve
+    from mlx_clip.tokenizer import load_tokenizer
+
+    folder = resolve("siglip-tiny")
+    ours = load_tokenizer(folder)
+    reference = transformers.SiglipTokenizer(
+        vocab_file=str(sentencepiece_model(folder / "tokenizer.json", tmp_path / "spiece.model")))
+    assert reference.vocab_size == ours.vocab_size
+    texts = tokenizer_strings() + [
+        "日本語 and 😀😀 unknown runs", "snake_case under_score", "ÀÉÎ õü çà", "Ｆｕｌｌ ｗｉｄｔｈ ＡＢＣ １２３",
+        "ﬁne ﬂow", "3.14 1,000 10:30 #1", "a\u00a0b\u2003c", "   leading and trailing   ", "..."]
+    length = ours.context_length
+
+    def reference_ids(batch):
+        return np.array(reference(batch, padding="max_length", max_length=length, truncation=True)["input_ids"])
+
+    canonical = [reference.canonicalize_text(t) for t in texts]
+    np.testing.assert_array_equal(ours.encode(canonical), reference_ids(canonical))
+    assert max(ours.token_counts(canonical)) > length  # some rows are cut, not padded
+    assert (ours.encode(canonical) == 2).any()  # and some hold <unk>
+
+    punct = re.escape(string.punctuation)
+    inner = re.compile(rf"[^\s{punct}][{punct}]+[^\s{punct}]")
+    raw_ours, raw_ref = ours.encode(texts), reference_ids(texts)
+    differ = {t for t, a, b in zip(texts, raw_ours, raw_ref) if not np.array_equal(a, b)}
+    assert differ <= {t for t in texts if inner.search(t)}, sorted(differ - {t for t in texts if inner.search(t)})
+    assert sum(not inner.search(t) for t in texts) >= 200  # rows that must agree as they are
+
+
 def test_tokenizer_ids_equal_transformers_autotokenizer(tmp_path):
+    """The folder loads in transformers.AutoTokenizer to the same ids (interoperability; the
+    independent reference is the SentencePiece test above)."""
     import transformers
 
     from mlx_clip.api import resolve
@@ -326,7 +404,11 @@ def test_siglip_to_open_clip_is_refused(tmp_path):
 # --- fine-tuning ------------------------------------------------------------------------------
 
 def test_engines_agree_over_30_steps_and_the_sigmoid_loss_is_the_default(tmp_path):
-    """Same weights, data and seed; step 1 <= 1e-5 relative, all 30 <= 1e-3 (as for CLIP)."""
+    """Same weights, data and seed; relative loss differences. Measured (this machine, seeds 0-4):
+    step 1 7.2e-8 to 3.0e-7, the largest over 30 steps 1.1e-6 to 1.8e-5 (seed 0, this test). Bounds
+    about 10x the largest: step 1 3e-6, 30 steps 2e-4. Injected into the torch engine alone, a 5%
+    weight decay change gives 4.3e-4 and Adam's beta2 0.98 -> 0.9805 3.6e-4: both caught here, both
+    let through by the former bound, 1e-3."""
     from tests.train_helpers import run, small_config
 
     losses = {}
@@ -335,8 +417,9 @@ def test_engines_agree_over_30_steps_and_the_sigmoid_loss_is_the_default(tmp_pat
         assert cfg.loss is None  # resolved by the engine from the model's family
         losses[engine] = np.array(run(cfg).train.losses)
     rel = np.abs(losses["mlx"] - losses["torch"]) / np.abs(losses["torch"])
-    assert rel[0] <= 1e-5
-    assert rel.max() <= 1e-3
+    print(f"step 1 {rel[0]:.2e}, max over 30 {rel.max():.2e}")
+    assert rel[0] <= 3e-6
+    assert rel.max() <= 2e-4
     # The sigmoid loss of siglip-tiny's head (t' = log 10, b = -5) starts near log(1 + e^5) ~ 5 per
     # positive pair, far from InfoNCE's log B ~ 2.
     assert 4 < losses["mlx"][0] < 12

@@ -13,15 +13,20 @@ ENGINES = ["mlx", "torch"]
 
 
 def test_engines_agree_on_losses(tmp_path):
-    """Same weights, data and seed. Tolerances: step 1 <= 1e-5 relative (one forward, float32);
-    50 steps <= 1e-3 (rounding differences compound through AdamW). Measured: 0 and ~1.4e-6."""
+    """Same weights, data and seed; relative loss differences. Measured (this machine, seeds 0-4):
+    step 1 0 to 8.0e-8 (one forward, float32), the largest over 50 steps 4.8e-7 (seed 0, this test)
+    to 8.8e-6 (rounding differences compound through AdamW). Bounds about 10x the largest: step 1
+    1e-6, 50 steps 1e-4. Injected into the torch engine alone: Adam's beta2 0.98 -> 0.9805 gives
+    1.5e-4 (caught; the former bound, 1e-3, let it through), a doubled eps 3.1e-3; a 5% weight decay
+    change (1.2e-5) hides in the spread between seeds."""
     losses = {}
     for engine in ENGINES:
         cfg = small_config(tmp_path / engine, engine, steps=50, batch_size=16, save_every=0)
         losses[engine] = np.array(run(cfg).train.losses)
     rel = np.abs(losses["mlx"] - losses["torch"]) / np.abs(losses["torch"])
-    assert rel[0] <= 1e-5
-    assert rel.max() <= 1e-3
+    print(f"step 1 {rel[0]:.2e}, max over 50 {rel.max():.2e}")
+    assert rel[0] <= 1e-6
+    assert rel.max() <= 1e-4
     assert losses["mlx"][-5:].mean() < losses["mlx"][:5].mean()  # it learns
 
 
@@ -88,8 +93,9 @@ def test_final_model_loads_in_transformers_and_both_engines(tmp_path):
     ref_image = (ref_image / ref_image.norm(dim=-1, keepdim=True)).numpy()
     for engine in ENGINES:
         clip = mlx_clip.load(folder, engine)
-        np.testing.assert_allclose(clip.encode_texts(texts), ref_text, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(clip.encode_images(pixels), ref_image, rtol=1e-5, atol=1e-5)
+        # Unit vectors: measured max |difference| 6.0e-8 (text) and 4.5e-8 (image), both engines.
+        np.testing.assert_allclose(clip.encode_texts(texts), ref_text, rtol=0, atol=6e-7)
+        np.testing.assert_allclose(clip.encode_images(pixels), ref_image, rtol=0, atol=6e-7)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
