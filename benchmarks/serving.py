@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,20 +56,24 @@ def free_port() -> int:
 class ServerProcess:
     """`mlxclip serve ARGS` in its own process on a free loopback port, returned once /health says
     200 (its output kept for the error if it exits first). The load benchmark and the server's
-    tests both start servers with it."""
+    tests both start servers with it.
+
+    The server's output goes to a file, not a pipe: nobody reads a pipe while clients run, and a
+    server that logs more than the pipe holds (64 KB) would block on its next log line."""
 
     def __init__(self, *args: str, env: dict | None = None, timeout: float = 600, log_level: str = "warning"):
         import httpx
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlx_clip", "serve", "--port", str(self.port), "--log-level", log_level, *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+            stdout=self.log, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.proc.stdout.read()[-2000:]}")
+                raise RuntimeError(f"server exited {self.proc.returncode}: {self.output()[-2000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
@@ -77,6 +82,12 @@ class ServerProcess:
             time.sleep(0.3)
         self.stop()
         raise RuntimeError(f"server did not become healthy in {timeout:.0f} s")
+
+    def output(self) -> str:
+        """Everything the server has printed so far (stdout and stderr)."""
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
 
     def stop(self) -> None:
         self.proc.terminate()

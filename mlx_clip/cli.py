@@ -218,12 +218,9 @@ def index(image_dir, model, out, backend, device, dtype, allow_pickle, batch_siz
     try:
         report = build_index(image_dir, model, out, backend=backend, device=device, dtype=dtype,
                              allow_pickle=allow_pickle, batch_size=batch_size)
-    except IndexInterrupted as stop:
-        click.echo(f"interrupted: kept {stop.kept} of {stop.total} images in {stop.out}; run the same command "
+    except IndexInterrupted as stop:  # what was embedded is written: say how much
+        click.echo(f"error: interrupted; kept {stop.kept} of {stop.total} images in {stop.out}; run the same command "
                    "again to embed the rest", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo(f"interrupted before embedding began; {out} is as it was", err=True)
         sys.exit(130)
     click.echo(f"wrote {report.out}: {report.images} images ({report.embedded} embedded, {report.reused} "
                f"unchanged, {report.removed} removed), {len(report.bad)} skipped")

@@ -3,8 +3,15 @@
 An index folder holds `embeddings.safetensors` (one float32 row per image, L2-normalised),
 `index.json` (the model's fingerprint, and per row the image's path relative to the folder, its
 size and modification time) and `bad_images.txt`. Building again embeds only new or changed files
-(size or mtime differ), drops removed ones, and starts over if the model changed. The index is
-written every `FLUSH_EVERY` images as well as at the end, so an interrupted build keeps its work.
+(size or mtime differ), drops removed ones, and starts over if the model changed.
+
+The images indexed are those the server takes: files with an image's name whose bytes are JPEG,
+PNG or WebP (`serve/formats.py`, the server's own list). Any other, and any file that cannot be
+decoded, is skipped and listed in `bad_images.txt` with the reason.
+
+The index is written every `FLUSH_EVERY` images or `FLUSH_SECONDS`, whichever comes first, and at
+the end; Ctrl-C writes what was embedded before it stops. An interrupted build keeps its work, and
+the next one embeds only what is missing.
 
 Search is exact: the query against every row, in blocks so memory stays bounded, which is fast
 enough up to a few hundred thousand images. Beyond that, an approximate index (FAISS, hnswlib)
@@ -16,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +32,14 @@ from safetensors.numpy import load_file, save_file
 
 from mlx_clip.data.records import IMAGE_EXTENSIONS
 from mlx_clip.errors import ConfigError, DataError, ImageError
+from mlx_clip.outputs import check_folder
+from mlx_clip.serve.formats import HEADER_BYTES, refusal
 
 FORMAT = "mlxclip-index"
 VERSION = 1
 EMBEDDINGS_FILE, INDEX_FILE, BAD_FILE = "embeddings.safetensors", "index.json", "bad_images.txt"
 FLUSH_EVERY = 2048
+FLUSH_SECONDS = 30.0  # the most work a crash (or a kill) can lose
 SEARCH_BLOCK = 65_536
 # What makes two model folders embed images alike: weights and image preprocessing.
 _FINGERPRINT_GLOBS = ("config.json", "preprocessor_config.json", "open_clip_config.json", "*.safetensors",
@@ -44,6 +55,14 @@ def model_fingerprint(folder: str | Path) -> str:
             with open(path, "rb") as handle:
                 digest.update(hashlib.file_digest(handle, "sha256").digest())
     return digest.hexdigest()
+
+
+class IndexInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a build, after what was embedded has been written: `kept` of `total` images."""
+
+    def __init__(self, kept: int, total: int, out: Path):
+        super().__init__(f"kept {kept} of {total} images in {out}")
+        self.kept, self.total, self.out = kept, total, out
 
 
 @dataclass
@@ -130,8 +149,11 @@ def _previous(out: Path, fingerprint: str) -> dict[str, tuple[dict, np.ndarray]]
 def _write(out: Path, entries: list[dict], rows: list[np.ndarray], bad: list[tuple[str, str]], meta: dict,
            dim: int) -> None:
     """Embeddings first, then the JSON that names them (each by rename), so a reader never sees
-    a JSON listing rows that are not there yet: `load` checks the counts agree."""
+    a JSON listing rows that are not there yet: `load` checks the counts agree. Rows by path."""
     out.mkdir(parents=True, exist_ok=True)
+    kept = min(len(entries), len(rows))  # equal, but for a Ctrl-C between the two appends
+    order = sorted(range(kept), key=lambda i: entries[i]["path"])
+    entries, rows = [entries[i] for i in order], [rows[i] for i in order]
     embeddings = np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
     tmp = out / (EMBEDDINGS_FILE + ".tmp")
     save_file({"embeddings": embeddings}, str(tmp))
@@ -155,6 +177,7 @@ def build_index(image_dir: str | Path, model: str | Path, out: str | Path, *, ba
         raise DataError(f"{image_dir}: no such folder of images")
     if out.resolve() == image_dir.resolve() or image_dir.resolve() in out.resolve().parents:
         raise ConfigError(f"--out {out} is inside the image folder {image_dir}; put the index elsewhere")
+    check_folder(out)  # before the model loads: an --out under a file or in /proc is one line
     if out.exists() and any(out.iterdir()) and not (out / INDEX_FILE).exists():
         raise ConfigError(f"--out {out} is a non-empty folder that is not an index; choose another")
     files = list_images(image_dir)
@@ -180,24 +203,43 @@ def build_index(image_dir: str | Path, model: str | Path, out: str | Path, *, ba
     removed = len(set(previous) - {p.relative_to(image_dir).as_posix() for p in files})
     bad: list[tuple[str, str]] = []
     bar = tqdm(total=len(todo), desc="embedding", unit="img", disable=not progress or not todo)
-    since_flush = 0
-    for start in range(0, len(todo), batch_size):
-        chunk, pixels, kept = todo[start:start + batch_size], [], []
-        for path, entry in chunk:
-            try:
-                pixels.append(clip.preprocess([path])[0])
-                kept.append(entry)
-            except ImageError as err:
-                bad.append((entry["path"], str(err).split(": ", 1)[-1]))
-        if pixels:
-            rows.extend(clip.engine.encode_images(np.stack(pixels)))
-            entries.extend(kept)
-        bar.update(len(chunk))
-        since_flush += len(chunk)
-        if since_flush >= FLUSH_EVERY:
-            _write(out, entries, rows, bad, meta, clip.config.projection_dim)
-            since_flush = 0
+    dim = clip.config.projection_dim
+    since_flush, flushed_at = 0, time.monotonic()
+    try:
+        for start in range(0, len(todo), batch_size):
+            chunk, pixels, kept = todo[start:start + batch_size], [], []
+            for path, entry in chunk:
+                why = _refused(path)
+                if why is not None:
+                    bad.append((entry["path"], why))
+                    continue
+                try:
+                    pixels.append(clip.preprocess([path])[0])
+                    kept.append(entry)
+                except ImageError as err:
+                    bad.append((entry["path"], str(err).split(": ", 1)[-1]))
+            if pixels:
+                embedded = clip.engine.encode_images(np.stack(pixels))
+                entries.extend(kept)
+                rows.extend(embedded)
+            bar.update(len(chunk))
+            since_flush += len(chunk)
+            if since_flush >= FLUSH_EVERY or time.monotonic() - flushed_at >= FLUSH_SECONDS:
+                _write(out, entries, rows, bad, meta, dim)
+                since_flush, flushed_at = 0, time.monotonic()
+    except KeyboardInterrupt:
+        bar.close()
+        _write(out, entries, rows, bad, meta, dim)
+        raise IndexInterrupted(min(len(entries), len(rows)), len(files), out) from None
     bar.close()
-    order = sorted(range(len(entries)), key=lambda i: entries[i]["path"])
-    _write(out, [entries[i] for i in order], [rows[i] for i in order], bad, meta, clip.config.projection_dim)
+    _write(out, entries, rows, bad, meta, dim)
     return IndexReport(len(entries), len(entries) - reused, reused, removed, bad, out)
+
+
+def _refused(path: Path) -> str | None:
+    """Why the server would refuse this file's bytes as an image, or None if it takes them."""
+    try:
+        with open(path, "rb") as handle:
+            return refusal(handle.read(HEADER_BYTES))
+    except OSError as err:
+        return f"cannot read: {err.strerror or err}"

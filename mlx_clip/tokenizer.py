@@ -50,14 +50,25 @@ _DEFAULT_ADDED = ((SOT_TOKEN, True), (EOT_TOKEN, True))
 _Parsed = tuple[dict[str, int], list[tuple[str, str]], tuple[tuple[str, bool], ...]]
 
 
-@functools.lru_cache(maxsize=1 << 16)
+# Texts up to this long are cached: captions and prompts are far shorter, while a server's texts
+# (up to its --max-text-chars, 4096) would let 65,536 cached entries hold about half a gigabyte.
+CACHED_TEXT_CHARS = 512
+
+
 def clean_text(text: str) -> str:
     """OpenAI CLIP's `basic_clean` + `whitespace_clean` + lower-casing, in that order.
 
-    Cached: training repeats captions every epoch (and class prompts far more often), and ftfy is
-    ~70% of tokenizing time."""
+    Cached for short texts: training repeats captions every epoch (and class prompts far more
+    often), and ftfy is ~70% of tokenizing time."""
+    return _clean_cached(text) if len(text) <= CACHED_TEXT_CHARS else _clean(text)
+
+
+def _clean(text: str) -> str:
     text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return " ".join(text.split()).lower()
+
+
+_clean_cached = functools.lru_cache(maxsize=1 << 16)(_clean)
 
 
 class CLIPTokenizer:

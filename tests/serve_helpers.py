@@ -36,8 +36,8 @@ def photo_variants(folder: Path) -> list[Path]:
 class ServerProcess(BenchServer):
     """The load benchmark's server launcher, with the resident memory the tests bound."""
 
-    def __init__(self, *args: str, env: dict | None = None, timeout: float = 180):
-        super().__init__(*args, env=env, timeout=timeout)
+    def __init__(self, *args: str, env: dict | None = None, timeout: float = 180, log_level: str = "warning"):
+        super().__init__(*args, env=env, timeout=timeout, log_level=log_level)
 
     def rss_bytes(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -67,3 +67,56 @@ def bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
 
 def as_array(rows) -> np.ndarray:
     return np.asarray(rows, dtype=np.float32)
+
+
+def poll_health(url: str, seconds: float, interval: float, out: str) -> None:
+    """GET /health every `interval` seconds for `seconds` (or until a file `out`.stop appears), then
+    write each answer's latency and status to `out` (JSON). Prints one line once the first answer
+    came. Run in a process of its own (`start_health_poller`), so that what it measures is the
+    server, not a client process busy building and sending other requests."""
+    import json
+    import time
+
+    import httpx
+
+    latencies, statuses, stop = [], [], Path(out + ".stop")
+    with httpx.Client(timeout=30) as client:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not stop.exists():
+            sent = time.perf_counter()
+            try:
+                statuses.append(client.get(url + "/health").status_code)
+            except httpx.HTTPError as err:
+                statuses.append(f"{type(err).__name__}: {err}")
+            latencies.append(time.perf_counter() - sent)
+            if len(latencies) == 1:
+                print("polling", flush=True)
+            time.sleep(interval)
+    Path(out).write_text(json.dumps({"latencies": latencies, "statuses": statuses}))
+
+
+class HealthPoller:
+    """`poll_health` in a process of its own, from `start()` to `stop()` -> (latencies, statuses)."""
+
+    def __init__(self, url: str, out: Path, *, seconds: float = 600, interval: float = 0.02):
+        import subprocess
+        import sys
+
+        self.out, self.stop_file = out, Path(str(out) + ".stop")
+        self.stop_file.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from tests.serve_helpers import poll_health; "
+             "poll_health(sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4])",
+             url, str(seconds), str(interval), str(out)],
+            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "polling":
+            raise RuntimeError(f"the /health poller did not start (exit {self.proc.wait()})")
+
+    def stop(self, timeout: float = 120) -> tuple[list[float], list]:
+        import json
+
+        self.stop_file.touch()
+        if self.proc.wait(timeout=timeout) != 0:
+            raise RuntimeError(f"the /health poller failed (exit {self.proc.returncode})")
+        data = json.loads(self.out.read_text())
+        return data["latencies"], data["statuses"]

@@ -4,6 +4,13 @@ exact blocked search equal to a full sort."""
 from __future__ import annotations
 
 import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +20,7 @@ import mlx_clip.index as index_module
 from mlx_clip.cli import main
 from mlx_clip.embed import embed
 from mlx_clip.index import ImageIndex, build_index
-from tests.serve_helpers import photo_variants
+from tests.serve_helpers import encode, photo_variants
 
 
 @pytest.fixture
@@ -75,7 +82,7 @@ def test_a_different_model_rebuilds_everything(photos, tmp_path):
 
 def test_an_interrupted_build_keeps_what_it_embedded(photos, tmp_path, monkeypatch):
     root, out = tmp_path / "images", tmp_path / "idx"
-    monkeypatch.setattr(index_module, "FLUSH_EVERY", 2)
+    monkeypatch.setattr(index_module, "FLUSH_EVERY", 10 ** 9)
     from mlx_clip.api import CLIP
 
     real = CLIP.preprocess
@@ -88,14 +95,103 @@ def test_an_interrupted_build_keeps_what_it_embedded(photos, tmp_path, monkeypat
         return real(self, images)
 
     monkeypatch.setattr(CLIP, "preprocess", failing)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as caught:
         build_index(root, "tiny", out, progress=False, batch_size=1)
     kept = ImageIndex.load(out)
-    # Files in order: broken.jpg (unreadable), then images; flushed after the 2nd and 4th file.
-    assert kept.paths == ["china-0.png", "china-1.webp", "china.jpg"]
+    # Files in order: broken.jpg (refused from its bytes, never decoded), then images: the 5th decode
+    # is interrupted, and the four before it are written on the way out, whatever FLUSH_EVERY says.
+    assert kept.paths == ["china-0.png", "china-1.webp", "china.jpg", "flower-0.png"]
+    assert (caught.value.kept, caught.value.total) == (4, 8)
     monkeypatch.setattr(CLIP, "preprocess", real)
     resumed = build_index(root, "tiny", out, progress=False)
-    assert (resumed.reused, resumed.embedded) == (3, 4)
+    assert (resumed.reused, resumed.embedded) == (4, 3)
+
+
+def test_the_index_takes_exactly_the_images_the_server_takes(photos, tmp_path):
+    """One list of formats for both: a file is indexed if and only if the server would embed its
+    bytes; every other file with an image's name is skipped and counted, with the reason."""
+    from PIL import Image
+
+    from mlx_clip.serve.inputs import ApiError, decode_image
+
+    root = tmp_path / "images"
+    pixels = Image.open(photos[0]).convert("RGB").resize((32, 24))
+    (root / "plain.bmp").write_bytes(encode(pixels, "BMP"))
+    (root / "bmp-named.png").write_bytes(encode(pixels, "BMP"))
+    (root / "gif-named.jpg").write_bytes(encode(pixels, "GIF"))
+    (root / "png-named.jpg").write_bytes(encode(pixels, "PNG"))
+    (root / "empty.webp").write_bytes(b"")
+    report = build_index(root, "tiny", tmp_path / "idx", progress=False)
+    index = ImageIndex.load(tmp_path / "idx")
+    served, refused = set(), set()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix != ".txt"):
+        try:
+            decode_image(path.read_bytes(), path.name, 40_000_000)
+            served.add(path.relative_to(root).as_posix())
+        except ApiError:
+            refused.add(path.relative_to(root).as_posix())
+    assert set(index.paths) == served and {p for p, _ in report.bad} == refused
+    reasons = dict(report.bad)
+    assert "BMP" in reasons["plain.bmp"] and "BMP" in reasons["bmp-named.png"] and "GIF" in reasons["gif-named.jpg"]
+    assert "png-named.jpg" in index.paths
+
+
+def test_a_build_flushes_by_time_so_a_crash_keeps_its_work(photos, tmp_path, monkeypatch):
+    root, out = tmp_path / "images", tmp_path / "idx"
+    monkeypatch.setattr(index_module, "FLUSH_EVERY", 10 ** 9)  # only the clock flushes
+    monkeypatch.setattr(index_module, "FLUSH_SECONDS", 0.0)
+    from mlx_clip.api import CLIP
+
+    real, seen = CLIP.preprocess, []
+
+    def crashing(self, images):
+        seen.append(images)
+        if len(seen) == 5:
+            raise RuntimeError("the machine fell over")  # no handler runs: only flushed work survives
+        return real(self, images)
+
+    monkeypatch.setattr(CLIP, "preprocess", crashing)
+    with pytest.raises(RuntimeError):
+        build_index(root, "tiny", out, progress=False, batch_size=1)
+    assert ImageIndex.load(out).paths == ["china-0.png", "china-1.webp", "china.jpg", "flower-0.png"]
+    monkeypatch.setattr(CLIP, "preprocess", real)
+    resumed = build_index(root, "tiny", out, progress=False)
+    assert (resumed.reused, resumed.embedded) == (4, 3)
+
+
+def test_ctrl_c_keeps_the_work_says_so_in_one_line_and_exits_130(tmp_path):
+    root, out = tmp_path / "many", tmp_path / "idx"
+    root.mkdir()
+    photo = photo_variants(tmp_path / "one")[0].read_bytes()
+    for i in range(300):
+        (root / f"{i:03d}.jpg").write_bytes(photo)
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_clip", "index", str(root), "--model", "tiny", "--out", str(out),
+                             "--batch-size", "1"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.extend(iter(lambda: proc.stderr.read(1), "")))
+    reader.start()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = [int(n) for n in re.findall(r"(\d+)/300", "".join(stderr))]
+        if done and max(done) >= 10:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the build ended before it could be interrupted: " + "".join(stderr)[-500:]
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=60)
+    reader.join()
+    err, stdout = "".join(stderr), proc.stdout.read()
+    assert code == 130, (code, err[-2000:])
+    assert "Traceback" not in err and "Aborted" not in err, err[-2000:]
+    last = re.split(r"[\r\n]+", err.strip())[-1]
+    match = re.fullmatch(r"error: interrupted; kept (\d+) of 300 images in (.+); run the same command again to "
+                         r"embed the rest", last)
+    assert match, (last, stdout)
+    kept = int(match.group(1))
+    assert 10 <= kept < 300 and Path(match.group(2)) == out
+    assert len(ImageIndex.load(out)) == kept
+    resumed = build_index(root, "tiny", out, progress=False)
+    assert (resumed.reused, resumed.embedded) == (kept, 300 - kept)
 
 
 def test_blocked_search_equals_a_full_sort(monkeypatch, rng):
@@ -116,7 +212,7 @@ def test_cli_reports_counts_and_refuses_bad_folders(photos, tmp_path):
     runner = CliRunner()
     ok = runner.invoke(main, ["index", str(tmp_path / "images"), "--model", "tiny", "--out", str(tmp_path / "idx")])
     assert ok.exit_code == 0, ok.output
-    assert "7 images (7 embedded, 0 unchanged, 0 removed), 1 unreadable" in ok.output
+    assert "7 images (7 embedded, 0 unchanged, 0 removed), 1 skipped" in ok.output
     missing = runner.invoke(main, ["index", str(tmp_path / "nope"), "--model", "tiny", "--out", str(tmp_path / "x")])
     assert missing.exit_code == 2 and "no such folder" in missing.output
     (tmp_path / "full").mkdir()

@@ -233,3 +233,13 @@ def test_sigterm_stops_at_a_step_with_a_checkpoint(tmp_path):
     assert proc.returncode == 130, output
     assert "interrupted at step" in output and "--resume latest" in output and "Traceback" not in output
     assert RunFolder(out).latest() is not None
+
+
+def test_index_out_that_cannot_be_created_is_one_line(tmp_path):
+    from mlx_clip.data.demo import make_demo
+
+    images = make_demo(tmp_path / "demo", image_size=16, per_class_train=1, per_class_val=1,
+                       per_class_control=1)["target"]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert_refused(invoke("index", images, "--model", "tiny", "--out", blocker / "idx"), "not a folder")

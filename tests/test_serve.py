@@ -80,8 +80,12 @@ def b64(path) -> str:
 
 
 def assert_error(response: httpx.Response, status: int, kind: str | None = None) -> dict:
+    """Our shape, `{"error": message, "type": kind}`; OpenAI's on its route (returned as ours)."""
     assert response.status_code == status, (response.status_code, response.text)
     body = response.json()
+    if response.request.url.path == "/v1/embeddings":
+        assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+        body = {"error": body["error"]["message"], "type": body["error"]["code"]}
     assert set(body) == {"error", "type"} and isinstance(body["error"], str) and body["error"], body
     if kind is not None:
         assert body["type"] == kind, body
@@ -346,3 +350,17 @@ def test_serve_refuses_a_missing_model_in_one_line(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+
+
+def test_serve_option_defaults_are_the_limits_defaults():
+    """The CLI's options spell the defaults out (declared when cli.py is imported, which loads no
+    server module); they must stay those of `Limits`, which the server uses as a library."""
+    from mlx_clip.cli import main
+    from mlx_clip.serve.limits import Limits
+
+    defaults = {p.name: p.default for p in main.commands["serve"].params}
+    limits = Limits()
+    assert defaults["max_body_mb"] * 2 ** 20 == limits.max_body_bytes
+    for name in ("max_items", "max_labels", "max_prompts", "max_text_chars", "max_concurrent_requests",
+                 "max_image_pixels"):
+        assert defaults[name] == getattr(limits, name), name

@@ -361,3 +361,16 @@ def test_corrupt_gz_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr("mlx_clip.tokenizer.DEFAULT_VOCAB_PATH", bad)
     with pytest.raises(CheckpointError, match="bpe.txt.gz"):
         load_tokenizer()
+
+
+def test_long_texts_do_not_fill_the_cleaning_cache():
+    """A server takes texts up to 4096 characters: caching each would let the 65,536-entry cache
+    hold about half a gigabyte. Only short texts (captions, prompts) are kept."""
+    from mlx_clip import tokenizer as tok
+
+    tok._clean_cached.cache_clear()
+    long_text = "A Photo  of " * 1000
+    assert tok.clean_text(long_text) == " ".join(long_text.split()).lower()
+    assert tok._clean_cached.cache_info().currsize == 0
+    assert tok.clean_text("A  Photo") == "a photo"
+    assert tok._clean_cached.cache_info().currsize == 1

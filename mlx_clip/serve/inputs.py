@@ -1,9 +1,10 @@
 """What a request may carry, checked before any of it reaches an engine.
 
 Every refusal is an `ApiError`: an HTTP status, a short machine-readable type and one line a
-person can act on. Image bytes are identified by their magic numbers rather than by a file name
-or a client's Content-Type (an HTML page named `.jpg` is still HTML), and the pixel count is read
-from the header before anything is decoded, so a small file declaring a huge image costs nothing.
+person can act on. Image bytes are identified by their magic numbers (`formats.py`), and the pixel
+count is read from the header before anything is decoded, so a small file declaring a huge image
+costs nothing. A text's length is checked before it is tokenized, so its cost is bounded before
+any is paid.
 """
 
 from __future__ import annotations
@@ -12,71 +13,25 @@ import base64
 import binascii
 import io
 import re
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from mlx_clip.errors import ImageError
 from mlx_clip.image_processing import open_image, preprocess
-
-
-class ApiError(Exception):
-    """A request the server refuses; the body is `{"error": message, "type": kind}`."""
-
-    def __init__(self, status: int, kind: str, message: str):
-        super().__init__(message)
-        self.status, self.kind, self.message = status, kind, message
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_body_bytes: int = 16 * 2 ** 20
-    max_items: int = 64
-    max_labels: int = 1000
-    max_k: int = 1000
-    max_image_pixels: int = 40_000_000
-    max_concurrent_requests: int = 64
-    truncate: bool = True
-
-    def describe(self) -> dict:
-        return {"max_body_mb": self.max_body_bytes / 2 ** 20, "max_items": self.max_items,
-                "max_labels": self.max_labels, "max_k": self.max_k, "max_image_pixels": self.max_image_pixels,
-                "max_concurrent_requests": self.max_concurrent_requests, "truncate": self.truncate}
-
-
-# The formats served, by magic number, and Pillow's name for each (passed to Image.open so a file
-# can never be decoded as some other format Pillow happens to know).
-_SERVED = (
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-)
-# Recognised but not served: an image, so 415 rather than 422.
-_OTHER_IMAGES = (
-    (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
-    (b"\x00\x00\x01\x00", "ICO"), (b"8BPS", "PSD"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
-    (b"\xff\x0a", "JPEG XL"), (b"\x00\x00\x00\x0cJXL ", "JPEG XL"), (b"qoif", "QOI"),
-)
-_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"mif1", b"msf1", b"avif", b"avis"}
-SERVED_FORMATS = ("JPEG", "PNG", "WEBP")
+from mlx_clip.serve.errors import ApiError
+from mlx_clip.serve.formats import HEADER_BYTES, SERVED_FORMATS, identify, refusal
+from mlx_clip.serve.limits import Limits
 
 
 def sniff_format(data: bytes, name: str) -> str:
-    """Pillow's format name for served image bytes; `ApiError` 422 / 415 otherwise."""
-    if not data:
-        raise ApiError(422, "invalid_image", f"{name}: empty file (0 bytes)")
-    for magic, fmt in _SERVED:
-        if data.startswith(magic):
-            return fmt
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    found = next((fmt for magic, fmt in _OTHER_IMAGES if data.startswith(magic)), None)
-    if found is None and data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
-        found = "HEIF/AVIF"
-    if found is not None:
-        raise ApiError(415, "unsupported_media_type",
-                       f"{name}: {found} images are not served; send {', '.join(SERVED_FORMATS)}")
-    raise ApiError(422, "invalid_image", f"{name}: not an image (the bytes are not {', '.join(SERVED_FORMATS)})")
+    """Pillow's format name for served image bytes; `ApiError` 422 (not an image) or 415 (an image
+    in a format not served) otherwise. The list is `formats.SERVED_FORMATS`, shared with the index."""
+    fmt = identify(data[:HEADER_BYTES])
+    if fmt in SERVED_FORMATS:
+        return fmt
+    status, kind = (422, "invalid_image") if fmt is None else (415, "unsupported_media_type")
+    raise ApiError(status, kind, f"{name}: {refusal(data[:HEADER_BYTES])}")
 
 
 def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
@@ -131,3 +86,59 @@ def check_count(items: list, what: str, limit: int) -> None:
         raise ApiError(422, "invalid_request", f"{what}: the list is empty; send at least one")
     if len(items) > limit:
         raise ApiError(413, "too_many_items", f"{what}: {len(items)} items exceeds the limit of {limit} per request")
+
+
+def check_text(text, where: str, limits: Limits) -> str:
+    """`text` if it is a string of at most `max_text_chars` characters, checked with `len` (O(1),
+    nothing read); 422 for a non-string, 413 past the limit. `where` names it ("texts[3]")."""
+    if not isinstance(text, str):
+        raise ApiError(422, "invalid_request", f"{where}: expected a string, got {type(text).__name__}")
+    if len(text) > limits.max_text_chars:
+        raise ApiError(413, "text_too_large",
+                       f"{where}: {len(text)} characters exceeds the limit of {limits.max_text_chars} per text "
+                       "(--max-text-chars)")
+    return text
+
+
+def check_texts(texts: list, what: str, limits: Limits) -> list[str]:
+    for i, text in enumerate(texts):
+        check_text(text, f"{what}[{i}]", limits)
+    return texts
+
+
+def check_labels(labels: list, templates: list | None, limits: Limits, default_templates: tuple[str, ...]
+                 ) -> tuple[list[str], list[str]]:
+    """(labels, templates) for /v1/classify, each prompt `fill(template, label)` buildable and
+    distinct; 422 naming the label or template otherwise, 413 past the size limits."""
+    from mlx_clip.data.templates import check_templates, prompt_name
+    from mlx_clip.errors import MlxClipError
+
+    check_count(labels, "labels", limits.max_labels)
+    check_texts(labels, "labels", limits)
+    if templates is not None:
+        check_count(templates, "templates", limits.max_labels)
+        check_texts(templates, "templates", limits)
+    try:
+        templates = check_templates(list(templates or default_templates))
+    except MlxClipError as err:
+        raise ApiError(422, "invalid_request", f"templates: {err}") from None
+    # A label fills the template as its words ("red_circle" -> "red circle"): what has no words
+    # makes no prompt, and two labels with the same words make the same prompt, so the same
+    # probability twice.
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        name = prompt_name(label)
+        if not name:
+            raise ApiError(422, "invalid_request", f"labels[{i}]: {label!r} has no words (underscores count as "
+                           "spaces); a label names what the image may show")
+        if name in seen:
+            j = seen[name]
+            raise ApiError(422, "invalid_request", f"labels[{j}] {labels[j]!r} and labels[{i}] {label!r} make the "
+                           f"same prompt ({name!r}); send each label once")
+        seen[name] = i
+    prompts = len(labels) * len(templates)
+    if prompts > limits.max_prompts:
+        raise ApiError(413, "too_many_items",
+                       f"labels x templates: {len(labels)} labels x {len(templates)} templates = {prompts} prompts "
+                       f"exceeds the limit of {limits.max_prompts} (--max-prompts)")
+    return labels, templates

@@ -1,7 +1,13 @@
-"""`mlxclip serve`: the app on uvicorn, the model loading while `/health` answers 503."""
+"""`mlxclip serve`: the app on uvicorn, the model loading while `/health` answers 503.
+
+Ctrl-C (SIGINT) and SIGTERM are a clean shutdown: uvicorn stops accepting, lets requests in flight
+finish (up to 5 s), stops the model service, and the command returns, exit code 0. uvicorn, once
+done, raises the signal it caught again for the handler it found; ours makes that the end.
+"""
 
 from __future__ import annotations
 
+import signal
 import socket
 
 from mlx_clip.errors import ConfigError
@@ -19,7 +25,29 @@ def check_port(host: str, port: int) -> None:
             raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
 
 
+class _Stop(Exception):
+    """SIGINT or SIGTERM, outside uvicorn's own handling (before it starts or after it ends)."""
+
+
+def _stop(signum, frame) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
 def serve(settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()  # where Python delivers signals
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        _serve(settings, host=host, port=port, log_level=log_level)
+    except _Stop:
+        pass  # a shutdown asked for: nothing failed
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(settings: ServeSettings, *, host: str, port: int, log_level: str) -> None:
     import uvicorn
 
     from mlx_clip.api import resolve
