@@ -4,7 +4,7 @@ a gradient for both operands of every matmul), as PaLM's and nanoGPT's MFU do.""
 
 from __future__ import annotations
 
-from mlx_clip.config import CLIPConfig
+from mlx_clip.model.config import CLIPConfig
 
 
 def tower_forward_flops(tokens: int, width: int, inner: int, layers: int) -> int:

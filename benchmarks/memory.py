@@ -33,8 +33,8 @@ def _status_kib(field: str) -> int:
 def worker(args: dict) -> dict:
     from benchmarks.worker import synthetic_batch
     from mlx_clip.api import resolve
-    from mlx_clip.backend import load_backend
-    from mlx_clip.train_config import TrainConfig
+    from mlx_clip.engine.protocol import load_backend
+    from mlx_clip.training.options import TrainConfig
 
     folder = resolve(args["model"])
     engine = load_backend(args["engine"], folder)
@@ -117,7 +117,7 @@ def run(out: str | Path, *, model: str = "small", batches=(16, 64, 256, 1024), m
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    from mlx_clip.report import _figure
+    from mlx_clip.evaluation.results import _figure
 
     fig = _figure(8, 4.5)
     ax = fig.subplots()

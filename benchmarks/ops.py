@@ -28,7 +28,7 @@ import mlx.nn as nn
 import numpy as np
 import torch
 
-from mlx_clip.blas import blas_threads
+from mlx_clip.engine.blas import blas_threads
 from mlx_clip.mlx_backend import cpu_math
 
 

@@ -143,7 +143,7 @@ def run(size: str = "tiny", out: str | Path = "benchmarks/results", *, steps: in
         },
         "seconds": time.perf_counter() - started,
     }
-    from benchmarks.report import write_markdown, write_png
+    from benchmarks.bench_report import write_markdown, write_png
 
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     markdown = write_markdown(results, out / "results.md")

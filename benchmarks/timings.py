@@ -16,7 +16,7 @@ WORDS = ("a photo of the red blue green small large dog cat car street night mou
 
 
 def tokenize_1000() -> float:
-    from mlx_clip.tokenizer import load_tokenizer
+    from mlx_clip.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer()
     rng = random.Random(1234)

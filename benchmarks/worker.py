@@ -3,7 +3,7 @@
     python -m benchmarks.worker TASK '{"size": "tiny", ...}'
 
 Each row of `mlxclip bench` runs here on its own, so that one engine's threads, allocator caches and
-peak memory never colour another's figures. Engines are reached through `mlx_clip.backend`; the peer
+peak memory never colour another's figures. Engines are reached through `mlx_clip.engine.protocol`; the peer
 rows (open_clip's and transformers' own training steps) build what those users would run instead.
 """
 
@@ -24,9 +24,9 @@ import numpy as np
 
 from benchmarks.flops import train_flops_per_pair
 from mlx_clip.api import resolve
-from mlx_clip.backend import engine_class, load_backend
+from mlx_clip.engine.protocol import engine_class, load_backend
 from mlx_clip.data.loader import Batch
-from mlx_clip.train_config import TrainConfig
+from mlx_clip.training.options import TrainConfig
 
 SIZES = {"tiny": "tiny", "b32": "vit-b32"}
 TEXT_LENGTH = 77
@@ -147,7 +147,7 @@ def data_pipeline(args: dict) -> dict:
 
     from mlx_clip.data.loader import BatchLoader
     from mlx_clip.data.sample import Sample
-    from mlx_clip.tokenizer import load_tokenizer
+    from mlx_clip.model.tokenizer import load_tokenizer
 
     config = load_backend("torch", resolve(SIZES[args["size"]])).config
     rng = np.random.default_rng(SEED)

@@ -20,7 +20,7 @@ from convert.open_clip_config import clip_config_from_open_clip, layout_of, read
 from convert.pickle_weights import read_pickled
 from convert.safetensors_io import Tensor, read_safetensors
 from convert.shapes import EXTRA_TENSORS, Shape, expected_shapes, is_buffer
-from mlx_clip.config import CLIPConfig
+from mlx_clip.model.config import CLIPConfig
 from mlx_clip.errors import CheckpointError
 
 MAX_LISTED = 5

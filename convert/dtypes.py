@@ -10,7 +10,7 @@ import numpy as np
 
 from convert.safetensors_io import FLOAT_TAGS, STORAGE, Tensor
 from mlx_clip.errors import ConvertError
-from mlx_clip.policy import DTYPES
+from mlx_clip.engine.policy import DTYPES
 
 TAG_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 # The dtypes a user may ask for are the toolkit's one list; this is where each is stored.

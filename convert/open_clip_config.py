@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from convert.shapes import Shape
-from mlx_clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, read_json
+from mlx_clip.model.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, read_json
 from mlx_clip.errors import ConfigError, ConvertError
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"

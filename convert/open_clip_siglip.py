@@ -27,7 +27,7 @@ from convert.open_clip_config import (_CUSTOM_BLOCK, EXTRAS_KEY, OPEN_CLIP_CONFI
 from convert.safetensors_io import Tensor
 from convert.shapes import Shape
 from convert.timm_siglip import KNOWN_TRUNKS, SIGLIP_POOL, TimmTrunk, timm_name_for, trunk_of
-from mlx_clip.config import CLIPConfig, SiglipTextConfig, SiglipVisionConfig
+from mlx_clip.model.config import CLIPConfig, SiglipTextConfig, SiglipVisionConfig
 from mlx_clip.errors import ConfigError, ConvertError
 
 # open_clip's CLIPVisionCfg defaults for the fields a timm tower reads (the others it ignores).

@@ -15,7 +15,7 @@ import numpy as np
 
 from convert.checkpoint import Checkpoint
 from mlx_clip.errors import ConfigError
-from mlx_clip.interpolate import bicubic_matrix
+from mlx_clip.model.interpolate import bicubic_matrix
 
 POSITIONS = "vision_model.embeddings.position_embedding.weight"
 

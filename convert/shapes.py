@@ -7,7 +7,7 @@ to transformers.
 
 from __future__ import annotations
 
-from mlx_clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from mlx_clip.model.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
 Shape = tuple[int, ...]
 

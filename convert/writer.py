@@ -17,9 +17,9 @@ from convert.layout import torch_to_mlx
 from convert.names import hf_to_open_clip, rules
 from convert.open_clip_config import layout_of, open_clip_config_for
 from convert.safetensors_io import FLOAT_TAGS, Tensor, write_safetensors
-from mlx_clip.config import CLIPConfig
+from mlx_clip.model.config import CLIPConfig
 from mlx_clip.errors import ConvertError
-from mlx_clip.image_processing import OPENAI_MEAN, OPENAI_STD, SIGLIP_MEAN, SIGLIP_STD
+from mlx_clip.model.image_processing import OPENAI_MEAN, OPENAI_STD, SIGLIP_MEAN, SIGLIP_STD
 from mlx_clip.version import __version__
 
 # Files that travel with the weights (tokenizer and image preprocessing), copied as they are.
@@ -84,7 +84,7 @@ def write_side_files(folder: Path, config: CLIPConfig, source: Path | None = Non
         return
     # CLIP: what the source model was trained with travels; OpenAI's files only where it had none.
     if not any(name in copied for name in TOKENIZER_FILES):
-        from mlx_clip.tokenizer import load_tokenizer
+        from mlx_clip.model.tokenizer import load_tokenizer
 
         load_tokenizer().save_pretrained(folder)
     if "preprocessor_config.json" not in copied:

@@ -1,6 +1,6 @@
 """mlxclip: fine-tune CLIP on your own domain, in MLX and PyTorch."""
 
-from mlx_clip.blas import load_optimized_blas
+from mlx_clip.engine.blas import load_optimized_blas
 from mlx_clip.version import __version__  # noqa: F401
 
 # The one module-level side effect we allow: MLX must see an optimized BLAS before it first runs a

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_clip.backend import Backend, load_backend
-from mlx_clip.builtin import builtin_configs, materialize
-from mlx_clip.config import read_json
+from mlx_clip.engine.protocol import Backend, load_backend
+from mlx_clip.model.builtin import builtin_configs, materialize
+from mlx_clip.model.config import read_json
 from mlx_clip.errors import ConfigError
-from mlx_clip.hub import resolve_model
-from mlx_clip.image_processing import OPENAI_MEAN, OPENAI_STD, SIGLIP_MEAN, SIGLIP_STD, open_image, preprocess
-from mlx_clip.tokenizer import load_tokenizer
+from mlx_clip.model.hub import resolve_model
+from mlx_clip.model.image_processing import OPENAI_MEAN, OPENAI_STD, SIGLIP_MEAN, SIGLIP_STD, open_image, preprocess
+from mlx_clip.model.tokenizer import load_tokenizer
 
 
 # How many images / texts reach the engine at once when embedding or evaluating; the default of
@@ -39,7 +39,7 @@ def preprocessor_settings(folder: Path) -> tuple[tuple[float, ...], tuple[float,
     """(mean, std, crop) from the folder's preprocessor_config.json: crop is CLIP's center crop
     (`do_center_crop`, or a `shortest_edge` size), False for SigLIP's square resize. Without the
     file, the family's defaults: OpenAI's stats with a crop, or SigLIP's 0.5 / 0.5 without."""
-    from mlx_clip.siglip_tokenizer import is_siglip_folder
+    from mlx_clip.model.siglip_tokenizer import is_siglip_folder
 
     siglip = is_siglip_folder(folder)
     default_mean, default_std = (SIGLIP_MEAN, SIGLIP_STD) if siglip else (OPENAI_MEAN, OPENAI_STD)

@@ -9,7 +9,7 @@ import click
 
 from mlx_clip.api import IMAGE_BATCH
 from mlx_clip.errors import MlxClipError
-from mlx_clip.policy import DTYPES
+from mlx_clip.engine.policy import DTYPES
 
 
 def domain_errors(fn):
@@ -232,8 +232,8 @@ def index(image_dir, model, out, backend, device, dtype, allow_pickle, batch_siz
 @main.command()
 def info():
     """Show the engines, devices and BLAS this machine gives mlxclip."""
-    from mlx_clip.backend import describe_engines
-    from mlx_clip.blas import blas_info
+    from mlx_clip.engine.protocol import describe_engines
+    from mlx_clip.engine.blas import blas_info
 
     choice = blas_info()
     click.echo(f"BLAS for MLX: {choice.name}" + (f" ({choice.path})" if choice.path else ""))
@@ -245,7 +245,7 @@ def train_config_options(fn):
     """One click option per TrainConfig field; default None so only given flags override."""
     import dataclasses
 
-    from mlx_clip.train_config import TrainConfig
+    from mlx_clip.training.options import TrainConfig
 
     types = TrainConfig.field_types()
     for f in reversed(dataclasses.fields(TrainConfig)):
@@ -273,7 +273,7 @@ def finetune(config_file, **flags):
     defaults shown below; any of them can still be given.
     """
     from mlx_clip.finetune import demo_preset, finetune as run
-    from mlx_clip.train_config import TrainConfig, read_config_file
+    from mlx_clip.training.options import TrainConfig, read_config_file
 
     given = {k: v for k, v in flags.items() if v is not None}
     file_values = read_config_file(config_file) if config_file else {}
@@ -289,7 +289,7 @@ def finetune(config_file, **flags):
 @domain_errors
 def report_command(run_dir, out):
     """A fine-tuning run as PNG curves (loss, lr, logit scale, throughput, memory, evaluations) and a Markdown summary."""
-    from mlx_clip.run_report import write_run_report
+    from mlx_clip.training.run_report import write_run_report
 
     written = write_run_report(run_dir, out)
     click.echo(f"wrote {written.markdown} and {', '.join(p.name for p in written.figures)}")
@@ -318,7 +318,7 @@ def wise_ft(zero_shot, fine_tuned, alpha, sweep, eval_target, eval_control, cont
     """Interpolate weights against domain shift (WiSE-FT, Wortsman et al. 2022)."""
     from pathlib import Path
 
-    from mlx_clip import wise_ft as wf
+    from mlx_clip.robust import wise_ft as wf
     from mlx_clip.api import resolve
     from mlx_clip.errors import ConfigError
     from mlx_clip.outputs import check_folder, refuse_overlap
@@ -368,7 +368,7 @@ def wise_ft(zero_shot, fine_tuned, alpha, sweep, eval_target, eval_control, cont
 def eval_command(model, compare_models, data, control, templates, classes, tasks, image_column, caption_column,
                  image_size, out, batch_size, backend, device, dtype, allow_pickle):
     """Zero-shot top-k, retrieval recall@K, linear probe; JSON (CLIP_benchmark's shape), Markdown, PNG."""
-    from mlx_clip import evaluate as ev
+    from mlx_clip.evaluation import evaluate as ev
     from mlx_clip.api import resolve
     from mlx_clip.errors import ConfigError
     from mlx_clip.outputs import check_file, check_folder, refuse_overlap
@@ -409,7 +409,7 @@ def demo():
 def domain_shift(preset, out, backend, seed):
     """Forgetting, shown: train a base on domain A, fine-tune it on domain B (plain, LP-FT, L2-SP),
     sweep WiSE-FT, and report target (B) and control (A) accuracy of each."""
-    from mlx_clip.domain_shift import run_domain_shift
+    from mlx_clip.robust.domain_shift import run_domain_shift
 
     result = run_domain_shift(out, preset=preset, backend=backend, seed=seed, echo=click.echo,
                               progress="bar" if sys.stderr.isatty() else "lines")

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from convert import converter
-from mlx_clip.backend import load_backend
-from mlx_clip.config import CLIPConfig
+from mlx_clip.engine.protocol import load_backend
+from mlx_clip.model.config import CLIPConfig
 from mlx_clip.errors import ConvertError
 
 FLOAT32_TOLERANCE = 1e-4  # max |a - b| between L2-normalised embeddings

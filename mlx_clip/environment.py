@@ -3,7 +3,7 @@
 OS, CPU model and the instruction sets that decide speed here (AVX2, AVX-512, bf16, AMX),
 accelerators, package versions, the BLAS MLX runs on (and why the others were not taken) with its
 measured float32 GFLOP/s, the OpenBLAS variables that change numpy's speed, and the git commit.
-Framework facts come from the engines through `mlx_clip.backend`; nothing here imports mlx or torch.
+Framework facts come from the engines through `mlx_clip.engine.protocol`; nothing here imports mlx or torch.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from mlx_clip.backend import describe_engines, engine_class
-from mlx_clip.blas import blas_info
+from mlx_clip.engine.protocol import describe_engines, engine_class
+from mlx_clip.engine.blas import blas_info
 
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "neon", "asimd")
 PACKAGES = ("mlxclip", "mlx", "torch", "transformers", "open_clip_torch", "numpy", "safetensors", "tokenizers")

@@ -4,7 +4,7 @@
 name or a hub id) into the torch engine and writes `image_encoder.onnx` (pixel_values: float32
 (batch, H, W, 3), channels-last and already normalised, exactly what `mlx_clip.load(...).preprocess`
 returns) and `text_encoder.onnx` (input_ids: int64 (batch, sequence), sequence up to the model's
-context, SOT ... EOT then padding as `mlx_clip.tokenizer` writes it; no attention mask), each
+context, SOT ... EOT then padding as `mlx_clip.model.tokenizer` writes it; no attention mask), each
 returning the engine's L2-normalised embeddings. Beside them go the model's tokenizer files,
 preprocessor_config.json and `onnx_export.json`, which describes the inputs, the outputs, the
 logit scale and the verification. The graphs are traced on a batch of 2 with a dynamic batch axis
@@ -180,7 +180,7 @@ def describe(clip: CLIP, *, opset: int, diffs: dict[str, float], exporter: str, 
             "file": TEXT_FILE,
             "input": {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"],
                       "max_sequence": t.max_position_embeddings, "attention_mask": None,
-                      "padding": "<|startoftext|> tokens <|endoftext|>, then pad id 0 (mlx_clip.tokenizer) or "
+                      "padding": "<|startoftext|> tokens <|endoftext|>, then pad id 0 (mlx_clip.model.tokenizer) or "
                                  "<|endoftext|> (transformers): attention is causal and pooling reads the first "
                                  "EOT, so nothing after it changes the output",
                       "pooling": pooling},

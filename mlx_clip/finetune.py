@@ -10,17 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from mlx_clip.api import CLIP, preprocessor_settings, resolve
-from mlx_clip.backend import Backend, load_backend
-from mlx_clip.checkpoint import FollowerRun, RunFolder
+from mlx_clip.engine.protocol import Backend, load_backend
+from mlx_clip.training.run_folder import FollowerRun, RunFolder
 from mlx_clip.data.fingerprint import fingerprint
 from mlx_clip.data.loader import BatchLoader
 from mlx_clip.data.records import Dataset, load_dataset, split_samples
-from mlx_clip.distributed import launched
+from mlx_clip.engine.distributed import launched
 from mlx_clip.errors import ConfigError, DataError
 from mlx_clip.outputs import check_folder, overlap
-from mlx_clip.tokenizer import load_tokenizer
-from mlx_clip.train_config import TrainConfig
-from mlx_clip.trainer import Interrupted, Trainer, TrainResult
+from mlx_clip.model.tokenizer import load_tokenizer
+from mlx_clip.training.options import TrainConfig
+from mlx_clip.training.trainer import Interrupted, Trainer, TrainResult
 
 
 # The sigmoid loss learns the demo domain more slowly than InfoNCE: siglip-tiny reached held-out
@@ -62,7 +62,7 @@ class DomainData:
 
 def prepare_data(cfg: TrainConfig) -> DomainData:
     if cfg.data is None:
-        from mlx_clip.builtin import cache_root
+        from mlx_clip.model.builtin import cache_root
         from mlx_clip.data.demo import make_demo
 
         paths = make_demo(cache_root() / "demo")
@@ -150,7 +150,7 @@ def claim_out(cfg: TrainConfig, run: RunFolder) -> list[str]:
 
 
 def make_evaluator(data: DomainData, folder: Path, batch_size: int):
-    from mlx_clip.evaluate import retrieval, zero_shot
+    from mlx_clip.evaluation.evaluate import retrieval, zero_shot
 
     def evaluate(engine) -> dict[str, float]:
         clip = CLIP(engine, folder)
@@ -292,8 +292,8 @@ def _within_budget(cfg: TrainConfig, folder: Path, run: RunFolder, echo) -> Trai
     another would change the float32 summation order and resume is exact."""
     import dataclasses
 
-    from mlx_clip.checkpoint import read_trainer_state
-    from mlx_clip.memory_budget import budgeted
+    from mlx_clip.training.run_folder import read_trainer_state
+    from mlx_clip.training.memory_budget import budgeted
 
     if cfg.resume:
         started = read_trainer_state(run.resolve_resume(cfg.resume)).get("config", {})
@@ -303,7 +303,7 @@ def _within_budget(cfg: TrainConfig, folder: Path, run: RunFolder, echo) -> Trai
 
 def first_evaluation(run: RunFolder) -> dict | None:
     """The before-training metrics of a resumed run, from its log."""
-    from mlx_clip.monitor import MetricsLog
+    from mlx_clip.training.monitor import MetricsLog
 
     for record in MetricsLog(run.metrics_path).read():
         if record.get("step") == 0 and "eval" in record:

@@ -23,7 +23,7 @@ def test_forward_flops_equal_torch_flop_counter(text_length):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mlx_clip.config import CLIPConfig
+    from mlx_clip.model.config import CLIPConfig
 
     import transformers
 

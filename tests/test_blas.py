@@ -24,7 +24,7 @@ MATMUL = """
 import json, os, sys
 before = os.environ.get("OPENBLAS_CORETYPE")
 import mlx_clip
-from mlx_clip.blas import blas_info
+from mlx_clip.engine.blas import blas_info
 import mlx.core as mx
 import numpy as np
 
@@ -44,7 +44,7 @@ import json, warnings
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import mlx_clip
-from mlx_clip.blas import blas_info
+from mlx_clip.engine.blas import blas_info
 info = blas_info()
 print(json.dumps({"name": info.name, "path": info.path,
                   "warnings": [[w.category.__name__, str(w.message)] for w in caught]}))
@@ -53,7 +53,7 @@ print(json.dumps({"name": info.name, "path": info.path,
 # Imported with the loader disabled (nothing gets loaded), then run again as if no BLAS existed.
 NOTHING_FOUND = """
 import json, os, warnings
-import mlx_clip.blas as blas
+import mlx_clip.engine.blas as blas
 os.environ.pop("MLXCLIP_BLAS")
 os.environ.update(dict(arg.split("=", 1) for arg in __import__("sys").argv[1:]))
 blas._choice = None
@@ -130,7 +130,7 @@ def test_no_blas_found_warning_states_the_cost(env, opening):
 
 
 def test_benchmark_script_runs_and_reports_consistent_numbers(tmp_path):
-    from benchmarks.blas import main
+    from benchmarks.blas_candidates import main
 
     out = tmp_path / "results" / "blas.json"
     main(["--sizes", "64", "96", "--reps", "2", "--warmup", "1", "--ref-size", "64", "--ref-reps", "1",

@@ -27,7 +27,7 @@ import json, sys, warnings
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import mlx_clip
-from mlx_clip.blas import blas_info
+from mlx_clip.engine.blas import blas_info
 import numpy as np, scipy.linalg, torch
 import torch.nn.functional as F
 
@@ -144,7 +144,7 @@ def test_the_symbol_reader_agrees_with_the_dynamic_linker():
     """`exported_symbols` reads the ELF table without loading; ctypes' lookups are the reference."""
     import ctypes
 
-    from mlx_clip.blas import blas_info, exported_symbols
+    from mlx_clip.engine.blas import blas_info, exported_symbols
 
     path = blas_info().path
     if path is None:

@@ -17,8 +17,8 @@ from mlx_clip.data.buckets import Bucket, grid_buckets, nearest_bucket
 from mlx_clip.data.loader import BatchLoader
 from mlx_clip.data.sample import Sample
 from mlx_clip.errors import DataError
-from mlx_clip.image_processing import image_size_of, preprocess, random_resized_crop
-from mlx_clip.trainer import Interrupted
+from mlx_clip.model.image_processing import image_size_of, preprocess, random_resized_crop
+from mlx_clip.training.trainer import Interrupted
 from tests.train_helpers import assert_same_weights, final_weights, run, small_config
 
 # (width, height) of the mixed-aspect images: landscape, portrait, square, panorama, tall.
@@ -101,7 +101,7 @@ def test_rectangular_transforms_equal_transformers(size):
         np.testing.assert_allclose(preprocess(image, size, mean=(0.5,) * 3, std=(0.5,) * 3, crop=False), theirs,
                                    atol=1e-6)
         ours = preprocess(image, size)
-        from mlx_clip.image_processing import _covering_shortest_side
+        from mlx_clip.model.image_processing import _covering_shortest_side
 
         edge = _covering_shortest_side(w, h, height, width)
         clip = CLIPImageProcessor(size={"shortest_edge": edge}, crop_size={"height": height, "width": width})
@@ -132,7 +132,7 @@ def test_header_size_applies_exif_rotation(tmp_path):
     exif[0x0112] = 6  # rotate 90: open_image (exif_transpose) gives a 20x60 image
     image.save(tmp_path / "r.jpg", exif=exif)
     assert image_size_of(tmp_path / "r.jpg") == (20, 60)
-    from mlx_clip.image_processing import open_image
+    from mlx_clip.model.image_processing import open_image
 
     assert open_image(tmp_path / "r.jpg").size == (20, 60)
 
@@ -202,7 +202,7 @@ def test_towers_on_a_rectangular_grid_equal_transformers(family, engine):
     from transformers import AutoModel
 
     from mlx_clip.api import load
-    from mlx_clip.builtin import materialize
+    from mlx_clip.model.builtin import materialize
 
     folder = materialize(family)
     clip = load(folder, engine)

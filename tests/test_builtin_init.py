@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from mlx_clip.builtin import TEXT_POSITION_STD, builtin_configs, random_weights
+from mlx_clip.model.builtin import TEXT_POSITION_STD, builtin_configs, random_weights
 from torch_backend.model import hf_config
 
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 import mlx_clip.finetune
 from mlx_clip.cli import main
 from mlx_clip.errors import ConfigError
-from mlx_clip.train_config import TrainConfig
+from mlx_clip.training.options import TrainConfig
 
 # A valid value for each field, unlike its default where the field allows it.
 VALID = {

@@ -18,7 +18,7 @@ import torch
 from convert import detect_format, read_checkpoint, write_checkpoint
 from convert.dtypes import bf16_bits_to_float32, float32_to_bf16_bits
 from convert.shapes import expected_shapes
-from mlx_clip.config import CLIPConfig
+from mlx_clip.model.config import CLIPConfig
 from mlx_clip.conversion import convert
 from mlx_clip.errors import ConvertError
 from tests.helpers import (assert_same_bytes, hf_features, open_clip_features, perturb, random_pixels, random_tokens,
@@ -228,7 +228,7 @@ def test_open_clip_to_mlx_embeds_like_open_clip(oc_source, tmp_path):
 
 def test_mlx_engine_checkpoint_converts_to_hf_that_embeds_alike(tmp_path):
     import transformers
-    from mlx_clip.config import tiny_config
+    from mlx_clip.model.config import tiny_config
     from mlx_clip.mlx_backend.backend import MLXBackend
 
     engine = MLXBackend.random(tiny_config(), seed=10)

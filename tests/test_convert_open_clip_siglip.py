@@ -112,7 +112,7 @@ def save_open_clip(model, folder: Path, model_cfg: dict, tokenizer: bool = False
     config = {"model_cfg": model_cfg, "preprocess_cfg": SIGLIP_PREPROCESS}
     (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     if tokenizer:  # a hub folder (timm/ViT-*-SigLIP) has the tokenizer its text_cfg names beside the weights
-        from mlx_clip.builtin_tokenizer import write_demo_tokenizer
+        from mlx_clip.model.builtin_tokenizer import write_demo_tokenizer
 
         write_demo_tokenizer(folder, TINY_VOCAB, TINY_CONTEXT)
     return folder

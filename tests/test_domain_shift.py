@@ -101,7 +101,7 @@ def test_forgetting_is_real_even_in_the_small_preset(case):
 
 
 def test_a_second_run_replaces_its_own_folder_and_refuses_a_foreign_one(tmp_path):
-    from mlx_clip.domain_shift import MARKER, _claim
+    from mlx_clip.robust.domain_shift import MARKER, _claim
     from mlx_clip.errors import ConfigError
 
     earlier = tmp_path / "earlier"
@@ -130,7 +130,7 @@ def test_domains_are_deterministic_and_disjoint(tmp_path):
 
 
 def test_lambda_is_chosen_by_the_wise_ft_rule():
-    from mlx_clip.domain_shift import choose_lambda
+    from mlx_clip.robust.domain_shift import choose_lambda
 
     points = [{"lambda": 20.0, "target": 0.97, "control": 0.60}, {"lambda": 50.0, "target": 0.87, "control": 0.93},
               {"lambda": 100.0, "target": 0.77, "control": 0.95}]

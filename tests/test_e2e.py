@@ -32,7 +32,7 @@ def test_demo_goes_from_chance_to_at_least_90_percent(demo_run):
 
 
 def test_eval_compare_reports_target_gain_and_control_change(demo_run, tmp_path):
-    from mlx_clip.builtin import cache_root
+    from mlx_clip.model.builtin import cache_root
 
     run, _, _, _ = demo_run
     demo = cache_root() / "demo"
@@ -49,7 +49,7 @@ def test_eval_compare_reports_target_gain_and_control_change(demo_run, tmp_path)
 
 
 def test_wise_ft_sweep_runs_from_base_to_fine_tuned(demo_run, tmp_path):
-    from mlx_clip.builtin import cache_root
+    from mlx_clip.model.builtin import cache_root
 
     run, _, _, _ = demo_run
     demo = cache_root() / "demo"

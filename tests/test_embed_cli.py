@@ -27,7 +27,7 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 from mlx_clip.cli import main
-from mlx_clip.tokenizer import load_tokenizer
+from mlx_clip.model.tokenizer import load_tokenizer
 from tests.helpers import save_hf, tiny_hf_clip
 
 ENGINE_TOL = 1e-5

@@ -25,8 +25,8 @@ from mlx_clip.api import load
 from mlx_clip.cli import main
 from mlx_clip.data.records import Dataset, load_dataset
 from mlx_clip.errors import DataError
-from mlx_clip import evaluate as ev
-from mlx_clip.evaluate import compare, evaluate, retrieval, zero_shot
+from mlx_clip.evaluation import evaluate as ev
+from mlx_clip.evaluation.evaluate import compare, evaluate, retrieval, zero_shot
 from tests.test_evaluate import tiny_model_folder
 
 TEMPLATES = ["a photo of the digit {}.", "a handwritten {}."]

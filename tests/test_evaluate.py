@@ -26,14 +26,14 @@ from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
 from mlx_clip.api import CLIP, load
 from convert.writer import write_preprocessor_config
-from mlx_clip.config import tiny_config
+from mlx_clip.model.config import tiny_config
 from mlx_clip.data.demo import make_demo
 from mlx_clip.data.records import load_dataset
 from mlx_clip.data.sample import Sample
 from mlx_clip.data.templates import prompt_name
 from mlx_clip.errors import ConfigError, DataError
-from mlx_clip.evaluate import compare, encode_dataset, evaluate, linear_probe_eval, retrieval, zero_shot
-from mlx_clip.tokenizer import load_tokenizer
+from mlx_clip.evaluation.evaluate import compare, encode_dataset, evaluate, linear_probe_eval, retrieval, zero_shot
+from mlx_clip.model.tokenizer import load_tokenizer
 from tests.helpers import save_hf, tiny_hf_clip
 from tests.test_metrics import cb_accuracy, cb_retrieval, cb_zero_shot_classifier
 
@@ -264,7 +264,7 @@ def test_unreadable_images_are_skipped_counted_and_logged(setup, clips, tmp_path
     (broken / "red_circle" / "9999.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     Image.new("RGB", (4, 4)).save(broken / "blue_square" / "9998.png")
     (broken / "blue_square" / "9998.png").write_bytes((broken / "blue_square" / "9998.png").read_bytes()[:30])
-    with caplog.at_level(logging.WARNING, logger="mlx_clip.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="mlx_clip.evaluation.evaluate"):
         got = zero_shot(clips["mlx"], load_dataset(broken, templates=TEMPLATES))
     want = zero_shot(clips["mlx"], load_dataset(clean, templates=TEMPLATES))
     assert got["unreadable_images"] == 2 and got["images"] == 36

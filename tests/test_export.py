@@ -27,7 +27,7 @@ from mlx_clip.api import load, resolve
 from mlx_clip.cli import main
 from mlx_clip.errors import ConvertError
 from mlx_clip.export import IMAGE_FILE, SPEC_FILE, TEXT_FILE, TRACE_BATCH, export_onnx
-from mlx_clip.tokenizer import load_tokenizer, trim_padding
+from mlx_clip.model.tokenizer import load_tokenizer, trim_padding
 from tests.helpers import hf_clip, random_pixels, random_tokens, save_hf
 
 TOL = 1e-5

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlx_clip.trainer import Interrupted
+from mlx_clip.training.trainer import Interrupted
 from tests.train_helpers import assert_same_weights, final_weights, run, small_config
 
 CASES = [(engine, loss, "full") for engine in ("mlx", "torch") for loss in ("clip", "siglip")]

@@ -71,7 +71,7 @@ def test_nonsense_values(tmp_path, args, needle):
 
 
 def test_flag_overrides_file_overrides_default(tmp_path):
-    from mlx_clip.train_config import TrainConfig
+    from mlx_clip.training.options import TrainConfig
 
     (tmp_path / "run.yaml").write_text("lr: 0.001\nbatch_size: 4\n")
     cfg = TrainConfig.resolve(tmp_path / "run.yaml", {"batch_size": 8})
@@ -79,7 +79,7 @@ def test_flag_overrides_file_overrides_default(tmp_path):
 
 
 def test_help_documents_every_option():
-    from mlx_clip.train_config import TrainConfig
+    from mlx_clip.training.options import TrainConfig
 
     text = CliRunner().invoke(main, ["finetune", "--help"], terminal_width=200).output
     for name in TrainConfig.field_names():

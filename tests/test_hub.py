@@ -18,8 +18,8 @@ from click.testing import CliRunner
 
 from mlx_clip.cli import main
 from mlx_clip.errors import CheckpointError
-from mlx_clip.hub import resolve_model
-from mlx_clip.tokenizer import load_tokenizer
+from mlx_clip.model.hub import resolve_model
+from mlx_clip.model.tokenizer import load_tokenizer
 from tests.helpers import random_pixels, save_hf, tiny_hf_clip
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

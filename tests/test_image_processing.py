@@ -24,7 +24,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_ima
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from mlx_clip.errors import ImageError
-from mlx_clip.image_processing import (
+from mlx_clip.model.image_processing import (
     OPENAI_MEAN,
     OPENAI_STD,
     open_image,

@@ -77,7 +77,7 @@ def test_finetuned_at_a_new_size_is_a_model_of_that_size(tmp_path, engine):
 
 
 def test_resume_at_a_new_size_is_exact(tmp_path):
-    from mlx_clip.trainer import Interrupted
+    from mlx_clip.training.trainer import Interrupted
     from tests.train_helpers import assert_same_weights, final_weights
 
     common = dict(steps=4, save_every=2, image_size=48)

@@ -57,10 +57,10 @@ def test_sigint_then_resume_matches_uninterrupted(tmp_path, engine):
 KILL_SCRIPT = """
 import os, signal, sys
 import mlx_clip
-from mlx_clip import checkpoint
+from mlx_clip.training import run_folder
 from tests.train_helpers import run, small_config
 
-original = checkpoint.RunFolder.save
+original = run_folder.RunFolder.save
 
 def save(self, step, write_engine_state, trainer_state, keep):
     if step == 10:
@@ -70,7 +70,7 @@ def save(self, step, write_engine_state, trainer_state, keep):
         return original(self, step, write_then_die, trainer_state, keep)
     return original(self, step, write_engine_state, trainer_state, keep)
 
-checkpoint.RunFolder.save = save
+run_folder.RunFolder.save = save
 run(small_config(sys.argv[1], sys.argv[2], steps=20, save_every=5))
 """
 

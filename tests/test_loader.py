@@ -11,7 +11,7 @@ from PIL import Image
 from mlx_clip.data.loader import BatchLoader
 from mlx_clip.data.sample import Sample
 from mlx_clip.errors import DataError
-from mlx_clip.image_processing import normalize, open_image, preprocess, random_resized_crop
+from mlx_clip.model.image_processing import normalize, open_image, preprocess, random_resized_crop
 
 SIZE = 16
 

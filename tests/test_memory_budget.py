@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from mlx_clip.cli import main
 from mlx_clip.errors import ConfigError
-from mlx_clip.memory_budget import MARGIN, MemoryModel, choose_micro_batch, parse_size
+from mlx_clip.training.memory_budget import MARGIN, MemoryModel, choose_micro_batch, parse_size
 
 
 def test_sizes_parse():

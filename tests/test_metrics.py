@@ -20,7 +20,7 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
 from mlx_clip.errors import DataError
-from mlx_clip.metrics import (
+from mlx_clip.evaluation.metrics import (
     accuracy_topk,
     build_class_embeds,
     classification_metrics,

@@ -12,7 +12,7 @@ import torch
 
 import mlx.core as mx
 from convert.layout import torch_to_mlx
-from mlx_clip.config import CLIPConfig
+from mlx_clip.model.config import CLIPConfig
 from mlx_clip.mlx_backend.model import CLIPModel, init_weights
 from tests.helpers import hf_clip, random_pixels, random_tokens, rel_err
 
@@ -94,7 +94,7 @@ def test_interpolated_positions_match_transformers():
 
 
 def test_init_weights_gives_finite_distinct_embeddings():
-    from mlx_clip.config import tiny_config
+    from mlx_clip.model.config import tiny_config
 
     model = CLIPModel(tiny_config())
     init_weights(model, seed=0)
@@ -107,7 +107,7 @@ def test_mlx_save_then_load_is_exact_and_idempotent(tmp_path):
     """MLX files store the conv channels-last with format=mlx; loading must not transpose twice."""
     from mlx.utils import tree_flatten
 
-    from mlx_clip.config import tiny_config
+    from mlx_clip.model.config import tiny_config
     from mlx_clip.mlx_backend.backend import load_mlx_model, save_mlx_model
     from torch_backend.backend import TorchBackend
 

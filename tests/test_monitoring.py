@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import mlx_clip.monitor as monitor
+import mlx_clip.training.monitor as monitor
 from mlx_clip.cli import main
 from tests.train_helpers import run, small_config
 

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 
 import mlx_clip.finetune as finetune_module
 from mlx_clip.api import resolve
-from mlx_clip.checkpoint import RunFolder
+from mlx_clip.training.run_folder import RunFolder
 from mlx_clip.cli import main
-from mlx_clip.trainer import Interrupted
+from mlx_clip.training.trainer import Interrupted
 from tests.train_helpers import assert_same_weights, final_weights, run, small_config
 
 TINY_RUN = ["--model", "tiny", "--steps", "2", "--batch-size", "8", "--warmup-steps", "1", "--num-workers", "0",

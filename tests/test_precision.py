@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from mlx_clip.errors import ConfigError
-from mlx_clip.train_config import TrainConfig
-from mlx_clip.trainer import Interrupted
+from mlx_clip.training.options import TrainConfig
+from mlx_clip.training.trainer import Interrupted
 from tests.train_helpers import assert_same_weights, final_weights, run, small_config
 
 # (floor, bound) of |loss - float32 loss| / float32 loss: torch's first step, torch's six steps, MLX's step.
@@ -66,9 +66,9 @@ def test_mlx_mixed_precision_step_keeps_float32_master_weights(dtype):
     from mlx.utils import tree_flatten
 
     from mlx_clip.api import resolve
-    from mlx_clip.backend import load_backend
+    from mlx_clip.engine.protocol import load_backend
     from mlx_clip.mlx_backend.train import make_train_step
-    from mlx_clip.policy import training_plan
+    from mlx_clip.engine.policy import training_plan
 
     cfg = TrainConfig(model="tiny", lr=1e-3)
     rng = np.random.default_rng(0)

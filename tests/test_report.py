@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from mlx_clip.errors import DataError
-from mlx_clip.metrics import confusion_matrix, per_class_accuracy
-from mlx_clip.report import (
+from mlx_clip.evaluation.metrics import confusion_matrix, per_class_accuracy
+from mlx_clip.evaluation.results import (
     compare_table,
     results_json,
     wise_ft_curve_report,
@@ -100,7 +100,7 @@ def test_not_applicable_metric_is_null_in_every_json_and_n_a_in_markdown(tmp_pat
 
 
 def test_comparison_figure_marks_not_applicable_metrics():
-    from mlx_clip.report import _comparison_figure
+    from mlx_clip.evaluation.results import _comparison_figure
 
     base = {"acc1": 0.5, "acc5": None, "mean_per_class_recall": 0.5}
     tuned = {"acc1": 0.75, "acc5": None, "mean_per_class_recall": 0.6}

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from mlx_clip.errors import ConfigError
-from mlx_clip.schedule import parse_resolution_schedule, resolution_at
-from mlx_clip.trainer import Interrupted
+from mlx_clip.training.schedule import parse_resolution_schedule, resolution_at
+from mlx_clip.training.trainer import Interrupted
 from tests.train_helpers import assert_same_weights, final_weights, run, small_config
 
 SCHEDULE = "0:16,3:32"  # the tiny model is 32 px with 8 px patches

@@ -9,9 +9,9 @@ import os
 
 import pytest
 
-from mlx_clip.checkpoint import ENGINE_STATE_FILE, RunFolder
+from mlx_clip.training.run_folder import ENGINE_STATE_FILE, RunFolder
 from mlx_clip.errors import CheckpointError, ConfigError
-from mlx_clip.trainer import Interrupted
+from mlx_clip.training.trainer import Interrupted
 from tests.train_helpers import run, small_config
 
 ENGINES = ["mlx", "torch"]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from mlx_clip.schedule import lr_at, phased_lr
-from mlx_clip.trainer import Interrupted
+from mlx_clip.training.schedule import lr_at, phased_lr
+from mlx_clip.training.trainer import Interrupted
 from tests.train_helpers import assert_same_weights, final_weights, run, small_config
 
 ENGINES = ["mlx", "torch"]
@@ -104,7 +104,7 @@ def test_l2_sp_is_the_decoupled_pull_toward_the_start(tmp_path, engine):
     from mlx_clip.api import resolve
     from mlx_clip.data.loader import BatchLoader
     from mlx_clip.finetune import build_engine, prepare_data
-    from mlx_clip.tokenizer import load_tokenizer
+    from mlx_clip.model.tokenizer import load_tokenizer
 
     lam, lr = 20.0, 1e-3
     after = {}

@@ -12,8 +12,8 @@ import transformers
 
 from mlx_clip.api import load
 from mlx_clip.conversion import convert
-from mlx_clip.tokenizer import load_tokenizer
-from mlx_clip.wise_ft import wise_ft
+from mlx_clip.model.tokenizer import load_tokenizer
+from mlx_clip.robust.wise_ft import wise_ft
 from tests.helpers import save_hf, tiny_hf_clip
 from tests.test_tokenizer import TINY_TEXTS, _tiny_vocab
 from tests.train_helpers import run, small_config

@@ -23,7 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from convert.layout import torch_to_mlx
-from mlx_clip.config import CLIPConfig
+from mlx_clip.model.config import CLIPConfig
 from mlx_clip.errors import ConfigError
 from tests.helpers import random_pixels, rel_err
 
@@ -85,7 +85,7 @@ def random_ids(rng, batch: int, spec: dict) -> np.ndarray:
 def save_siglip(model, folder):
     """A complete SigLIP folder: weights, config, the built-in tokenizer and a preprocessor config."""
     from convert.writer import write_preprocessor_config
-    from mlx_clip.builtin_tokenizer import write_demo_tokenizer
+    from mlx_clip.model.builtin_tokenizer import write_demo_tokenizer
 
     model.save_pretrained(folder, safe_serialization=True)
     text = model.config.text_config
@@ -181,7 +181,7 @@ def test_gradients_match_torch():
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_both_engines_load_a_saved_folder_and_embed_like_transformers(name, tmp_path):
-    from mlx_clip.backend import load_backend
+    from mlx_clip.engine.protocol import load_backend
 
     spec = CONFIGS[name]
     hf = hf_siglip(7, spec)
@@ -204,7 +204,7 @@ def test_both_engines_load_a_saved_folder_and_embed_like_transformers(name, tmp_
 def tokenizer_strings() -> list[str]:
     """Captions of the demo kind, prompts, punctuation, case, digits, unicode, unknown words,
     whitespace oddities, and texts longer than the context (truncation)."""
-    from mlx_clip.builtin_tokenizer import COMMON_WORDS
+    from mlx_clip.model.builtin_tokenizer import COMMON_WORDS
 
     rng = np.random.default_rng(0)
     words = COMMON_WORDS.split()
@@ -266,7 +266,7 @@ def test_tokenizer_ids_equal_sentencepiece_under_big_vision_canonicalisation(tmp
     import transformers
 
     from mlx_clip.api import resolve
-    from mlx_clip.tokenizer import load_tokenizer
+    from mlx_clip.model.tokenizer import load_tokenizer
 
     folder = resolve("siglip-tiny")
     ours = load_tokenizer(folder)
@@ -300,7 +300,7 @@ def test_tokenizer_ids_equal_transformers_autotokenizer(tmp_path):
     import transformers
 
     from mlx_clip.api import resolve
-    from mlx_clip.tokenizer import load_tokenizer
+    from mlx_clip.model.tokenizer import load_tokenizer
 
     folder = resolve("siglip-tiny")
     ours = load_tokenizer(folder)
@@ -319,7 +319,7 @@ def test_tokenizer_ids_equal_transformers_autotokenizer(tmp_path):
 
 def test_tokenizer_refuses_a_folder_without_tokenizer_json(tmp_path):
     from mlx_clip.errors import CheckpointError
-    from mlx_clip.tokenizer import load_tokenizer
+    from mlx_clip.model.tokenizer import load_tokenizer
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip"}))
     (tmp_path / "spiece.model").write_bytes(b"")
@@ -332,7 +332,7 @@ def test_preprocessing_equals_pil_siglip_image_processor(size):
     from PIL import Image
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    from mlx_clip.image_processing import SIGLIP_MEAN, SIGLIP_STD, preprocess
+    from mlx_clip.model.image_processing import SIGLIP_MEAN, SIGLIP_STD, preprocess
 
     reference = SiglipImageProcessorPil(size={"height": size, "width": size})
     rng = np.random.default_rng(size)
@@ -428,7 +428,7 @@ def test_engines_agree_over_30_steps_and_the_sigmoid_loss_is_the_default(tmp_pat
 
 @pytest.mark.parametrize("engine", ["mlx", "torch"])
 def test_resume_is_bit_identical(tmp_path, engine):
-    from mlx_clip.trainer import Interrupted
+    from mlx_clip.training.trainer import Interrupted
     from tests.train_helpers import assert_same_weights, final_weights, run, small_config
 
     def config(out, **extra):
@@ -473,7 +473,7 @@ def test_demo_reaches_held_out_zero_shot_top1(tmp_path):
     fine-tuning learns the domain clearly above chance (1/12; 0.15, under twice chance); the full
     demo's figure is measured by hand."""
     from mlx_clip.finetune import demo_preset, finetune
-    from mlx_clip.train_config import TrainConfig
+    from mlx_clip.training.options import TrainConfig
 
     preset = demo_preset("siglip-tiny")
     steps = 200
@@ -490,7 +490,7 @@ def test_wise_ft_interpolates_siglip_and_refuses_mixing_families(tmp_path):
 
     from mlx_clip.api import load, resolve
     from mlx_clip.errors import CheckpointError
-    from mlx_clip.wise_ft import wise_ft
+    from mlx_clip.robust.wise_ft import wise_ft
 
     base = resolve("siglip-tiny")
     out = wise_ft(base, base, 0.5, tmp_path / "mix")

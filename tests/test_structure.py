@@ -4,7 +4,7 @@ ones inside functions, since those run too):
 - no import cycle between files;
 - `convert/` stands on the framework-free core only, and the core on nothing above it;
 - each engine imports only its own framework, and the toolkit reaches engines only through
-  `mlx_clip/backend.py`.
+  `mlx_clip/engine/protocol.py`.
 """
 
 from __future__ import annotations
@@ -18,22 +18,46 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("mlx_clip", "torch_backend", "convert", "benchmarks")
 
 # Framework-free modules with no dependency above themselves: what `convert/` may stand on.
-# mlx_clip.interpolate: numpy maths of the position-embedding resize, which convert/resolution
+# mlx_clip.model.interpolate: numpy maths of the position-embedding resize, which convert/resolution
 # applies to checkpoints and the MLX model at run time.
-CORE = {"mlx_clip.errors", "mlx_clip.version", "mlx_clip.config", "mlx_clip.policy", "mlx_clip.tokenizer",
-        "mlx_clip.siglip_tokenizer", "mlx_clip.image_processing", "mlx_clip.interpolate", "mlx_clip.outputs"}
+CORE = {"mlx_clip.errors", "mlx_clip.version", "mlx_clip.model.config", "mlx_clip.engine.policy", "mlx_clip.model.tokenizer",
+        "mlx_clip.model.siglip_tokenizer", "mlx_clip.model.image_processing", "mlx_clip.model.interpolate", "mlx_clip.outputs"}
 # What an engine may use of the toolkit besides the core and `convert/`: policy decided once for
 # both engines (LoRA sites, schedule constants), numpy maths, the built-in random initialisation.
-ENGINE_SUPPORT = {"mlx_clip.lora_plan", "mlx_clip.schedule", "mlx_clip.interpolate", "mlx_clip.builtin",
-                  "mlx_clip.blas", "mlx_clip.distributed"}  # distributed: the world, its timeout, its errors
+ENGINE_SUPPORT = {"mlx_clip.engine.lora_sites", "mlx_clip.model.interpolate", "mlx_clip.model.builtin",
+                  "mlx_clip.engine.blas", "mlx_clip.engine.distributed"}  # distributed: the world, its timeout, its errors
 ENGINES = {"mlx": "mlx_clip.mlx_backend", "torch": "torch_backend"}
 FRAMEWORKS = {"mlx": "mlx", "torch": "torch", "transformers": "torch", "timm": "torch"}  # import -> engine
 # torch's unpickler with weights_only=True is the one safe reader of `.bin` files (lazy import);
 # timm, on the meta device, is the architecture of a timm trunk outside the converter's table (lazy).
 FRAMEWORK_EXCEPTIONS = {("convert.pickle_weights", "torch"), ("convert.timm_siglip", "timm")}
-BOUNDARY = "mlx_clip.backend"
+BOUNDARY = "mlx_clip.engine.protocol"
 # The op-by-op profile times the engines' own functions, so it looks inside them.
 INSIDE_VIEWS = {"benchmarks.ops"}
+
+# The rooms of mlx_clip/ and the rooms each may import: the architecture as the folders show it.
+# Every room may use the top-level core (errors, version, outputs); the verbs at the top (cli, api,
+# finetune, ...) compose the rooms and are not listed. A new arrow between rooms fails here: add it
+# only with a reason beside it.
+TOP_CORE = {"mlx_clip.errors", "mlx_clip.version", "mlx_clip.outputs"}
+ROOMS = {
+    # builtin writes its random checkpoints with convert's writer; the built-in SigLIP tokenizer is
+    # trained on the demo domain's words (data.demo, data.templates).
+    "mlx_clip.model": {"convert", "mlx_clip.data"},
+    "mlx_clip.data": {"mlx_clip.model"},
+    # protocol.load_backend is the one door to the engines.
+    "mlx_clip.engine": {"mlx_clip.model", "mlx_clip.mlx_backend", "torch_backend"},
+    "mlx_clip.mlx_backend": {"mlx_clip.engine", "mlx_clip.model", "convert"},
+    "torch_backend": {"mlx_clip.engine", "mlx_clip.model", "convert"},
+    # trainer: the checkpoint's header (convert.safetensors_io); run_report draws with evaluation's
+    # figure helpers; memory_budget's probe process imports the package first, for the BLAS.
+    "mlx_clip.training": {"mlx_clip.engine", "mlx_clip.data", "mlx_clip.model", "mlx_clip.evaluation", "convert",
+                          "mlx_clip"},
+    "mlx_clip.evaluation": {"mlx_clip.data", "mlx_clip.model", "mlx_clip.api"},  # api: load a model by name
+    "mlx_clip.robust": {"mlx_clip.training", "mlx_clip.evaluation", "mlx_clip.data", "mlx_clip.model", "convert",
+                        "mlx_clip.api", "mlx_clip.finetune"},  # the domain-shift case runs fine-tunes
+    "mlx_clip.serve": {"mlx_clip.data", "mlx_clip.model", "mlx_clip.evaluation", "mlx_clip.api", "mlx_clip.index"},
+}
 
 
 def module_name(path: Path) -> str:
@@ -115,8 +139,8 @@ def graph():
 
 def test_the_walker_sees_lazy_imports_and_the_detector_finds_cycles(graph):
     ours, _ = graph
-    assert "mlx_clip.backend" in ours["mlx_clip.api"]  # module level
-    assert "mlx_clip.mlx_backend.backend" in ours["mlx_clip.backend"]  # inside a function
+    assert "mlx_clip.engine.protocol" in ours["mlx_clip.api"]  # module level
+    assert "mlx_clip.mlx_backend.backend" in ours["mlx_clip.engine.protocol"]  # inside a function
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"a"}}) == ["a", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
@@ -159,6 +183,28 @@ def test_engines_stand_on_core_convert_and_shared_policy(graph):
             allowed = (engine_of(target) == engine or target.startswith("convert") or target in CORE
                        or target in ENGINE_SUPPORT)
             assert allowed, f"engine module {module} imports {target}"
+
+
+def room_of(module: str) -> str | None:
+    """The room (a folder of mlx_clip/, or an engine or convert) holding `module`, or None for the
+    verbs at the top."""
+    for room in sorted(ROOMS, key=len, reverse=True):
+        if module == room or module.startswith(room + "."):
+            return room
+    if module == "convert" or module.startswith("convert."):
+        return "convert"
+    return "mlx_clip" if module == "mlx_clip" else None
+
+
+def test_each_room_imports_only_the_rooms_it_stands_on(graph):
+    ours, _ = graph
+    for module, targets in ours.items():
+        room = room_of(module)
+        if room not in ROOMS:
+            continue
+        for target in targets - TOP_CORE:
+            other = room_of(target) or target
+            assert other == room or other in ROOMS[room], f"{module} ({room}/) imports {target} ({other})"
 
 
 def test_the_toolkit_reaches_engines_only_through_the_boundary(graph):

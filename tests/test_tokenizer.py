@@ -18,7 +18,7 @@ import transformers
 from open_clip import tokenizer as oc_tok
 
 from mlx_clip.errors import CheckpointError, ConfigError, DataError
-from mlx_clip.tokenizer import DEFAULT_VOCAB_PATH, CLIPTokenizer, load_tokenizer
+from mlx_clip.model.tokenizer import DEFAULT_VOCAB_PATH, CLIPTokenizer, load_tokenizer
 
 CTX = 77
 
@@ -358,7 +358,7 @@ def test_incomplete_or_missing_folder(tmp_path):
 def test_corrupt_gz_is_named(tmp_path, monkeypatch):
     bad = tmp_path / "bpe.txt.gz"
     bad.write_bytes(gzip.compress(b"#version\nonly one merge\n"))
-    monkeypatch.setattr("mlx_clip.tokenizer.DEFAULT_VOCAB_PATH", bad)
+    monkeypatch.setattr("mlx_clip.model.tokenizer.DEFAULT_VOCAB_PATH", bad)
     with pytest.raises(CheckpointError, match="bpe.txt.gz"):
         load_tokenizer()
 
@@ -366,7 +366,7 @@ def test_corrupt_gz_is_named(tmp_path, monkeypatch):
 def test_long_texts_do_not_fill_the_cleaning_cache():
     """A server takes texts up to 4096 characters: caching each would let the 65,536-entry cache
     hold about half a gigabyte. Only short texts (captions, prompts) are kept."""
-    from mlx_clip import tokenizer as tok
+    from mlx_clip.model import tokenizer as tok
 
     tok._clean_cached.cache_clear()
     long_text = "A Photo  of " * 1000

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from mlx_clip.trainer import Interrupted
+from mlx_clip.training.trainer import Interrupted
 from tests.train_helpers import assert_same_weights, final_weights, run, small_config
 
 ENGINES = ["mlx", "torch"]
@@ -131,7 +131,7 @@ def test_non_finite_batch_leaves_weights_and_optimizer_untouched(tmp_path, engin
     from mlx_clip.api import resolve
     from mlx_clip.data.loader import BatchLoader
     from mlx_clip.finetune import build_engine, prepare_data
-    from mlx_clip.tokenizer import load_tokenizer
+    from mlx_clip.model.tokenizer import load_tokenizer
 
     cfg = small_config(tmp_path, engine)
     trainer_engine = build_engine(cfg, resolve(cfg.model))

@@ -8,10 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from mlx_clip.checkpoint import RunFolder
-from mlx_clip.schedule import decays, lr_at
-from mlx_clip.train_config import TrainConfig
-from mlx_clip.trainer import Trainer, TrainingStopped
+from mlx_clip.training.run_folder import RunFolder
+from mlx_clip.engine.policy import decays
+from mlx_clip.training.schedule import lr_at
+from mlx_clip.training.options import TrainConfig
+from mlx_clip.training.trainer import Trainer, TrainingStopped
 
 
 class FakeLoader:
@@ -36,7 +37,7 @@ class FakeEngine:
     phase = "full"
 
     def __init__(self, losses):
-        from mlx_clip.config import CLIPConfig
+        from mlx_clip.model.config import CLIPConfig
 
         self.config = CLIPConfig()
         self.losses = list(losses)
@@ -127,7 +128,7 @@ def test_consecutive_nans_stop_the_run_keeping_the_last_good_checkpoint(tmp_path
 
 
 def test_trainer_imports_neither_framework():
-    code = ("import sys, mlx_clip.trainer, mlx_clip.finetune, mlx_clip.checkpoint; "
+    code = ("import sys, mlx_clip.training.trainer, mlx_clip.finetune, mlx_clip.training.run_folder; "
             "print(sorted(m for m in ('mlx', 'mlx.core', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

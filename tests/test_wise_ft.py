@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from mlx_clip.errors import CheckpointError, ConfigError, DataError
-from mlx_clip.evaluate import evaluate
-from mlx_clip.wise_ft import interpolate_weights, parse_sweep, wise_ft, wise_ft_sweep
+from mlx_clip.evaluation.evaluate import evaluate
+from mlx_clip.robust.wise_ft import interpolate_weights, parse_sweep, wise_ft, wise_ft_sweep
 from tests.helpers import TINY_TEXT, TINY_VISION, hf_clip, save_hf
 from tests.test_evaluate import TEMPLATES, perturbed_copy, small_demo, tiny_model_folder
 

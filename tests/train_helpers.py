@@ -6,7 +6,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from mlx_clip.finetune import demo_preset, finetune
-from mlx_clip.train_config import TrainConfig
+from mlx_clip.training.options import TrainConfig
 
 
 def small_config(out, backend: str, **overrides) -> TrainConfig:

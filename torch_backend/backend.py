@@ -1,4 +1,4 @@
-"""The PyTorch engine behind the `Backend` protocol (`mlx_clip/backend.py`): the twin of
+"""The PyTorch engine behind the `Backend` protocol (`mlx_clip/engine/protocol.py`): the twin of
 `mlx_clip/mlx_backend/backend.py`, on `transformers.CLIPModel`."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from convert.writer import write_model_folder
-from mlx_clip.distributed import World
-from mlx_clip.config import CLIPConfig
+from mlx_clip.engine.distributed import World
+from mlx_clip.model.config import CLIPConfig
 from torch_backend.lora import merged
 from torch_backend.model import load_torch_model, select_device
 
@@ -23,7 +23,7 @@ class TorchBackend:
     training = None  # train.Training, once prepare_training has run
     source: Path | None = None  # the folder the model was loaded from
     phase = "full"  # policy.PHASES: what trains now (LP-FT starts with "probe")
-    world = World()  # mlx_clip.distributed: the processes training together, once prepare_training joined them
+    world = World()  # mlx_clip.engine.distributed: the processes training together, once prepare_training joined them
     watchdog = None
 
     def __init__(self, model, config: CLIPConfig, device: torch.device):
@@ -110,7 +110,7 @@ class TorchBackend:
 
     # --- training ---------------------------------------------------------------------------
     def prepare_training(self, cfg) -> None:
-        from mlx_clip.policy import for_model, training_plan
+        from mlx_clip.engine.policy import for_model, training_plan
         from torch_backend.train import prepare
 
         cfg = for_model(cfg, self.config)  # the loss of the model's family unless one was chosen
@@ -126,7 +126,7 @@ class TorchBackend:
         GPU of its LOCAL_RANK."""
         import os
 
-        from mlx_clip.distributed import Watchdog, launched, timeout_s
+        from mlx_clip.engine.distributed import Watchdog, launched, timeout_s
         from torch_backend.distributed import join
 
         world = launched("torch")

@@ -1,6 +1,6 @@
 """torch.distributed for the torch engine: the process group `torchrun` describes (gloo on CPU, NCCL
 on CUDA), and the three collectives data-parallel training needs. What is decided around them
-(sharding, rank-0 writing, timeouts) is `mlx_clip/distributed.py`'s."""
+(sharding, rank-0 writing, timeouts) is `mlx_clip/engine/distributed.py`'s."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from mlx_clip.distributed import World, peer_lost
+from mlx_clip.engine.distributed import World, peer_lost
 
 
 def join(world: World, device: torch.device, seconds: float) -> None:

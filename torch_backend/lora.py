@@ -3,7 +3,7 @@ parameter names `<path>.base.weight`, `<path>.lora_a`, `<path>.lora_b`, same ini
 the same numpy seed); the formulas and choices are documented there.
 
 The site walk, option checks and A initialisation are numpy-only and shared with the MLX engine
-through `mlx_clip/lora_plan.py` (this module may not import the MLX one: each engine imports only
+through `mlx_clip/engine/lora_sites.py` (this module may not import the MLX one: each engine imports only
 its own framework); `tests/test_lora.py` holds the two engines to identical results.
 """
 
@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlx_clip import lora_plan
+from mlx_clip.engine import lora_sites
 # Re-exported: callers know these as part of each engine's LoRA module.
-from mlx_clip.lora_plan import (  # noqa: F401
+from mlx_clip.engine.lora_sites import (  # noqa: F401
     ALL_TARGETS, ALL_TOWERS, check_lora_options, init_lora_a, lora_modules, lora_parameter_names)
 
 
@@ -56,7 +56,7 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float,
     place, and set `requires_grad` on the LoRA tensors only. Returns the number of trainable
     parameters. The caller may re-enable more afterwards, e.g. `model.logit_scale.requires_grad_()`.
     """
-    lora_plan.wrap_sites(model, LoRALinear, rank=rank, alpha=alpha, targets=targets, towers=towers,
+    lora_sites.wrap_sites(model, LoRALinear, rank=rank, alpha=alpha, targets=targets, towers=towers,
                          dropout=dropout, seed=seed)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -69,7 +69,7 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float,
 def merge_lora(model: nn.Module) -> None:
     """Replace every `LoRALinear` by its base Linear holding W + (alpha / rank) B A (bias as it
     was), so `save_pretrained` writes the plain Hugging Face names and shapes."""
-    for _, parent, name, lora in list(lora_plan.adapted_sites(model)):
+    for _, parent, name, lora in list(lora_sites.adapted_sites(model)):
         merged = lora.merged_weight()
         with torch.no_grad():
             lora.base.weight.copy_(merged)
@@ -78,4 +78,4 @@ def merge_lora(model: nn.Module) -> None:
 
 def merged(model: nn.Module) -> nn.Module:
     """`model`, or a copy with its adapters folded in (plain Hugging Face names) when it has any."""
-    return lora_plan.merged(model, merge_lora)
+    return lora_sites.merged(model, merge_lora)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from mlx_clip.config import CLIPConfig
-from mlx_clip.policy import check_dtype, choose_device
+from mlx_clip.model.config import CLIPConfig
+from mlx_clip.engine.policy import check_dtype, choose_device
 
 
 def torch_dtype(name: str | None) -> torch.dtype:

@@ -9,8 +9,8 @@ from typing import NamedTuple
 
 import torch
 
-from mlx_clip.policy import PROBED, TrainingPlan, default_loss, training_plan
-from mlx_clip.schedule import LOGIT_SCALE_MAX, decays
+from mlx_clip.engine.policy import PROBED, TrainingPlan, default_loss, training_plan
+from mlx_clip.engine.policy import LOGIT_SCALE_MAX, decays
 from torch_backend.loss import LOSSES
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor, bool]]
@@ -127,7 +127,7 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
                     anchors: dict[str, torch.Tensor] | None = None, world=None) -> Step:
     """`step(pixels, ids, labels, lr) -> (loss, grad_norm, ok)`; a non-finite step changes nothing.
 
-    With a `world` of several processes (`mlx_clip.distributed`), pixels and ids are this rank's
+    With a `world` of several processes (`mlx_clip.engine.distributed`), pixels and ids are this rank's
     slice of the global batch and labels the global batch's: see `global_backward`.
 
     Mixed precision (`cfg.autocast_dtype`) runs the towers under `torch.autocast`, with float32

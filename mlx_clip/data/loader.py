@@ -27,7 +27,7 @@ from PIL import Image
 from mlx_clip.data.buckets import Bucket, batches_in, epoch_schedule, grid_buckets, nearest_bucket
 from mlx_clip.data.sample import Sample
 from mlx_clip.errors import ConfigError, DataError, ImageError
-from mlx_clip.image_processing import (
+from mlx_clip.model.image_processing import (
     DEFAULT_MAX_PIXELS,
     OPENAI_MEAN,
     OPENAI_STD,

@@ -1,4 +1,4 @@
-"""The MLX engine behind the `Backend` protocol (`mlx_clip/backend.py`): loads any supported
+"""The MLX engine behind the `Backend` protocol (`mlx_clip/engine/protocol.py`): loads any supported
 checkpoint folder into `model.CLIPModel` (or `siglip.SiglipModel`), encodes numpy batches, trains with the compiled step of
 `train.py`, saves plain model folders. `torch_backend/backend.py` is its twin."""
 
@@ -12,14 +12,14 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from convert.layout import mlx_to_torch, torch_to_mlx
 from convert.writer import mlx_metadata, write_model_folder, write_side_files
-from mlx_clip.config import CLIPConfig
-from mlx_clip.distributed import World
+from mlx_clip.model.config import CLIPConfig
+from mlx_clip.engine.distributed import World
 from mlx_clip.mlx_backend.jit import enable_vectorized_kernels
 from mlx_clip.mlx_backend.lora import merged
 from mlx_clip.mlx_backend.model import CLIPModel, init_weights, normalize
 from mlx_clip.mlx_backend.parallel import BatchSplit
 from mlx_clip.mlx_backend.siglip import SiglipModel
-from mlx_clip.policy import check_dtype, choose_device
+from mlx_clip.engine.policy import check_dtype, choose_device
 
 STATE_FILE = "engine_state.safetensors"
 
@@ -78,7 +78,7 @@ class MLXBackend:
     training = None  # train.Training, once prepare_training has run
     source: Path | None = None  # the folder the model was loaded from
     phase = "full"  # policy.PHASES: what trains now (LP-FT starts with "probe")
-    world = World()  # mlx_clip.distributed: the processes training together, once prepare_training joined them
+    world = World()  # mlx_clip.engine.distributed: the processes training together, once prepare_training joined them
     group = None  # their mx.distributed group
     watchdog = None
 
@@ -159,7 +159,7 @@ class MLXBackend:
     # --- training ---------------------------------------------------------------------------
     def prepare_training(self, cfg) -> None:
         from mlx_clip.mlx_backend.train import prepare
-        from mlx_clip.policy import for_model, training_plan
+        from mlx_clip.engine.policy import for_model, training_plan
 
         cfg = for_model(cfg, self.config)  # the loss of the model's family unless one was chosen
         self._train_config = cfg
@@ -171,7 +171,7 @@ class MLXBackend:
 
     def _join(self) -> None:
         """Under mlx.launch (MLX_RANK set), join the group its backend describes (ring, MPI, NCCL)."""
-        from mlx_clip.distributed import Watchdog, World, launched, peer_lost, timeout_s
+        from mlx_clip.engine.distributed import Watchdog, World, launched, peer_lost, timeout_s
 
         launch = launched("mlx")
         if launch is None:
@@ -197,7 +197,7 @@ class MLXBackend:
         return agreed
 
     def _collective(self, evaluate, what: str):
-        from mlx_clip.distributed import peer_lost
+        from mlx_clip.engine.distributed import peer_lost
 
         try:
             return evaluate()

@@ -22,7 +22,7 @@ import os
 import shutil
 from pathlib import Path
 
-from mlx_clip.builtin import cache_root
+from mlx_clip.model.builtin import cache_root
 
 FLAGS = "-mavx2 -mfma -mf16c -fno-math-errno"
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")

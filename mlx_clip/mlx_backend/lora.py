@@ -6,7 +6,7 @@ trainable update, y = W x + b + (alpha / rank) * B (A dropout(x)), with A (rank,
 `torch_backend/lora.py` is the twin for the torch engine: same functions, same parameter names,
 same initialisation from the same numpy seed, so both engines start a run from equal weights. The
 framework-free part (site walk, option checks, A initialisation, merged copy) lives once in
-`mlx_clip/lora_plan.py`.
+`mlx_clip/engine/lora_sites.py`.
 
 - Names: an adapted Linear at `<path>` holds `<path>.base.weight`, `<path>.base.bias`,
   `<path>.lora_a`, `<path>.lora_b` in both engines, so a full state dict of an adapted model
@@ -30,9 +30,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_clip import lora_plan
+from mlx_clip.engine import lora_sites
 # Re-exported: callers know these as part of each engine's LoRA module.
-from mlx_clip.lora_plan import (  # noqa: F401
+from mlx_clip.engine.lora_sites import (  # noqa: F401
     ALL_TARGETS, ALL_TOWERS, check_lora_options, init_lora_a, lora_modules, lora_parameter_names)
 
 
@@ -71,7 +71,7 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float,
 
     The caller may unfreeze more afterwards, e.g. `model.unfreeze(keys=["logit_scale"], recurse=False)`.
     """
-    lora_plan.wrap_sites(model, LoRALinear, rank=rank, alpha=alpha, targets=targets, towers=towers,
+    lora_sites.wrap_sites(model, LoRALinear, rank=rank, alpha=alpha, targets=targets, towers=towers,
                          dropout=dropout, seed=seed)
     model.freeze()
     for _, lora in lora_modules(model):
@@ -82,7 +82,7 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float,
 def merge_lora(model: nn.Module) -> None:
     """Replace every `LoRALinear` by its base Linear holding W + (alpha / rank) B A (bias as it
     was), so the model has the plain Hugging Face names and shapes again."""
-    for _, parent, name, lora in list(lora_plan.adapted_sites(model)):
+    for _, parent, name, lora in list(lora_sites.adapted_sites(model)):
         # The base module keeps its frozen flags: merging changes values, not what trains.
         lora.base.weight = lora.merged_weight()
         setattr(parent, name, lora.base)
@@ -90,4 +90,4 @@ def merge_lora(model: nn.Module) -> None:
 
 def merged(model: nn.Module) -> nn.Module:
     """`model`, or a copy with its adapters folded in (plain Hugging Face names) when it has any."""
-    return lora_plan.merged(model, merge_lora)
+    return lora_sites.merged(model, merge_lora)

@@ -11,8 +11,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.utils import checkpoint
 
-from mlx_clip.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
-from mlx_clip.interpolate import bicubic_matrix
+from mlx_clip.model.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from mlx_clip.model.interpolate import bicubic_matrix
 from mlx_clip.mlx_backend import cpu_math
 
 
@@ -244,9 +244,9 @@ def normalize(x: mx.array) -> mx.array:
 
 
 def init_weights(model: CLIPModel, seed: int = 0) -> None:
-    """Random initialisation as transformers does it (see `mlx_clip/builtin.py`)."""
+    """Random initialisation as transformers does it (see `mlx_clip/model/builtin.py`)."""
     from convert.layout import torch_to_mlx
-    from mlx_clip.builtin import random_weights
+    from mlx_clip.model.builtin import random_weights
 
     weights = random_weights(model.config, seed)
     model.load_weights([(k, mx.array(torch_to_mlx(k, v))) for k, v in weights.items()], strict=True)

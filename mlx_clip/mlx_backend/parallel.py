@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from mlx_clip.blas import blas_threads
-from mlx_clip.policy import cpu_streams
+from mlx_clip.engine.blas import blas_threads
+from mlx_clip.engine.policy import cpu_streams
 
 
 class BatchSplit:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_clip.config import CLIPConfig, SiglipTextConfig, SiglipVisionConfig
+from mlx_clip.model.config import CLIPConfig, SiglipTextConfig, SiglipVisionConfig
 from mlx_clip.mlx_backend import cpu_math
 from mlx_clip.mlx_backend.model import (CLIPEncoder, CLIPMLP, CLIPTextEmbeddings, Linear, normalize, resize_grid,
                                        use_cpu_math)

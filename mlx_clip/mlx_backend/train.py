@@ -20,8 +20,8 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 from mlx_clip.mlx_backend.loss import LOSSES
 from mlx_clip.mlx_backend.model import CLIPModel, normalize
 from mlx_clip.mlx_backend.parallel import BatchSplit
-from mlx_clip.policy import PROBED, TrainingPlan, default_loss, training_plan
-from mlx_clip.schedule import LOGIT_SCALE_MAX, decays
+from mlx_clip.engine.policy import PROBED, TrainingPlan, default_loss, training_plan
+from mlx_clip.engine.policy import LOGIT_SCALE_MAX, decays
 
 Step = Callable[[mx.array, mx.array, mx.array, mx.array], tuple[mx.array, mx.array, mx.array]]
 

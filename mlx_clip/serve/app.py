@@ -26,10 +26,10 @@ from starlette.exceptions import HTTPException
 from mlx_clip.serve.bodies import (ClassifyJSONRequest, ImagesJSONRequest, OpenAIEmbeddingsRequest, SearchJSONRequest,
                                    TextsRequest, check_length, form_texts, json_schema_doc, multipart_doc, openai_inputs,
                                    parse, read_body, read_json, uploaded)
-from mlx_clip.serve.errors import HTTP_KINDS, ApiError, describe_errors, error_response
+from mlx_clip.serve.error_shapes import HTTP_KINDS, ApiError, describe_errors, error_response
 from mlx_clip.serve.gate import Gate
 from mlx_clip.serve.inputs import check_count, check_labels, check_text, check_texts, is_image_uri
-from mlx_clip.serve.metrics import ServerMetrics
+from mlx_clip.serve.server_metrics import ServerMetrics
 from mlx_clip.serve.service import DEFAULT_CLASSIFY_TEMPLATES, ModelService, ServeSettings
 from mlx_clip.version import __version__
 

@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from mlx_clip.serve.errors import ApiError, describe_errors
+from mlx_clip.serve.error_shapes import ApiError, describe_errors
 from mlx_clip.serve.limits import Limits
 
 # No request to this server nests deeper than 2 ({"texts": [...]}); a body nested past this is

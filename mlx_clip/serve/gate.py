@@ -9,8 +9,8 @@ import time
 
 from starlette.exceptions import HTTPException
 
-from mlx_clip.serve.errors import error_response
-from mlx_clip.serve.metrics import ServerMetrics
+from mlx_clip.serve.error_shapes import error_response
+from mlx_clip.serve.server_metrics import ServerMetrics
 from mlx_clip.serve.service import ServeSettings
 
 OPEN_ROUTES = ("/health",)  # answered without an API key, and never refused for load

@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 from mlx_clip.errors import ImageError
-from mlx_clip.image_processing import open_image, preprocess
-from mlx_clip.serve.errors import ApiError
+from mlx_clip.model.image_processing import open_image, preprocess
+from mlx_clip.serve.error_shapes import ApiError
 from mlx_clip.serve.formats import HEADER_BYTES, SERVED_FORMATS, identify, refusal
 from mlx_clip.serve.limits import Limits
 

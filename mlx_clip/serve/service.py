@@ -17,12 +17,12 @@ import numpy as np
 
 from mlx_clip.api import CLIP, load
 from mlx_clip.errors import MlxClipError
-from mlx_clip.metrics import build_class_embeds, zero_shot_logits
+from mlx_clip.evaluation.metrics import build_class_embeds, zero_shot_logits
 from mlx_clip.serve.batching import MicroBatcher
-from mlx_clip.serve.errors import ApiError
+from mlx_clip.serve.error_shapes import ApiError
 from mlx_clip.serve.inputs import decode_base64_image, image_pixels
 from mlx_clip.serve.limits import Limits
-from mlx_clip.serve.metrics import ServerMetrics
+from mlx_clip.serve.server_metrics import ServerMetrics
 
 # One prompt per label unless a request names its own: each template multiplies the text work of
 # a request whose labels are not cached yet.

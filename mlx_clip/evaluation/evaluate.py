@@ -28,8 +28,8 @@ from mlx_clip.data.records import Dataset, load_dataset, split_samples
 from mlx_clip.data.sample import Sample
 from mlx_clip.data.templates import DEFAULT_TEMPLATES, check_templates, fill
 from mlx_clip.errors import ConfigError, DataError, ImageError
-from mlx_clip.metrics import TooFewClassesError  # noqa: F401  (re-exported: callers catch it from here)
-from mlx_clip.metrics import (
+from mlx_clip.evaluation.metrics import TooFewClassesError  # noqa: F401  (re-exported: callers catch it from here)
+from mlx_clip.evaluation.metrics import (
     build_class_embeds,
     check_num_classes,
     classification_metrics,
@@ -39,7 +39,7 @@ from mlx_clip.metrics import (
     retrieval_recall_at_k,
     zero_shot_logits,
 )
-from mlx_clip.report import ReportFiles, results_json, write_comparison, write_report
+from mlx_clip.evaluation.results import ReportFiles, results_json, write_comparison, write_report
 
 log = logging.getLogger(__name__)
 
@@ -443,7 +443,7 @@ def compare(base_model, finetuned_model, data, *, out: str | Path, backend: str 
             caption_column: str | None = None, image_size: int | None = None) -> Comparison:
     """Evaluate both models on the same data (one at a time, so only one is in memory) and write,
     per dataset and task, the metric-by-metric table with fine-tuned − base."""
-    from mlx_clip.report import compare_table
+    from mlx_clip.evaluation.results import compare_table
 
     jobs = load_jobs(data, control=control, templates=templates, classes=classes, tasks=tasks,
                      image_column=image_column, caption_column=caption_column)

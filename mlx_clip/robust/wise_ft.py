@@ -201,8 +201,8 @@ def wise_ft_sweep(zero_shot_dir: str | Path, fine_tuned_dir: str | Path, alphas:
     (rewritten in place, deleted at the end); no checkpoint per alpha is kept.
     """
     from mlx_clip.api import load
-    from mlx_clip.evaluate import ZERO_SHOT, evaluate_clip, load_jobs
-    from mlx_clip.report import wise_ft_curve_report
+    from mlx_clip.evaluation.evaluate import ZERO_SHOT, evaluate_clip, load_jobs
+    from mlx_clip.evaluation.results import wise_ft_curve_report
 
     alphas = parse_sweep(alphas) if isinstance(alphas, str) else sorted(check_alpha(a) for a in alphas)
     if not alphas:

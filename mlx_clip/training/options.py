@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_clip.errors import ConfigError
-from mlx_clip.policy import DTYPES
+from mlx_clip.engine.policy import DTYPES
 
 STRATEGIES = ("full", "lora", "lock-image", "lock-text", "lp-ft")
 PRECISIONS = ("fp32", "amp_bf16", "amp_fp16", "bf16", "fp16")

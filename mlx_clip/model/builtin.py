@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.writer import write_model_folder
-from mlx_clip.config import CLIPConfig, siglip_tiny_config, tiny_config
+from mlx_clip.model.config import CLIPConfig, siglip_tiny_config, tiny_config
 from mlx_clip.errors import ConfigError
 
 # siglip-tiny's temperature starts at the paper's t' = log 10 (Zhai et al. 2023), its bias not at
@@ -140,7 +140,7 @@ def materialize(name: str, seed: int = 0) -> Path:
     config = configs[name]
     write_model_folder(tmp, config, random_weights(config, seed))
     if config.is_siglip:
-        from mlx_clip.builtin_tokenizer import write_demo_tokenizer
+        from mlx_clip.model.builtin_tokenizer import write_demo_tokenizer
 
         write_demo_tokenizer(tmp, config.text_config.vocab_size, config.text_config.max_position_embeddings)
     try:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_clip.errors import ConfigError
-from mlx_clip.monitor import MetricsLog
-from mlx_clip.report import _figure
+from mlx_clip.training.monitor import MetricsLog
+from mlx_clip.evaluation.results import _figure
 
 TRAINING_PANELS = (("loss", "loss"), ("lr", "learning rate"), ("logit_scale", "logit scale"),
                    ("images_per_s", "images / s"), ("memory", "memory (GiB)"))

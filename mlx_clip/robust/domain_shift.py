@@ -126,11 +126,11 @@ def run_domain_shift(out: str | Path = "runs/domain-shift", *, preset: str = "de
                      seed: int = 0, echo: Callable[[str], None] = print, progress: bool | str = True) -> ShiftResult:
     """Run both stages, the guards and the sweep; write OUT/domain_shift.{json,md,png}. `progress`
     is each training run's (`monitor.Progress`: a bar, plain lines, or off)."""
-    from mlx_clip.builtin import cache_root
+    from mlx_clip.model.builtin import cache_root
     from mlx_clip.data.shift import make_shift_domains
     from mlx_clip.finetune import finetune
-    from mlx_clip.train_config import TrainConfig
-    from mlx_clip.wise_ft import wise_ft_sweep
+    from mlx_clip.training.options import TrainConfig
+    from mlx_clip.robust.wise_ft import wise_ft_sweep
 
     if preset not in PRESETS:
         raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
@@ -198,7 +198,7 @@ def run_domain_shift(out: str | Path = "runs/domain-shift", *, preset: str = "de
                           "a_after": base_a, "b_before": stage_a.after["control_zero_shot_top1"]},
                          rows, {"points": curve["points"], "best_alpha": sweep.best_alpha, "floor": floor,
                                 "message": sweep.message}, l2_sp, p.budget, seconds)
-    from mlx_clip.shift_report import write_shift_report
+    from mlx_clip.robust.shift_report import write_shift_report
 
     result.files = write_shift_report(result, out, p)
     echo(f"\n{(out / 'domain_shift.md').read_text()}")

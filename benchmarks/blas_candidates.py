@@ -1,8 +1,8 @@
 """Float32 matmul throughput of MLX with the BLAS loader, of numpy, and of MLX's reference BLAS.
 
-    python -m benchmarks.blas [--sizes 512 1024 2048] [--reps 7] [--out benchmarks/results/blas.json]
+    python -m benchmarks.blas_candidates [--sizes 512 1024 2048] [--reps 7] [--out benchmarks/results/blas.json]
 
-MLX's Linux wheel links the reference BLAS; `mlx_clip.blas` swaps in an optimized one. This shows
+MLX's Linux wheel links the reference BLAS; `mlx_clip.engine.blas` swaps in an optimized one. This shows
 what that buys: GFLOP/s (2 n^3 per n x n matmul, median of `--reps` timed runs after warm-up) for
 MLX and numpy at each size, and for MLX with the loader disabled (`MLXCLIP_BLAS=none`, which only
 takes effect in a fresh process, so it runs in a subprocess, at one size and a few reps: it is slow).
@@ -71,7 +71,7 @@ def measure_numpy(n: int, reps: int, warmup: int) -> dict:
 def measure_reference(n: int, reps: int, warmup: int) -> dict:
     """MLX on its own reference BLAS: a fresh interpreter with the loader disabled."""
     env = {**os.environ, "MLXCLIP_BLAS": "none"}
-    cmd = [sys.executable, "-m", "benchmarks.blas", "--worker", "--sizes", str(n), "--reps", str(reps),
+    cmd = [sys.executable, "-m", "benchmarks.blas_candidates", "--worker", "--sizes", str(n), "--reps", str(reps),
            "--warmup", str(warmup)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     result = json.loads(proc.stdout)
@@ -81,7 +81,7 @@ def measure_reference(n: int, reps: int, warmup: int) -> dict:
 
 
 def blas_record() -> dict:
-    from mlx_clip.blas import blas_info
+    from mlx_clip.engine.blas import blas_info
 
     choice = blas_info()
     return {"name": choice.name, "path": choice.path}

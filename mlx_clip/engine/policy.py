@@ -7,6 +7,7 @@ Each engine turns these answers into its framework's objects (`mx.bfloat16`, `to
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -14,6 +15,17 @@ from dataclasses import dataclass
 from mlx_clip.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def decays(name: str, ndim: int) -> bool:
+    """Weight decay applies to matrices only: not to biases, norms, embeddings, class token or
+    logit_scale / logit_bias (open_clip's exclusion rule, plus embeddings)."""
+    if ndim < 2 or "embedding" in name or "norm" in name or "layrnorm" in name:
+        return False
+    return not name.rsplit(".", 1)[-1].startswith("logit_")
+
+
+LOGIT_SCALE_MAX = math.log(100.0)  # CLIP clamps the learned temperature at 100
 
 # Zhai et al. 2023 start SigLIP's learnable bias at -10 so that the many negatives of a batch begin
 # near their target (sigmoid(-10) ~ 0) instead of dominating the first steps.

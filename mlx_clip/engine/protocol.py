@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mlx_clip.config import CLIPConfig
+from mlx_clip.model.config import CLIPConfig
 from mlx_clip.errors import ConfigError
 
 BACKENDS = ("mlx", "torch")
@@ -65,7 +65,7 @@ class Backend(Protocol):
         """Name -> shape of each `model/` tensor `save_state` writes, for checking a checkpoint
         fits before loading it."""
 
-    # --- several processes (mlx_clip.distributed) ---
+    # --- several processes (mlx_clip.engine.distributed) ---
     world: Any  # distributed.World: one process until `prepare_training` joins the launcher's group
 
     def any_rank(self, flag: bool) -> bool:

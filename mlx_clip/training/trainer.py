@@ -1,4 +1,4 @@
-"""The one training loop. It imports neither framework: an engine (`mlx_clip.backend.Backend`,
+"""The one training loop. It imports neither framework: an engine (`mlx_clip.engine.protocol.Backend`,
 after `prepare_training`) does the step on numpy batches, and everything else — data order,
 schedule, clipping policy, NaN guard, evaluation, checkpoints, logging, interruption — is decided
 here, the same for both engines."""
@@ -13,18 +13,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlx_clip.backend import Backend
+from mlx_clip.engine.protocol import Backend
 from pathlib import Path
 
 from convert.safetensors_io import read_header
-from mlx_clip.checkpoint import ENGINE_STATE_FILE, RunFolder, read_trainer_state
+from mlx_clip.training.run_folder import ENGINE_STATE_FILE, RunFolder, read_trainer_state
 from mlx_clip.data.fingerprint import differences
-from mlx_clip.distributed import World
+from mlx_clip.engine.distributed import World
 from mlx_clip.errors import CheckpointError, ConfigError, MlxClipError
-from mlx_clip.monitor import Progress, RunLog, SilentLog
-from mlx_clip.policy import training_plan
-from mlx_clip.schedule import parse_resolution_schedule, phased_lr, resolution_at
-from mlx_clip.train_config import TrainConfig
+from mlx_clip.training.monitor import Progress, RunLog, SilentLog
+from mlx_clip.engine.policy import training_plan
+from mlx_clip.training.schedule import parse_resolution_schedule, phased_lr, resolution_at
+from mlx_clip.training.options import TrainConfig
 
 
 class TrainingStopped(MlxClipError):
@@ -76,7 +76,7 @@ def check_resumable(checkpoint, state: dict, cfg: TrainConfig, engine: Backend,
     and shape."""
     saved_cfg = state.get("config") or {}
     if saved_cfg:
-        from mlx_clip.policy import default_loss
+        from mlx_clip.engine.policy import default_loss
 
         saved = TrainConfig(**{k: v for k, v in saved_cfg.items() if k in TrainConfig.field_names()})
 
@@ -149,7 +149,7 @@ class Trainer:
             raise ConfigError(f"lp_steps must be below the run's {total_steps} steps, or LP-FT never trains the "
                               f"full model, got {self.plan.probe_steps}")
         self.warmup_steps = effective_warmup(cfg.warmup_steps, total_steps, self.plan.probe_steps)
-        # Several processes (mlx_clip.distributed): rank 0 writes for all of them.
+        # Several processes (mlx_clip.engine.distributed): rank 0 writes for all of them.
         self.world = getattr(engine, "world", None) or World()
         self.log = RunLog(run.root, tensorboard=cfg.tensorboard) if self.world.is_main else SilentLog(run.metrics_path)
         self.resolutions = _resolutions(cfg, engine)

@@ -1,4 +1,4 @@
-"""Learning-rate schedule and weight-decay groups: trainer policy, shared by both engines."""
+"""The learning-rate schedule and the resolution schedule: what the trainer asks of each step."""
 
 from __future__ import annotations
 
@@ -25,17 +25,6 @@ def phased_lr(step: int, total_steps: int, probe_steps: int, peak: float, warmup
     if step < probe_steps:
         return lr_at(step, min(probe_steps, total_steps), peak, warmup_steps, min_ratio)
     return lr_at(step - probe_steps, total_steps - probe_steps, peak, warmup_steps, min_ratio)
-
-
-def decays(name: str, ndim: int) -> bool:
-    """Weight decay applies to matrices only: not to biases, norms, embeddings, class token or
-    logit_scale / logit_bias (open_clip's exclusion rule, plus embeddings)."""
-    if ndim < 2 or "embedding" in name or "norm" in name or "layrnorm" in name:
-        return False
-    return not name.rsplit(".", 1)[-1].startswith("logit_")
-
-
-LOGIT_SCALE_MAX = math.log(100.0)  # CLIP clamps the learned temperature at 100
 
 
 def parse_resolution_schedule(text: str) -> list[tuple[int, int]]:

@@ -41,8 +41,8 @@ import warnings
 from dataclasses import dataclass
 
 _ENV = "MLXCLIP_BLAS"
-# What the reference BLAS costs: `python -m benchmarks.blas` measured 14-27x at n=1024 on 2 shared cores.
-SLOWDOWN = "float32 matmuls run ~25x slower (benchmarks/blas.py measures it)"
+# What the reference BLAS costs: `python -m benchmarks.blas_candidates` measured 14-27x at n=1024 on 2 shared cores.
+SLOWDOWN = "float32 matmuls run ~25x slower (benchmarks/blas_candidates.py measures it)"
 
 
 # MKL's BLAS extensions that PyTorch calls; OpenBLAS's functions of these names differ in ABI.

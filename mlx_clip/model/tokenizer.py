@@ -35,7 +35,7 @@ PAD_ID = 0
 SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
-DEFAULT_VOCAB_PATH = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+DEFAULT_VOCAB_PATH = Path(__file__).parents[1] / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 
 # OpenAI's split pattern (simple_tokenizer.py); transformers uses the same one.
 _SPLIT_PATTERN = (
@@ -187,7 +187,7 @@ def load_tokenizer(model_dir: str | Path | None = None):
     folder = Path(model_dir)
     if not folder.is_dir():
         raise CheckpointError(f"model folder {folder} does not exist or is not a directory")
-    from mlx_clip.siglip_tokenizer import is_siglip_folder, load_siglip_tokenizer
+    from mlx_clip.model.siglip_tokenizer import is_siglip_folder, load_siglip_tokenizer
 
     if is_siglip_folder(folder):
         return load_siglip_tokenizer(folder)

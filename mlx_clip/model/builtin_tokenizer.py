@@ -14,7 +14,7 @@ from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, 
 from tokenizers.models import Unigram
 
 from mlx_clip.errors import ConfigError
-from mlx_clip.siglip_tokenizer import TOKENIZER_JSON
+from mlx_clip.model.siglip_tokenizer import TOKENIZER_JSON
 
 # SigLIP (v1)'s special tokens: `</s>` ends every row and pads it; `<unk>` stands for unknown pieces.
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"

@@ -116,8 +116,8 @@ def _probe_batch(config, batch_size: int):
 def probe_worker(spec: dict) -> dict:
     """In a probe process: the peak memory of `PROBE_STEPS` steps of `batch` pairs in micro-batches
     of `micro` (feature caching when fewer than `batch`), and the embedding width."""
-    from mlx_clip.backend import load_backend
-    from mlx_clip.train_config import TrainConfig
+    from mlx_clip.engine.protocol import load_backend
+    from mlx_clip.training.options import TrainConfig
 
     batch, micro = int(spec["batch"]), int(spec["micro"])
     values = {**spec["config"], "batch_size": batch, "micro_batch_size": micro if micro < batch else None,
@@ -137,7 +137,7 @@ def measure(cfg, folder, batch: int, micro: int) -> tuple[int, int]:
     """(peak bytes, embedding width) of `cfg`'s run at `batch` pairs in micro-batches of `micro`,
     measured by a probe in a fresh process."""
     spec = json.dumps({"config": dataclasses.asdict(cfg), "folder": str(folder), "batch": batch, "micro": micro})
-    done = subprocess.run([sys.executable, "-m", "mlx_clip.memory_budget", spec], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "mlx_clip.training.memory_budget", spec], capture_output=True, text=True,
                           timeout=1800)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]

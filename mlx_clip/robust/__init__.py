@@ -1,0 +1,1 @@
+"""Against domain shift: WiSE-FT, the built-in domain-shift case and its report."""
