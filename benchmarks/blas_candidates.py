@@ -16,31 +16,19 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from mlx_clip.engine.base import median_seconds
 
 DEFAULT_OUT = Path("benchmarks/results/blas.json")
 
 
 def gflops(n: int, seconds: float) -> float:
     return 2 * n ** 3 / seconds / 1e9
-
-
-def median_seconds(run: Callable[[], object], reps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def operands(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -79,7 +79,7 @@ def test_mlx_mixed_precision_step_keeps_float32_master_weights(dtype):
     for name, compute in (("fp32", None), (dtype, getattr(mx, dtype))):
         engine = load_backend("mlx", resolve("tiny"))
         engine.prepare_training(cfg)
-        module, optimizer, _ = engine.training
+        module, optimizer = engine.training.module, engine.training.optimizer
         step = make_train_step(module, optimizer, cfg, training_plan(cfg), compute_dtype=compute)
         loss, norm, ok = step(pixels, ids, labels, mx.array(1e-3))
         mx.eval(loss, module.state, optimizer.state)

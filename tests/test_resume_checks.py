@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-from mlx_clip.training.run_folder import ENGINE_STATE_FILE, RunFolder
+from mlx_clip.engine.base import STATE_FILE as ENGINE_STATE_FILE
+from mlx_clip.training.run_folder import RunFolder
 from mlx_clip.errors import CheckpointError, ConfigError
 from mlx_clip.training.trainer import Interrupted
 from tests.train_helpers import run, small_config

@@ -24,8 +24,10 @@ CORE = {"mlx_clip.errors", "mlx_clip.version", "mlx_clip.model.config", "mlx_cli
         "mlx_clip.model.siglip_tokenizer", "mlx_clip.model.image_processing", "mlx_clip.model.interpolate", "mlx_clip.outputs"}
 # What an engine may use of the toolkit besides the core and `convert/`: policy decided once for
 # both engines (LoRA sites, schedule constants), numpy maths, the built-in random initialisation.
+# engine.base: the orchestration both engines share (state file, phases, loading, timing).
 ENGINE_SUPPORT = {"mlx_clip.engine.lora_sites", "mlx_clip.model.interpolate", "mlx_clip.model.builtin",
-                  "mlx_clip.engine.blas", "mlx_clip.engine.distributed"}  # distributed: the world, its timeout, its errors
+                  "mlx_clip.engine.blas", "mlx_clip.engine.distributed",  # the world, its timeout, its errors
+                  "mlx_clip.engine.base"}
 ENGINES = {"mlx": "mlx_clip.mlx_backend", "torch": "torch_backend"}
 FRAMEWORKS = {"mlx": "mlx", "torch": "torch", "transformers": "torch", "timm": "torch"}  # import -> engine
 # torch's unpickler with weights_only=True is the one safe reader of `.bin` files (lazy import);

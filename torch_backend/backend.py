@@ -9,22 +9,13 @@ import numpy as np
 import torch
 
 from convert.writer import write_model_folder
-from mlx_clip.engine.distributed import World
+from mlx_clip.engine.base import ANCHOR, MODEL, OPTIM, PROBE_FLAG, STATE_FILE, EngineBase, Training, prefixed, unprefixed
 from mlx_clip.model.config import CLIPConfig
 from torch_backend.lora import merged
 from torch_backend.model import load_torch_model, select_device
 
-STATE_FILE = "engine_state.safetensors"
-
-
-
-class TorchBackend:
+class TorchBackend(EngineBase):
     name = "torch"
-    training = None  # train.Training, once prepare_training has run
-    source: Path | None = None  # the folder the model was loaded from
-    phase = "full"  # policy.PHASES: what trains now (LP-FT starts with "probe")
-    world = World()  # mlx_clip.engine.distributed: the processes training together, once prepare_training joined them
-    watchdog = None
 
     def __init__(self, model, config: CLIPConfig, device: torch.device):
         self.model, self.config, self.device = model.eval(), config, device
@@ -33,28 +24,21 @@ class TorchBackend:
     def describe() -> str:
         return f"torch {torch.__version__}: auto device {select_device(None)}, {torch.get_num_threads()} threads"
 
-    @staticmethod
-    def matmul_gflops(size: int, repeats: int = 5, dtype: str = "float32") -> float:
-        """(size x size) @ (size x size) throughput on the CPU in `dtype`, median after a warm-up."""
-        import time
-
+    @classmethod
+    def matmul_runner(cls, size: int, dtype: str = "float32"):
+        """On the CPU: torch's matmul returns when the product is done."""
         a, b = (torch.randn(size, size, dtype=getattr(torch, dtype)) for _ in range(2))
-        a @ b
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - start)
-        return 2 * size ** 3 / sorted(times)[len(times) // 2] / 1e9
+        return lambda: a @ b
 
     @classmethod
-    def from_folder(cls, folder, *, dtype=None, allow_pickle=False, device=None, image_size=None) -> "TorchBackend":
-        chosen = select_device(device)
-        model, config = load_torch_model(folder, device=chosen, dtype=dtype, allow_pickle=allow_pickle,
+    def select_device(cls, requested: str | None) -> torch.device:
+        return select_device(requested)
+
+    @classmethod
+    def load(cls, folder, device, *, dtype, allow_pickle, image_size) -> "TorchBackend":
+        model, config = load_torch_model(folder, device=device, dtype=dtype, allow_pickle=allow_pickle,
                                          image_size=image_size)
-        engine = cls(model, config, chosen)
-        engine.source = Path(folder)  # where a saved copy takes SigLIP's tokenizer files from
-        return engine
+        return cls(model, config, device)
 
     def _dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
@@ -109,19 +93,19 @@ class TorchBackend:
         return {"peak_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
 
     # --- training ---------------------------------------------------------------------------
-    def prepare_training(self, cfg) -> None:
-        from mlx_clip.engine.policy import for_model, training_plan
+    def start_training(self) -> Training:
         from torch_backend.train import prepare
 
-        cfg = for_model(cfg, self.config)  # the loss of the model's family unless one was chosen
-        self._train_config = cfg
-        self._join()
-        self.world.check_batch(cfg.batch_size)
-        self.training = prepare(self.model, cfg, self.device, self.world)
-        self.phase = training_plan(cfg).phase_at(0)
-        self._phased = training_plan(cfg).probe_steps > 0
+        return prepare(self.model, self.train_config, self.plan, self.device, self.world)
 
-    def _join(self) -> None:
+    def enter_phase(self, phase: str) -> Training:
+        from torch_backend.train import enter_phase
+
+        training = self.training
+        return enter_phase(training.module, self.train_config, self.plan, phase, training.anchors, self.device,
+                           training.scaler, self.world)
+
+    def join(self) -> None:
         """Under torchrun (WORLD_SIZE > 1), join the process group; on CUDA each rank takes the
         GPU of its LOCAL_RANK."""
         import os
@@ -147,16 +131,6 @@ class TorchBackend:
 
         return any_rank(flag, self.world, self.device)
 
-    def set_phase(self, phase: str) -> None:
-        """Train what `phase` trains from the next step on, with a fresh optimizer (LP-FT)."""
-        from torch_backend.train import enter_phase
-
-        if phase != self.phase:
-            training = self.training
-            self.training = enter_phase(training.module, self._train_config, phase, training.anchors, self.device,
-                                        training.scaler, self.world)
-            self.phase = phase
-
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         from torch_backend.train import trainable
 
@@ -181,42 +155,44 @@ class TorchBackend:
     def save_state(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
-        module, optimizer, _, scaler, anchors = self.training
-        tensors = {f"model/{k}": v.detach().contiguous() for k, v in module.state_dict().items()}
-        tensors.update({f"anchor/{k}": v.contiguous() for k, v in (anchors or {}).items()})
-        if self._phased:  # LP-FT: the phase decides which optimizer state there is
-            tensors["phase/probe"] = torch.tensor(self.phase == "probe", dtype=torch.uint8)
-        if scaler is not None:
-            state = scaler.state_dict()
+        training = self.training
+        tensors = {**prefixed(MODEL, ((k, v.detach().contiguous()) for k, v in training.module.state_dict().items())),
+                   **prefixed(ANCHOR, ((k, v.contiguous()) for k, v in (training.anchors or {}).items()))}
+        if self.phased:  # LP-FT: the phase decides which optimizer state there is
+            tensors[PROBE_FLAG] = torch.tensor(self.phase == "probe", dtype=torch.uint8)
+        if training.scaler is not None:
+            state = training.scaler.state_dict()
             tensors["scaler/scale"] = torch.tensor(state["scale"], dtype=torch.float64)
             tensors["scaler/growth_tracker"] = torch.tensor(state["_growth_tracker"], dtype=torch.int64)
         for name, param in self._trainable():
-            for key, value in optimizer.state.get(param, {}).items():
-                tensors[f"optim/{name}.{key}"] = value.detach().contiguous()
+            for key, value in training.optimizer.state.get(param, {}).items():
+                tensors[f"{OPTIM}{name}.{key}"] = value.detach().contiguous()
         save_file({k: v.cpu() for k, v in tensors.items()}, str(Path(folder) / STATE_FILE),
                   metadata={"engine": "torch"})
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
-        module = self.training[0]
-        return {f"model/{k}": tuple(v.shape) for k, v in module.state_dict().items()}
+        return prefixed(MODEL, ((k, tuple(v.shape)) for k, v in self.training.module.state_dict().items()))
 
     def load_state(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
         tensors = load_file(str(Path(folder) / STATE_FILE))
-        if "phase/probe" in tensors:  # first, since the optimizer state's shape follows the phase
-            self.set_phase("probe" if int(tensors["phase/probe"]) else "full")
-        module, optimizer, _, scaler, anchors = self.training
+        if PROBE_FLAG in tensors:  # first, since the optimizer state's shape follows the phase
+            self.set_phase("probe" if int(tensors[PROBE_FLAG]) else "full")
+        training = self.training
         with torch.no_grad():
-            for name, anchor in (anchors or {}).items():
-                anchor.copy_(tensors[f"anchor/{name}"])
+            saved = unprefixed(ANCHOR, tensors)
+            for name, anchor in (training.anchors or {}).items():
+                anchor.copy_(saved[name])
+        scaler = training.scaler
         if scaler is not None and "scaler/scale" in tensors:
             scaler.load_state_dict({**scaler.state_dict(), "scale": float(tensors["scaler/scale"]),
                                     "_growth_tracker": int(tensors["scaler/growth_tracker"])})
-        module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+        training.module.load_state_dict(unprefixed(MODEL, tensors))
+        saved = unprefixed(OPTIM, tensors)
         for name, param in self._trainable():
-            state = {key: tensors[f"optim/{name}.{key}"].to(self.device)
-                     for key in ("step", "exp_avg", "exp_avg_sq") if f"optim/{name}.{key}" in tensors}
+            state = {key: saved[f"{name}.{key}"].to(self.device)
+                     for key in ("step", "exp_avg", "exp_avg_sq") if f"{name}.{key}" in saved}
             if state:
                 state["step"] = state["step"].cpu()  # AdamW keeps step on CPU unless capturable
-                optimizer.state[param] = state
+                training.optimizer.state[param] = state

@@ -5,11 +5,11 @@ twin of `mlx_clip/mlx_backend/train.py` (same policy, same order of operations),
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 
-from mlx_clip.engine.policy import PROBED, TrainingPlan, default_loss, training_plan
+from mlx_clip.engine.base import Training
+from mlx_clip.engine.policy import PROBED, TrainingPlan, default_loss
 from mlx_clip.engine.policy import LOGIT_SCALE_MAX, decays
 from torch_backend.loss import LOSSES
 
@@ -32,14 +32,6 @@ class TrainModule(torch.nn.Module):
         return own if own is not None else self.logit_bias
 
 
-class Training(NamedTuple):
-    module: TrainModule
-    optimizer: torch.optim.AdamW
-    step: Step
-    scaler: torch.amp.GradScaler | None  # float16 mixed precision only
-    anchors: dict[str, torch.Tensor] | None  # L2-SP: the starting value of each trained tensor
-
-
 def set_activation_checkpointing(model, enabled: bool) -> None:
     """Switch a transformers model's activation checkpointing; transformers renamed the switch (the
     old `gradient_checkpointing_*` warns since 5.2x and goes in v6; older 5.x has only that one)."""
@@ -47,12 +39,12 @@ def set_activation_checkpointing(model, enabled: bool) -> None:
     (getattr(model, f"activation_checkpointing_{switch}", None) or getattr(model, f"gradient_checkpointing_{switch}"))()
 
 
-def prepare(clip, cfg, device: torch.device, world=None) -> Training:
-    """Everything a run needs beside the data, from a `TrainConfig`: `clip` is adapted in place.
+def prepare(clip, cfg, plan: TrainingPlan, device: torch.device, world=None) -> Training:
+    """Everything a run needs beside the data, from a `TrainConfig` and its plan: `clip` is
+    adapted in place.
 
     With L2-SP (`cfg.l2_to_base`), the starting value of every tensor the run trains (in any
     phase) is copied aside; the engine saves and restores it with the optimizer state."""
-    plan = training_plan(cfg)
     module = TrainModule(clip, plan.logit_bias).to(device)
     apply_plan(clip, plan)
     if cfg.gradient_checkpointing:
@@ -61,20 +53,19 @@ def prepare(clip, cfg, device: torch.device, world=None) -> Training:
     anchors = {n: p.detach().clone() for n, p in trainable(module)} if cfg.l2_to_base else None
     # float16's narrow range needs loss scaling; bfloat16 has float32's exponent and does not.
     scaler = torch.amp.GradScaler(device.type) if cfg.autocast_dtype == "float16" else None
-    return enter_phase(module, cfg, plan.phase_at(0), anchors, device, scaler, world)
+    return enter_phase(module, cfg, plan, plan.phase_at(0), anchors, device, scaler, world)
 
 
-def enter_phase(module: TrainModule, cfg, phase: str, anchors: dict | None, device: torch.device,
-                scaler: torch.amp.GradScaler | None, world=None) -> Training:
+def enter_phase(module: TrainModule, cfg, plan: TrainingPlan, phase: str, anchors: dict | None,
+                device: torch.device, scaler: torch.amp.GradScaler | None, world=None) -> Training:
     """A fresh optimizer and step for `phase` ("probe" | "full", see `policy`): at LP-FT's switch
     every parameter starts with empty AdamW state, as in `mlx_backend/train.py`; the L2-SP anchors
     and the loss scaler carry over."""
-    plan = training_plan(cfg)
     if plan.probe_steps:
         set_probe(module.clip, phase == "probe")
     optimizer = make_optimizer(module, cfg)
     step = make_train_step(module, optimizer, cfg, plan, device=device, scaler=scaler, anchors=anchors, world=world)
-    return Training(module, optimizer, step, scaler, anchors)
+    return Training(module, optimizer, step, scaler=scaler, anchors=anchors)
 
 
 def set_probe(clip, probe: bool) -> None:

@@ -13,16 +13,13 @@ from mlx.utils import tree_flatten, tree_unflatten
 from convert.layout import mlx_to_torch, torch_to_mlx
 from convert.writer import mlx_metadata, write_model_folder, write_side_files
 from mlx_clip.model.config import CLIPConfig
-from mlx_clip.engine.distributed import World
+from mlx_clip.engine.base import MODEL, OPTIM, PROBE_FLAG, STATE_FILE, EngineBase, Training, prefixed, unprefixed
 from mlx_clip.mlx_backend.jit import enable_vectorized_kernels
 from mlx_clip.mlx_backend.lora import merged
 from mlx_clip.mlx_backend.model import CLIPModel, init_weights, normalize
 from mlx_clip.mlx_backend.parallel import BatchSplit
 from mlx_clip.mlx_backend.siglip import SiglipModel
 from mlx_clip.engine.policy import check_dtype, choose_device
-
-STATE_FILE = "engine_state.safetensors"
-
 
 def mlx_dtype(name: str | None):
     return getattr(mx, check_dtype(name))
@@ -73,14 +70,9 @@ def torch_layout_numpy(model: CLIPModel) -> dict[str, np.ndarray]:
             for name, value in tree_flatten(model.parameters())}
 
 
-class MLXBackend:
+class MLXBackend(EngineBase):
     name = "mlx"
-    training = None  # train.Training, once prepare_training has run
-    source: Path | None = None  # the folder the model was loaded from
-    phase = "full"  # policy.PHASES: what trains now (LP-FT starts with "probe")
-    world = World()  # mlx_clip.engine.distributed: the processes training together, once prepare_training joined them
-    group = None  # their mx.distributed group
-    watchdog = None
+    group = None  # the mx.distributed group of the processes training together
 
     def __init__(self, model: CLIPModel, device: str = "cpu"):
         mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
@@ -107,26 +99,19 @@ class MLXBackend:
     def describe() -> str:
         return f"mlx {mx.__version__}: default device {mx.default_device()}"
 
-    @staticmethod
-    def matmul_gflops(size: int, repeats: int = 5) -> float:
-        """Float32 (size x size) @ (size x size) throughput, median of `repeats` after a warm-up."""
-        import time
-
-        a, b = mx.random.normal((size, size)), mx.random.normal((size, size))
-        mx.eval(a, b, a @ b)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            mx.eval(a @ b)
-            times.append(time.perf_counter() - start)
-        return 2 * size ** 3 / sorted(times)[len(times) // 2] / 1e9
+    @classmethod
+    def matmul_runner(cls, size: int, dtype: str = "float32"):
+        a, b = (mx.random.normal((size, size)).astype(mlx_dtype(dtype)) for _ in range(2))
+        mx.eval(a, b)
+        return lambda: mx.eval(a @ b)
 
     @classmethod
-    def from_folder(cls, folder, *, dtype=None, allow_pickle=False, device=None, image_size=None) -> "MLXBackend":
-        chosen = select_device(device)  # refused before any weight is read
-        engine = cls(load_mlx_model(folder, dtype=dtype, allow_pickle=allow_pickle, image_size=image_size), chosen)
-        engine.source = Path(folder)  # where a saved copy takes SigLIP's tokenizer files from
-        return engine
+    def select_device(cls, requested: str | None) -> str:
+        return select_device(requested)
+
+    @classmethod
+    def load(cls, folder, device, *, dtype, allow_pickle, image_size) -> "MLXBackend":
+        return cls(load_mlx_model(folder, dtype=dtype, allow_pickle=allow_pickle, image_size=image_size), device)
 
     @classmethod
     def random(cls, config: CLIPConfig, seed: int = 0) -> "MLXBackend":
@@ -157,19 +142,18 @@ class MLXBackend:
         return {"peak_bytes": int(mx.get_peak_memory()), "active_bytes": int(mx.get_active_memory())}
 
     # --- training ---------------------------------------------------------------------------
-    def prepare_training(self, cfg) -> None:
+    def start_training(self) -> Training:
         from mlx_clip.mlx_backend.train import prepare
-        from mlx_clip.engine.policy import for_model, training_plan
 
-        cfg = for_model(cfg, self.config)  # the loss of the model's family unless one was chosen
-        self._train_config = cfg
-        self._join()
-        self.world.check_batch(cfg.batch_size)
-        self.training = prepare(self.model, cfg, self.split, self.group)
-        self.phase = training_plan(cfg).phase_at(0)
-        self._phased = training_plan(cfg).probe_steps > 0
+        return prepare(self.model, self.train_config, self.plan, self.split, self.group)
 
-    def _join(self) -> None:
+    def enter_phase(self, phase: str) -> Training:
+        from mlx_clip.mlx_backend.train import enter_phase
+
+        anchors = self.training.optimizer.state.get("anchor")
+        return enter_phase(self.training.module, self.train_config, self.plan, phase, anchors, self.split, self.group)
+
+    def join(self) -> None:
         """Under mlx.launch (MLX_RANK set), join the group its backend describes (ring, MPI, NCCL)."""
         from mlx_clip.engine.distributed import Watchdog, World, launched, peer_lost, timeout_s
 
@@ -204,24 +188,14 @@ class MLXBackend:
         except RuntimeError as err:  # the ring's socket closed: a peer is gone
             raise peer_lost(self.world, what, err) from None
 
-    def set_phase(self, phase: str) -> None:
-        """Train what `phase` trains from the next step on, with a fresh optimizer (LP-FT)."""
-        from mlx_clip.mlx_backend.train import enter_phase
-
-        if phase != self.phase:
-            module, optimizer, _ = self.training
-            self.training = enter_phase(module, self._train_config, phase, optimizer.state.get("anchor"), self.split,
-                                        self.group)
-            self.phase = phase
-
     def trainable_count(self) -> int:
         return sum(int(np.prod(p.shape)) for _, p in tree_flatten(self.training.module.trainable_parameters()))
 
     def train_step(self, batch, lr: float) -> dict:
-        module, optimizer, step = self.training
+        module, optimizer, step = self.training.module, self.training.optimizer, self.training.step
         # Feature caching takes the pixels as numpy and moves one micro-batch at a time into MLX
         # memory: a 1024-image batch never sits there whole.
-        cached = bool(self._train_config.micro_batch_size)
+        cached = bool(self.train_config.micro_batch_size)
         rows = self.world.shard(len(batch.pixels))  # this rank's slice; the labels stay global
         pixels = batch.pixels[rows] if cached else mx.array(batch.pixels[rows])
 
@@ -242,26 +216,25 @@ class MLXBackend:
                 "logit_scale": float(mx.exp(self.model.logit_scale))}
 
     def save_state(self, folder: Path) -> None:
-        module, optimizer, _ = self.training
-        tensors = {f"model/{k}": v for k, v in tree_flatten(module.parameters())}
-        tensors.update({f"optim/{k}": v for k, v in tree_flatten(optimizer.state)})
-        if self._phased:  # LP-FT: the phase decides which optimizer state there is
-            tensors["phase/probe"] = mx.array(self.phase == "probe", dtype=mx.uint8)
+        module, optimizer = self.training.module, self.training.optimizer
+        tensors = {**prefixed(MODEL, tree_flatten(module.parameters())),
+                   **prefixed(OPTIM, tree_flatten(optimizer.state))}
+        if self.phased:  # LP-FT: the phase decides which optimizer state there is
+            tensors[PROBE_FLAG] = mx.array(self.phase == "probe", dtype=mx.uint8)
         mx.save_safetensors(str(Path(folder) / STATE_FILE), tensors, metadata={"engine": "mlx"})
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
-        module, _, _ = self.training
-        return {f"model/{k}": tuple(v.shape) for k, v in tree_flatten(module.parameters())}
+        return prefixed(MODEL, ((k, tuple(v.shape)) for k, v in tree_flatten(self.training.module.parameters())))
 
     def load_state(self, folder: Path) -> None:
         tensors = mx.load(str(Path(folder) / STATE_FILE))
-        if "phase/probe" in tensors:  # first, since the optimizer state's shape follows the phase
-            self.set_phase("probe" if tensors["phase/probe"].item() else "full")
-        module, optimizer, _ = self.training
-        module.update(tree_unflatten([(k[6:], v) for k, v in tensors.items() if k.startswith("model/")]))
+        if PROBE_FLAG in tensors:  # first, since the optimizer state's shape follows the phase
+            self.set_phase("probe" if tensors[PROBE_FLAG].item() else "full")
+        module, optimizer = self.training.module, self.training.optimizer
+        module.update(tree_unflatten(list(unprefixed(MODEL, tensors).items())))
         # Leaf by leaf in the state's own order: the compiled step captured this tree and reads its
         # leaves by position, and the file's order is not the state's (a moment swapped with a
         # same-shaped one was read as the other: NaN from sqrt(m), seen with LP-FT's probe phase).
-        saved = {k[6:]: v for k, v in tensors.items() if k.startswith("optim/")}
+        saved = unprefixed(OPTIM, tensors)
         optimizer.state.update(tree_unflatten([(k, saved[k]) for k, _ in tree_flatten(optimizer.state)]))
         mx.eval(module.state, optimizer.state)

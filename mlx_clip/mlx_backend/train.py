@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,7 +19,8 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 from mlx_clip.mlx_backend.loss import LOSSES
 from mlx_clip.mlx_backend.model import CLIPModel, normalize
 from mlx_clip.mlx_backend.parallel import BatchSplit
-from mlx_clip.engine.policy import PROBED, TrainingPlan, default_loss, training_plan
+from mlx_clip.engine.base import Training
+from mlx_clip.engine.policy import PROBED, TrainingPlan, default_loss
 from mlx_clip.engine.policy import LOGIT_SCALE_MAX, decays
 
 Step = Callable[[mx.array, mx.array, mx.array, mx.array], tuple[mx.array, mx.array, mx.array]]
@@ -43,34 +43,27 @@ class TrainModule(nn.Module):
         return self["logit_bias"] if "logit_bias" in self else None
 
 
-class Training(NamedTuple):
-    module: TrainModule
-    optimizer: optim.Adam
-    step: Step
-
-
-def prepare(clip: CLIPModel, cfg, split: BatchSplit | None = None, group=None) -> Training:
-    """Everything a run needs beside the data, from a `TrainConfig`: `clip` is adapted in place.
+def prepare(clip: CLIPModel, cfg, plan: TrainingPlan, split: BatchSplit | None = None, group=None) -> Training:
+    """Everything a run needs beside the data, from a `TrainConfig` and its plan: `clip` is
+    adapted in place.
 
     With L2-SP (`cfg.l2_to_base`), the starting value of every tensor the run trains (in any
     phase) is kept in the optimizer state under "anchor", so it is saved and restored with it."""
-    plan = training_plan(cfg)
     module = TrainModule(clip, plan.logit_bias)
     module.train()
     apply_plan(clip, plan)
     clip.set_gradient_checkpointing(cfg.gradient_checkpointing)
     anchors = module.trainable_parameters() if cfg.l2_to_base else None
-    return enter_phase(module, cfg, plan.phase_at(0), anchors, split, group)
+    return enter_phase(module, cfg, plan, plan.phase_at(0), anchors, split, group)
 
 
-def enter_phase(module: TrainModule, cfg, phase: str, anchors: dict | None = None,
+def enter_phase(module: TrainModule, cfg, plan: TrainingPlan, phase: str, anchors: dict | None = None,
                 split: BatchSplit | None = None, group=None) -> Training:
     """A fresh optimizer and a compiled step for `phase` ("probe" | "full", see `policy`).
 
     LP-FT's switch to "full" builds both anew: every parameter starts with empty Adam moments
     and step 0 (so bias correction restarts), as the second stage of Kumar et al.'s recipe starts
     a new optimizer from the probed model. The L2-SP anchors carry over unchanged."""
-    plan = training_plan(cfg)
     if plan.probe_steps:
         set_probe(module.clip, phase == "probe")
     optimizer = make_optimizer(module, cfg)

@@ -23,8 +23,6 @@ from pathlib import Path
 from mlx_clip.errors import CheckpointError, ConfigError
 
 TRAINER_FILE = "trainer.json"
-# What every engine's save_state writes beside it (weights, optimizer and scaler state).
-ENGINE_STATE_FILE = "engine_state.safetensors"
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -13,11 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlx_clip.engine.base import MODEL, STATE_FILE
 from mlx_clip.engine.protocol import Backend
 from pathlib import Path
 
 from convert.safetensors_io import read_header
-from mlx_clip.training.run_folder import ENGINE_STATE_FILE, RunFolder, read_trainer_state
+from mlx_clip.training.run_folder import RunFolder, read_trainer_state
 from mlx_clip.data.fingerprint import differences
 from mlx_clip.engine.distributed import World
 from mlx_clip.errors import CheckpointError, ConfigError, MlxClipError
@@ -102,15 +103,15 @@ def check_resumable(checkpoint, state: dict, cfg: TrainConfig, engine: Backend,
         if changed:
             raise CheckpointError(f"--resume {checkpoint}: --model {cfg.model} is not the architecture the run "
                                   f"was started with ({'; '.join(changed[:4])})")
-    entries, _, _ = read_header(Path(checkpoint) / ENGINE_STATE_FILE)
-    stored = {name: entry.shape for name, entry in entries.items() if name.startswith("model/")}
+    entries, _, _ = read_header(Path(checkpoint) / STATE_FILE)
+    stored = {name: entry.shape for name, entry in entries.items() if name.startswith(MODEL)}
     expected = engine.state_shapes()
     problems = [f"{n} missing" for n in sorted(set(expected) - set(stored))][:3]
     problems += [f"{n} not in this model" for n in sorted(set(stored) - set(expected))][:3]
     problems += [f"{n}: checkpoint {stored[n]}, now {expected[n]}" for n in sorted(set(stored) & set(expected))
                  if tuple(stored[n]) != tuple(expected[n])][:3]
     if problems:
-        raise CheckpointError(f"{Path(checkpoint) / ENGINE_STATE_FILE}: does not fit this model ({'; '.join(problems)})")
+        raise CheckpointError(f"{Path(checkpoint) / STATE_FILE}: does not fit this model ({'; '.join(problems)})")
 
 
 def effective_warmup(warmup_steps: int, total_steps: int, probe_steps: int = 0) -> int:
