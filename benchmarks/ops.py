@@ -18,8 +18,6 @@ import mlx_clip  # noqa: F401  (the BLAS loader runs before anything imports mlx
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,19 +26,13 @@ import mlx.nn as nn
 import numpy as np
 import torch
 
+from mlx_clip.engine.base import median_seconds
 from mlx_clip.engine.blas import blas_threads
 from mlx_clip.mlx_backend import cpu_math
 
 
 def median_ms(run: Callable[[], object], repeats: int) -> float:
-    for _ in range(2):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_seconds(run, repeats, warmup=2)
 
 
 def mlx_runner(fn: Callable, *arrays) -> Callable[[], None]:
