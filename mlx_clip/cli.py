@@ -229,16 +229,11 @@ def index(image_dir, model, out, backend, device, dtype, allow_pickle, batch_siz
                    f"{report.out / 'bad_images.txt'}", err=True)
 
 
-@main.command()
-def info():
-    """Show the engines, devices and BLAS this machine gives mlxclip."""
-    from mlx_clip.engine.protocol import describe_engines
-    from mlx_clip.engine.blas import blas_info
-
-    choice = blas_info()
-    click.echo(f"BLAS for MLX: {choice.name}" + (f" ({choice.path})" if choice.path else ""))
-    for line in describe_engines():
-        click.echo(line)
+@main.command(hidden=True)
+@click.pass_context
+def info(ctx):
+    """The older name of `mlxclip env` (engines, devices, BLAS): kept so scripts that call it work."""
+    ctx.invoke(env, as_json=False, no_measure=False)
 
 
 def train_config_options(fn):

@@ -20,8 +20,12 @@ from mlx_clip.engine.blas import blas_info
 
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "neon", "asimd")
 PACKAGES = ("mlxclip", "mlx", "torch", "transformers", "open_clip_torch", "numpy", "safetensors", "tokenizers")
+# Variables that change speed or behaviour: the BLAS and thread settings, and every MLXCLIP_*
+# variable (the README's table lists what each does).
 THREAD_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                    "OPENBLAS_NUM_THREADS", "MLXCLIP_BLAS")
+                    "OPENBLAS_NUM_THREADS")
+MLXCLIP_VARIABLES = ("MLXCLIP_BLAS", "MLXCLIP_CPU_STREAMS", "MLXCLIP_JIT_FLAGS", "MLXCLIP_CACHE",
+                     "MLXCLIP_COLLECTIVE_TIMEOUT", "MLXCLIP_API_KEY")
 
 
 def cpu() -> dict[str, Any]:
@@ -87,7 +91,8 @@ def report(measure: bool = True) -> dict[str, Any]:
         "engines": describe_engines(), "versions": versions(),
         "mlx_blas": {"name": choice.name, "path": choice.path, "passed_by": choice.reason,
                      "float32_gflops_1024": mlx_matmul_gflops() if measure else None},
-        "environment": {k: os.environ[k] for k in THREAD_VARIABLES if k in os.environ},
+        "environment": {k: ("(set)" if k == "MLXCLIP_API_KEY" else os.environ[k])
+                        for k in (*THREAD_VARIABLES, *MLXCLIP_VARIABLES) if k in os.environ},
         "git_commit": git_commit(),
     }
 

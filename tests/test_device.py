@@ -84,3 +84,23 @@ def test_cli_refuses_unavailable_device(backend, device, message, tmp_path):
     res = CliRunner().invoke(main, ["embed", "--model", "tiny", "--text", "a", "--out", str(tmp_path / "e.npz"),
                                     "--backend", backend, "--device", device])
     assert res.exit_code == 2 and res.stderr.splitlines() == [message], res.output
+
+
+def test_env_reports_every_mlxclip_variable_the_code_reads(monkeypatch):
+    """Each MLXCLIP_* variable read anywhere in the package is in `mlxclip env`'s report and in the
+    README's table (two were undocumented); the API key's value is never printed."""
+    import re
+    from pathlib import Path
+
+    from mlx_clip import environment
+
+    root = Path(__file__).resolve().parents[1]
+    read = set()
+    for package in ("mlx_clip", "torch_backend", "convert"):
+        for path in (root / package).rglob("*.py"):
+            read |= set(re.findall(r"MLXCLIP_[A-Z_]+", path.read_text()))
+    assert read - {"MLXCLIP_VARIABLES"} == set(environment.MLXCLIP_VARIABLES)
+    readme = (root / "README.md").read_text()
+    assert all(f"| `{name}` |" in readme for name in read)
+    monkeypatch.setenv("MLXCLIP_API_KEY", "secret")
+    assert environment.report(measure=False)["environment"]["MLXCLIP_API_KEY"] == "(set)"
