@@ -19,6 +19,7 @@ from mlx_clip.engine.distributed import launched
 from mlx_clip.errors import ConfigError, DataError
 from mlx_clip.outputs import check_folder, overlap
 from mlx_clip.model.tokenizer import load_tokenizer
+from mlx_clip.training.held_out import CONTROL_TOP1, VAL_IMAGE_R1, VAL_TEXT_R1, VAL_TOP1
 from mlx_clip.training.options import TrainConfig
 from mlx_clip.training.trainer import Interrupted, Trainer, TrainResult
 
@@ -157,13 +158,13 @@ def make_evaluator(data: DomainData, folder: Path, batch_size: int):
         out: dict[str, float] = {}
         if data.class_names and data.val:
             held_out = Dataset(data.val, data.class_names, data.templates, "class_folders", Path("val"))
-            out["val_zero_shot_top1"] = float(zero_shot(clip, held_out, data.templates, batch_size=batch_size)["acc1"])
+            out[VAL_TOP1] = float(zero_shot(clip, held_out, data.templates, batch_size=batch_size)["acc1"])
         if data.val_captions is not None and len({s.image_id for s in data.val_captions.samples}) >= 2:
             metrics = retrieval(clip, data.val_captions, batch_size=batch_size)
-            out["val_image_retrieval_R@1"] = float(metrics["image_retrieval_recall@1"])
-            out["val_text_retrieval_R@1"] = float(metrics["text_retrieval_recall@1"])
+            out[VAL_IMAGE_R1] = float(metrics["image_retrieval_recall@1"])
+            out[VAL_TEXT_R1] = float(metrics["text_retrieval_recall@1"])
         if data.control is not None:
-            out["control_zero_shot_top1"] = float(
+            out[CONTROL_TOP1] = float(
                 zero_shot(clip, data.control, data.control.templates, batch_size=batch_size)["acc1"])
         return out
 
@@ -186,12 +187,13 @@ class FinetuneResult:
 
 
 def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evaluate: bool | None = None,
-             stop_after: int | None = None) -> FinetuneResult:
+             stop_after: int | None = None, show_config: bool = True) -> FinetuneResult:
     launch = launched(cfg.backend)  # under torchrun / mlx.launch: rank 0 alone writes and speaks
     main = launch is None or launch.rank == 0
     if not main:
         echo, progress = (lambda *args, **kwargs: None), False
-    echo("mlxclip finetune, resolved config:\n" + cfg.describe())
+    if show_config:
+        echo("mlxclip finetune, resolved config:\n" + cfg.describe())
     data = prepare_data(cfg)  # every input problem surfaces here, before any model is resolved or built
     run = RunFolder(cfg.out) if main else FollowerRun(cfg.out)
     replaced = claim_out(cfg, run) if main else []
@@ -233,17 +235,13 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
             trainer.restore(checkpoint)
             echo(f"resumed from {checkpoint} at step {trainer.step}")
         else:
-            trainer.log.write({"step": 0, "event": "start", "engine": engine.name, "train_samples": len(data.train),
-                               "val_samples": len(data.val), "trainable_parameters": engine.trainable_count(),
-                               "total_steps": total})
-            if evaluator:
-                before = evaluator(engine)
-                trainer.log.write({"step": 0, "eval": before})
+            trainer.log_start({"engine": engine.name, "train_samples": len(data.train), "val_samples": len(data.val),
+                               "trainable_parameters": engine.trainable_count(), "total_steps": total})
+            before = trainer.evaluate_before()
     except KeyboardInterrupt:
         where = "the checkpoint is unchanged; continue with --resume latest" if cfg.resume else \
             "the run folder holds no training yet: run the same command again"
         raise Interrupted(f"interrupted before the first step; {where}") from None
-    trainer.baseline = before or first_evaluation(run)
     try:
         result = trainer.fit()
     finally:
@@ -255,9 +253,7 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
         raise Interrupted(f"interrupted during the final evaluation; training is complete: {result.final_model}") \
             from None
     if after:
-        trainer.log.write({"step": trainer.step, "eval": after})
-        trainer.consider_best(after, echo)
-        trainer.log.close()
+        trainer.finish(after, echo)
         echo(summary_table(before, after))
     echo(f"final model: {result.final_model}")
     return FinetuneResult(result, before, after, run)
@@ -299,16 +295,6 @@ def _within_budget(cfg: TrainConfig, folder: Path, run: RunFolder, echo) -> Trai
         started = read_trainer_state(run.resolve_resume(cfg.resume)).get("config", {})
         return dataclasses.replace(cfg, micro_batch_size=started.get("micro_batch_size"))
     return budgeted(cfg, folder, echo)  # before any engine is built here: the probe runs apart
-
-
-def first_evaluation(run: RunFolder) -> dict | None:
-    """The before-training metrics of a resumed run, from its log."""
-    from mlx_clip.training.monitor import MetricsLog
-
-    for record in MetricsLog(run.metrics_path).read():
-        if record.get("step") == 0 and "eval" in record:
-            return record["eval"]
-    return None
 
 
 def write_bad_images(run: RunFolder, loader: BatchLoader) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_clip.errors import ConfigError
+from mlx_clip.training.held_out import CONTROL_TOP1, VAL_TOP1
 
 BUDGET = 0.05  # the forgetting budget: control top-1 may fall this much below the base's
 STAGE_A_GOAL = 0.9  # held-out top-1 on A that makes the stage-A model a credible base
@@ -117,11 +118,6 @@ def _claim(out: Path) -> None:
     (out / MARKER).write_text(json.dumps({"status": "running"}) + "\n")
 
 
-def _quiet(echo: Callable[[str], None]) -> Callable[[str], None]:
-    """finetune's messages without its resolved-config dump (the case prints its own setup)."""
-    return lambda text: None if str(text).startswith("mlxclip finetune, resolved config") else echo(text)
-
-
 def run_domain_shift(out: str | Path = "runs/domain-shift", *, preset: str = "default", backend: str = "mlx",
                      seed: int = 0, echo: Callable[[str], None] = print, progress: bool | str = True) -> ShiftResult:
     """Run both stages, the guards and the sweep; write OUT/domain_shift.{json,md,png}. `progress`
@@ -143,19 +139,18 @@ def run_domain_shift(out: str | Path = "runs/domain-shift", *, preset: str = "de
     domains = make_shift_domains(cache_root() / "domain-shift" / f"{preset}-seed{seed}", image_size=p.image_size,
                                  per_class_train=p.per_class_train, per_class_val=p.per_class_val, seed=seed)
     seconds["render"] = time.perf_counter() - tick
-    say = _quiet(echo)
 
     def train(step: str, name: str, options: dict) -> Any:
         echo(f"[{step}] {name}")
         cfg = TrainConfig.resolve(None, {"backend": backend, "seed": seed, "out": str(out / name), **options})
         tick = time.perf_counter()
-        result = finetune(cfg, echo=say, progress=progress)
+        result = finetune(cfg, echo=echo, progress=progress, show_config=False)  # the case prints its setup
         seconds[name] = time.perf_counter() - tick
         return result
 
     stage_a = train("1/5", "stage-a", {**p.stage_a, "data": str(domains["a"]), "control_data": str(domains["b_val"])})
     base = out / "stage-a" / "final"
-    base_a = stage_a.after["val_zero_shot_top1"]
+    base_a = stage_a.after[VAL_TOP1]
     if base_a < STAGE_A_GOAL:
         echo(f"note: stage A reached held-out top-1 {base_a:.4f} on A, below the {STAGE_A_GOAL} a credible base "
              "needs; the figures below are those of a weaker base")
@@ -166,9 +161,9 @@ def run_domain_shift(out: str | Path = "runs/domain-shift", *, preset: str = "de
         runs[f"l2-sp-{lam:g}"] = train(f"4/5 ({i + 1}/{len(p.l2_to_base)})", f"l2-sp-{lam:g}",
                                        {**stage_b, "l2_to_base": lam})
     before = runs["fine-tune"].before
-    floor = before["control_zero_shot_top1"] - p.budget - 1e-9  # a drop of exactly the budget is within it
-    l2_points = [{"lambda": lam, "target": runs[f"l2-sp-{lam:g}"].after["val_zero_shot_top1"],
-                  "control": runs[f"l2-sp-{lam:g}"].after["control_zero_shot_top1"]} for lam in p.l2_to_base]
+    floor = before[CONTROL_TOP1] - p.budget - 1e-9  # a drop of exactly the budget is within it
+    l2_points = [{"lambda": lam, "target": runs[f"l2-sp-{lam:g}"].after[VAL_TOP1],
+                  "control": runs[f"l2-sp-{lam:g}"].after[CONTROL_TOP1]} for lam in p.l2_to_base]
     l2_sp = choose_lambda(l2_points, floor)
 
     echo(f"[5/5] WiSE-FT sweep {p.alphas} between the base and the fine-tuned model")
@@ -179,11 +174,11 @@ def run_domain_shift(out: str | Path = "runs/domain-shift", *, preset: str = "de
     seconds["wise-ft"] = time.perf_counter() - tick
     curve = json.loads(sweep.files.json.read_text())
 
-    rows = [Scores("base", before["val_zero_shot_top1"], before["control_zero_shot_top1"], seconds["stage-a"],
+    rows = [Scores("base", before[VAL_TOP1], before[CONTROL_TOP1], seconds["stage-a"],
                    "stage A's model, before stage B")]
     for name, note in (("fine-tune", "full fine-tuning"), ("lp-ft", f"{p.lp_steps} probe steps, then full")):
         after = runs[name].after
-        rows.append(Scores(name, after["val_zero_shot_top1"], after["control_zero_shot_top1"], seconds[name], note))
+        rows.append(Scores(name, after[VAL_TOP1], after[CONTROL_TOP1], seconds[name], note))
     shown = l2_sp["chosen"] if l2_sp["chosen"] is not None else max(l2_points, key=lambda q: q["control"])["lambda"]
     point = next(q for q in l2_points if q["lambda"] == shown)
     rows.append(Scores("l2-sp", point["target"], point["control"], seconds[f"l2-sp-{shown:g}"],
@@ -194,8 +189,8 @@ def run_domain_shift(out: str | Path = "runs/domain-shift", *, preset: str = "de
                               f"alpha {sweep.best_alpha:g}"))
     seconds["total"] = time.perf_counter() - started
     result = ShiftResult(preset, backend, seed,
-                         {"a_before": stage_a.before["val_zero_shot_top1"] if stage_a.before else float("nan"),
-                          "a_after": base_a, "b_before": stage_a.after["control_zero_shot_top1"]},
+                         {"a_before": stage_a.before[VAL_TOP1] if stage_a.before else float("nan"),
+                          "a_after": base_a, "b_before": stage_a.after[CONTROL_TOP1]},
                          rows, {"points": curve["points"], "best_alpha": sweep.best_alpha, "floor": floor,
                                 "message": sweep.message}, l2_sp, p.budget, seconds)
     from mlx_clip.robust.shift_report import write_shift_report

@@ -27,6 +27,15 @@ def phased_lr(step: int, total_steps: int, probe_steps: int, peak: float, warmup
     return lr_at(step - probe_steps, total_steps - probe_steps, peak, warmup_steps, min_ratio)
 
 
+def effective_warmup(warmup_steps: int, total_steps: int, probe_steps: int = 0) -> int:
+    """The warmup a run follows: --warmup-steps, or a tenth of the shortest phase when it is not
+    below it (LP-FT warms up anew in each of its two phases). A warmup as long as the run would
+    keep the learning rate from ever reaching --lr (`--steps 10` under the default 50); the run
+    says when it scales it, and a resumed run keeps the warmup it started with."""
+    shortest = total_steps if not probe_steps else min(probe_steps, total_steps - probe_steps)
+    return warmup_steps if warmup_steps < shortest else shortest // 10
+
+
 def parse_resolution_schedule(text: str) -> list[tuple[int, int]]:
     """'0:160,2000:224' -> [(0, 160), (2000, 224)]: from each step on, the image size given
     (progressive resizing, then FixRes-style training at the final size)."""

@@ -13,19 +13,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlx_clip.engine.base import MODEL, STATE_FILE
-from mlx_clip.engine.protocol import Backend
 from pathlib import Path
 
-from convert.safetensors_io import read_header
-from mlx_clip.training.run_folder import RunFolder, read_trainer_state
-from mlx_clip.data.fingerprint import differences
 from mlx_clip.engine.distributed import World
-from mlx_clip.errors import CheckpointError, ConfigError, MlxClipError
-from mlx_clip.training.monitor import Progress, RunLog, SilentLog
 from mlx_clip.engine.policy import training_plan
-from mlx_clip.training.schedule import parse_resolution_schedule, phased_lr, resolution_at
+from mlx_clip.engine.protocol import Backend
+from mlx_clip.errors import ConfigError, MlxClipError
+from mlx_clip.training.held_out import CONTROL_TOP1
+from mlx_clip.training.keep_best import KeepBest
+from mlx_clip.training.monitor import MetricsLog, Progress, RunLog, SilentLog
 from mlx_clip.training.options import TrainConfig
+from mlx_clip.training.resume import check_resumable
+from mlx_clip.training.run_folder import RunFolder, read_trainer_state
+from mlx_clip.training.schedule import effective_warmup, parse_resolution_schedule, phased_lr, resolution_at
 
 
 class TrainingStopped(MlxClipError):
@@ -43,84 +43,6 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     nan_steps: int = 0
     evaluations: list[dict] = field(default_factory=list)
-
-
-# --keep-best names for the evaluation metrics people ask for most.
-BEST_ALIASES = {"acc1": "val_zero_shot_top1", "top1": "val_zero_shot_top1", "R@1": "val_image_retrieval_R@1",
-                "control_acc1": "control_zero_shot_top1"}
-# Options a resumed run may change: they decide how long it runs, what it logs, saves and
-# evaluates, where and how fast a step runs — never which samples a step sees or the update it
-# makes. Every other option must equal the checkpoint's (an option added later is frozen unless
-# named here). --model may name the same architecture elsewhere (checked tensor by tensor; the
-# checkpoint holds every weight); the data are compared by their fingerprint, not by path.
-RESUME_FREE = frozenset({
-    "steps", "epochs", "log_every", "save_every", "keep_checkpoints", "evaluate", "eval_every", "max_control_drop",
-    "max_nan_steps", "tensorboard", "keep_best", "control_data", "num_workers", "max_bad_fraction",
-    "gradient_checkpointing", "memory_budget", "device", "allow_pickle", "resume", "overwrite", "out", "model",
-    "data", "val_data", "image_column", "caption_column"})
-
-
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def check_resumable(checkpoint, state: dict, cfg: TrainConfig, engine: Backend,
-                    data_fingerprint: dict | None = None) -> None:
-    """Name what differs between a checkpoint and the run resuming it, before any tensor is
-    loaded: training options, the data, the model's architecture, then each saved tensor's name
-    and shape."""
-    saved_cfg = state.get("config") or {}
-    if saved_cfg:
-        from mlx_clip.engine.policy import default_loss
-
-        saved = TrainConfig(**{k: v for k, v in saved_cfg.items() if k in TrainConfig.field_names()})
-
-        def effective(c: TrainConfig, key: str):
-            value = getattr(c, key)
-            return (value or default_loss(engine.config)) if key == "loss" else value
-
-        frozen = [key for key in TrainConfig.field_names() if key not in RESUME_FREE]
-        changed = [f"{key}: checkpoint {effective(saved, key)!r}, now {effective(cfg, key)!r}"
-                   for key in frozen if effective(saved, key) != effective(cfg, key)]
-        if changed:
-            raise CheckpointError(f"--resume {checkpoint}: the run was started with other options ("
-                                  f"{'; '.join(changed)}); resume with the same ones or start a new --out")
-    if data_fingerprint is not None and state.get("data") is not None:
-        changed = differences(state["data"], data_fingerprint)
-        if changed:
-            raise CheckpointError(f"--resume {checkpoint}: the data are not the ones the run was trained on "
-                                  f"({'; '.join(changed)}); resume with the same data or start a new --out")
-    if "model_config" in state:
-        before, now = _flat(state["model_config"]), _flat(dataclasses.asdict(engine.config))
-        changed = [f"{k}: checkpoint {before.get(k)!r}, now {now.get(k)!r}"
-                   for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
-        if changed:
-            raise CheckpointError(f"--resume {checkpoint}: --model {cfg.model} is not the architecture the run "
-                                  f"was started with ({'; '.join(changed[:4])})")
-    entries, _, _ = read_header(Path(checkpoint) / STATE_FILE)
-    stored = {name: entry.shape for name, entry in entries.items() if name.startswith(MODEL)}
-    expected = engine.state_shapes()
-    problems = [f"{n} missing" for n in sorted(set(expected) - set(stored))][:3]
-    problems += [f"{n} not in this model" for n in sorted(set(stored) - set(expected))][:3]
-    problems += [f"{n}: checkpoint {stored[n]}, now {expected[n]}" for n in sorted(set(stored) & set(expected))
-                 if tuple(stored[n]) != tuple(expected[n])][:3]
-    if problems:
-        raise CheckpointError(f"{Path(checkpoint) / STATE_FILE}: does not fit this model ({'; '.join(problems)})")
-
-
-def effective_warmup(warmup_steps: int, total_steps: int, probe_steps: int = 0) -> int:
-    """The warmup a run follows: --warmup-steps, or a tenth of the shortest phase when it is not
-    below it (LP-FT warms up anew in each of its two phases). A warmup as long as the run would
-    keep the learning rate from ever reaching --lr (`--steps 10` under the default 50); the run
-    says when it scales it, and a resumed run keeps the warmup it started with."""
-    shortest = total_steps if not probe_steps else min(probe_steps, total_steps - probe_steps)
-    return warmup_steps if warmup_steps < shortest else shortest // 10
 
 
 def _resolutions(cfg: TrainConfig, engine: Backend) -> list[tuple[int, int]] | None:
@@ -154,7 +76,7 @@ class Trainer:
         self.world = getattr(engine, "world", None) or World()
         self.log = RunLog(run.root, tensorboard=cfg.tensorboard) if self.world.is_main else SilentLog(run.metrics_path)
         self.resolutions = _resolutions(cfg, engine)
-        self.best: dict | None = None  # --keep-best: {metric, value, step}
+        self.keep_best = KeepBest(cfg.keep_best, run)
         self.baseline: dict | None = None  # metrics before training, for the forgetting budget
         self.stopped_early = False
         self.step = 0
@@ -166,7 +88,7 @@ class Trainer:
     def trainer_state(self) -> dict:
         state = {"loader": self.loader.state_dict(), "nan_steps": self.nan_steps, "total_steps": self.total_steps,
                  "backend": self.engine.name, "config": self.cfg.to_dict(),
-                 "model_config": dataclasses.asdict(self.engine.config), "best": self.best,
+                 "model_config": dataclasses.asdict(self.engine.config), "best": self.keep_best.record,
                  "data": self.data_fingerprint, "warmup_steps": self.warmup_steps}
         if self.world.size > 1:  # absent: one process
             state["world_size"] = self.world.size
@@ -177,25 +99,16 @@ class Trainer:
 
     def restore(self, checkpoint) -> None:
         state = read_trainer_state(checkpoint)
-        if state.get("backend") != self.engine.name:
-            raise MlxClipError(f"{checkpoint} was written by the {state.get('backend')} engine; "
-                               f"resume it with --backend {state.get('backend')}")
-        saved_world = int(state.get("world_size", 1))
-        if saved_world != self.world.size:
-            raise CheckpointError(f"--resume {checkpoint}: the run was trained by {saved_world} process(es), this one "
-                                  f"has {self.world.size}; resume with {saved_world} (the batch's split and the "
-                                  "summation order follow the world size)")
-        check_resumable(checkpoint, state, self.cfg, self.engine, self.data_fingerprint)
-        if int(state["step"]) > self.total_steps:
-            raise CheckpointError(f"--resume {checkpoint}: the run is at step {state['step']}, beyond this run's "
-                                  f"{self.total_steps} steps; give --steps {state['step']} or more")
+        check_resumable(checkpoint, state, self.cfg, self.engine, self.data_fingerprint, world=self.world,
+                        total_steps=self.total_steps)
         self.engine.load_state(checkpoint)
         self.loader.load_state_dict(state["loader"])
         self.step = int(state["step"])
         self.nan_steps = int(state.get("nan_steps", 0))
         self.warmup_steps = int(state.get("warmup_steps", self.warmup_steps))  # --steps may grow on resume
-        self.best = state.get("best")
+        self.keep_best.record = state.get("best")
         self.log.resume_at(self.step)
+        self.baseline = self._first_evaluation()
 
     # --- loop ----------------------------------------------------------------------------
     def _on_sigint(self, signum, frame) -> None:
@@ -310,7 +223,7 @@ class Trainer:
                                   "Try a lower --lr or --grad-clip.")
 
     def _forgetting_exceeded(self, metrics: dict, progress: Progress) -> bool:
-        budget, key = self.cfg.max_control_drop, "control_zero_shot_top1"
+        budget, key = self.cfg.max_control_drop, CONTROL_TOP1
         if budget is None or not self.baseline or key not in self.baseline or key not in metrics:
             return False
         drop = self.baseline[key] - metrics[key]
@@ -328,21 +241,34 @@ class Trainer:
         self.log.write(record)
         progress.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                         if isinstance(v, float) and math.isfinite(v)))
-        self.consider_best(metrics, progress.write)
+        self.keep_best.consider(metrics, self.step, self._write_model, progress.write)
         return record
 
-    def consider_best(self, metrics: dict, echo: Callable[[str], None] = print) -> None:
-        """--keep-best: save the model to OUT/best when this evaluation beats every earlier one."""
-        wanted = self.cfg.keep_best
-        if not wanted:
-            return
-        key = BEST_ALIASES.get(wanted, wanted)
-        if key not in metrics:
-            raise ConfigError(f"--keep-best {wanted}: this run's evaluations have no such metric; they have "
-                              f"{', '.join(sorted(metrics))} (or the aliases {', '.join(BEST_ALIASES)})")
-        value = float(metrics[key])
-        if self.best is not None and not value > self.best["value"]:
-            return
-        self.best = {"metric": key, "value": value, "step": self.step}
-        self.run.replace_best(lambda folder: self.engine.save(folder, to="hf"), self.best)
-        echo(f"step {self.step}: best {key} so far ({value:.4f}); saved to {self.run.best}")
+    def _write_model(self, folder: Path):
+        return self.engine.save(folder, to="hf")
+
+    # --- before and after the loop (what finetune() asks of a run) ------------------------
+    def log_start(self, facts: dict) -> None:
+        """The run's first record: what it trains on and with."""
+        self.log.write({"step": 0, "event": "start", **facts})
+
+    def evaluate_before(self) -> dict | None:
+        """The held-out metrics before the first step: logged, and the forgetting guard's baseline."""
+        if not self.evaluate:
+            return None
+        self.baseline = self.evaluate(self.engine)
+        self.log.write({"step": 0, "eval": self.baseline})
+        return self.baseline
+
+    def finish(self, after: dict, echo: Callable[[str], None] = print) -> None:
+        """The final evaluation: logged, considered for --keep-best; the log is closed."""
+        self.log.write({"step": self.step, "eval": after})
+        self.keep_best.consider(after, self.step, self._write_model, echo)
+        self.log.close()
+
+    def _first_evaluation(self) -> dict | None:
+        """A resumed run's metrics before training, from its log (the forgetting guard's baseline)."""
+        for record in MetricsLog(self.run.metrics_path).read():
+            if record.get("step") == 0 and "eval" in record:
+                return record["eval"]
+        return None
