@@ -9,38 +9,36 @@ point: a restored loader yields, bytes included, the batch the original would ha
 With aspect-ratio buckets (`buckets=True`, see `mlx_clip.data.buckets`) the same order is split by
 bucket, each batch takes the next samples of one bucket, and which bucket comes next follows a
 seeded schedule per epoch; the resume point is then the schedule entry and each bucket's position.
+
+The loader composes the seeded order (`data.order`), decoding on threads with its bad-file ledger
+(`data.decode`), the transform (crop, resize, normalise) and the collate into a `Batch`.
 """
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from mlx_clip.data.buckets import Bucket, batches_in, epoch_schedule, grid_buckets, nearest_bucket
+from mlx_clip.data.buckets import Bucket, batches_in, grid_buckets, nearest_bucket
+from mlx_clip.data.decode import Decoder, result
+from mlx_clip.data.order import SeededOrder
 from mlx_clip.data.sample import Sample
 from mlx_clip.errors import ConfigError, DataError, ImageError
 from mlx_clip.model.image_processing import (
     DEFAULT_MAX_PIXELS,
     OPENAI_MEAN,
     OPENAI_STD,
-    image_size_of,
     normalize,
-    open_image,
     preprocess,
     random_resized_crop,
 )
 
 Tokenize = Callable[[list[str]], np.ndarray]
-# The 4-word key of the bucket schedule's generator cannot equal a sample's 3-word augmentation key.
-_SCHEDULE_STREAM = 0x6275636B
 
 
 @dataclass
@@ -139,22 +137,16 @@ class BatchLoader:
             self._base_grid = image_size // patch_size
             self.buckets = grid_buckets(self._base_grid)
         self._bucket_of: np.ndarray | None = None  # sample -> bucket (-1: unreadable), read on first use
-        self._bucket_orders: dict[int, list[np.ndarray]] = {}
-        self._schedules: dict[int, np.ndarray] = {}
+        self.sample_order = SeededOrder(len(self.samples), seed, shuffle=shuffle, batch_size=batch_size,
+                                        drop_last=drop_last, buckets=len(self.buckets or ()),
+                                        bucket_of=self._assignment)
         self._batch_index = 0  # entries of the epoch's bucket schedule used
         self._bucket_positions = [0] * len(self.buckets or ())
-        self.decoded_cache_bytes = decoded_cache_bytes
-        self._decoded_cache: dict[Path, Image.Image] = {}
-        self._decoded_bytes = 0
-        self._cache_lock = threading.Lock()
         self._epoch = 0
         self._position = 0  # next place in the current epoch's order
-        self._bad: dict[int, str] = {}  # sample index -> reason, in the order found
-        self._pool: ThreadPoolExecutor | None = None
-        self._orders: dict[int, np.ndarray] = {}
-        # Decodes started for the batch after the one just returned, so that they overlap the
-        # training step. Keyed by what determines their result, so a stale entry is never wrong.
-        self._ahead: dict[tuple, Future] = {}
+        self.decoder = Decoder(self.samples, self._load, num_workers=num_workers, max_pixels=max_pixels,
+                               max_bad_fraction=max_bad_fraction, decoded_cache_bytes=decoded_cache_bytes)
+        self._bad = self.decoder.bad
 
     # ---- public API ----------------------------------------------------------------------
 
@@ -183,18 +175,11 @@ class BatchLoader:
     @property
     def bad_files(self) -> list[tuple[str, str]]:
         """(path, reason) for every sample that failed to decode, in the order they were met."""
-        return [(str(self.samples[i].image), reason) for i, reason in self._bad.items()]
+        return self._bad.files()
 
     def order(self, epoch: int) -> np.ndarray:
         """The sample indices of `epoch`, in visiting order."""
-        if epoch not in self._orders:
-            n = len(self.samples)
-            rng = np.random.default_rng([self.seed, epoch])
-            self._orders = {  # this epoch and the one being prefetched into are all we need
-                e: o for e, o in self._orders.items() if e >= epoch - 1
-            }
-            self._orders[epoch] = rng.permutation(n) if self.shuffle else np.arange(n)
-        return self._orders[epoch]
+        return self.sample_order.epoch(epoch)
 
     def next_batch(self) -> Batch:
         """The next training batch, rolling into the next epoch when this one is used up."""
@@ -212,7 +197,7 @@ class BatchLoader:
         usable = len(self.samples) - len(self._bad)
         raise DataError(
             f"only {usable} of {len(self.samples)} images decode, fewer than batch_size "
-            f"{self.batch_size} (drop_last=True); bad files: {self._bad_summary()}"
+            f"{self.batch_size} (drop_last=True); bad files: {self._bad.summary()}"
         )
 
     def __iter__(self) -> Iterator[Batch]:
@@ -253,7 +238,7 @@ class BatchLoader:
             "num_samples": len(self.samples),
             "epoch": self._epoch,
             "position": self._position,
-            "bad_indices": list(self._bad),
+            "bad_indices": list(self._bad.reasons),
             "bad_files": [[path, reason] for path, reason in self.bad_files],
         }
         if self.buckets is not None:
@@ -285,14 +270,11 @@ class BatchLoader:
             self._batch_index = int(state["batch_index"])
             self._bucket_positions = [int(p) for p in state["bucket_positions"]]
         reasons = [reason for _, reason in state["bad_files"]]
-        self._bad = {int(i): r for i, r in zip(state["bad_indices"], reasons, strict=True)}
-        self._cancel_ahead()
+        self._bad.reasons = {int(i): r for i, r in zip(state["bad_indices"], reasons, strict=True)}
+        self.decoder.cancel_ahead()
 
     def close(self) -> None:
-        self._cancel_ahead()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        self.decoder.close()
 
     def __enter__(self) -> BatchLoader:
         return self
@@ -346,47 +328,25 @@ class BatchLoader:
                      shape=self.bucket_shape(bucket))
 
     def _bucket_order(self, epoch: int) -> list[np.ndarray]:
-        """The epoch's visiting order split by bucket (each keeps the order's sequence)."""
-        if epoch not in self._bucket_orders:
-            order = self.order(epoch)
-            of = self._assignment()[order]
-            self._bucket_orders = {e: o for e, o in self._bucket_orders.items() if e >= epoch - 1}
-            self._bucket_orders[epoch] = [order[of == b] for b in range(len(self.buckets))]
-        return self._bucket_orders[epoch]
+        return self.sample_order.by_bucket(epoch)
 
     def _schedule(self, epoch: int) -> np.ndarray:
-        if epoch not in self._schedules:
-            sizes = [len(o) for o in self._bucket_order(epoch)]
-            rng = np.random.default_rng([self.seed, epoch, _SCHEDULE_STREAM, _SCHEDULE_STREAM])
-            self._schedules = {e: s for e, s in self._schedules.items() if e >= epoch - 1}
-            self._schedules[epoch] = epoch_schedule(sizes, self.batch_size, self.drop_last, rng)
-        return self._schedules[epoch]
+        return self.sample_order.schedule(epoch)
 
     def _assignment(self) -> np.ndarray:
         """Each sample's bucket, from its image's header (EXIF rotation applied); a file whose
         header cannot be read is recorded as bad, as a failed decode would be, and gets -1."""
         if self._bucket_of is None:
-            paths = sorted({s.image for s in self.samples}, key=str)
-            if self.num_workers and len(paths) > 1:
-                with ThreadPoolExecutor(self.num_workers, thread_name_prefix="mlxclip-header") as pool:
-                    sizes = dict(zip(paths, pool.map(self._header, paths)))
-            else:
-                sizes = {path: self._header(path) for path in paths}
+            sizes = self.decoder.headers(sorted({s.image for s in self.samples}, key=str))
             bucket_of = np.full(len(self.samples), -1, np.int64)
             for index, sample in enumerate(self.samples):
                 size = sizes[sample.image]
                 if isinstance(size, ImageError):
-                    self._record_bad(index, str(size))
+                    self._bad.record(index, str(size))
                 else:
                     bucket_of[index] = nearest_bucket(*size, self.buckets)
             self._bucket_of = bucket_of
         return self._bucket_of
-
-    def _header(self, path: Path) -> tuple[int, int] | ImageError:
-        try:
-            return image_size_of(path, max_pixels=self.max_pixels)
-        except ImageError as err:
-            return err
 
     def _assemble(self, run: _Pass, position: int) -> tuple[Batch | None, int]:
         """The first batch_size samples from `position` that decode, and the position after.
@@ -401,46 +361,24 @@ class BatchLoader:
             # depends on timing, and nothing is decoded past the batch unless a slot failed.
             while len(pending) < self.batch_size - len(picked) and position < end:
                 index = int(run.order[position])
-                pending.append((index, self._submit(index, run)))
+                pending.append((index, self.decoder.submit(index, run, _key(run, index))))
                 position += 1
             if not pending:
                 break
             index, future = pending.popleft()
-            outcome = _result(future)
+            outcome = result(future)
             if isinstance(outcome, ImageError):
-                self._record_bad(index, str(outcome))
+                self._bad.record(index, str(outcome))
             elif outcome is not None:
                 picked.append((index, outcome))
         if not picked or (len(picked) < self.batch_size and run.drop_last):
             return None, end
         return self._batch(picked), position
 
-    def _submit(self, index: int, run: _Pass) -> Future | None:
-        if index in self._bad:
-            return None  # known bad: skip without decoding again
-        ahead = self._ahead.pop(_key(run, index), None)
-        if ahead is not None:
-            return ahead
-        if self.num_workers == 0:
-            done: Future = Future()
-            done.set_result(self._load(index, run))
-            return done
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="mlxclip-decode")
-        return self._pool.submit(self._load, index, run)
-
     def _prefetch(self, run: _Pass, position: int) -> None:
         """Start decoding the samples the next batch will most likely take."""
-        if self.num_workers == 0:
-            return
-        stale, self._ahead = self._ahead, {}
-        for pos in range(position, min(position + self.batch_size, len(run.order))):
-            index = int(run.order[pos])
-            if index not in self._bad:
-                key = _key(run, index)
-                self._ahead[key] = stale.pop(key, None) or self._submit(index, run)
-        for future in stale.values():
-            future.cancel()
+        indices = (int(i) for i in run.order[position:position + self.batch_size])
+        self.decoder.prefetch(run, [(index, _key(run, index)) for index in indices])
 
     def set_image_size(self, image_size: int) -> None:
         """Batches from now on at `image_size` (a resolution schedule). Work prefetched at the old
@@ -448,33 +386,13 @@ class BatchLoader:
         so a resumed run gets the same pixels."""
         _check_int("image_size", image_size, minimum=1)
         if image_size != self.image_size:
-            self._cancel_ahead()
+            self.decoder.cancel_ahead()
             self.image_size = image_size
-
-    def _cancel_ahead(self) -> None:
-        for future in self._ahead.values():
-            future.cancel()
-        self._ahead = {}
-
-    def _decoded(self, index: int) -> Image.Image:
-        """The decoded image, kept in memory while the cache budget allows: a small domain is
-        decoded once instead of once per epoch. Decoding is deterministic, so results are equal."""
-        path = self.samples[index].image
-        cached = self._decoded_cache.get(path)
-        if cached is not None:
-            return cached
-        image = open_image(path, max_pixels=self.max_pixels)
-        size = image.width * image.height * 3
-        with self._cache_lock:
-            if self._decoded_bytes + size <= self.decoded_cache_bytes:
-                self._decoded_cache[path] = image
-                self._decoded_bytes += size
-        return image
 
     def _load(self, index: int, run: _Pass) -> np.ndarray | ImageError:
         """Worker: decode and transform one sample; an ImageError is returned, not raised."""
         try:
-            image = self._decoded(index)
+            image = self.decoder.decoded(index)
         except ImageError as err:
             return err
         size = run.shape or self.image_size
@@ -502,30 +420,10 @@ class BatchLoader:
             multi_positive=self.multi_positive,
         )
 
-    def _record_bad(self, index: int, reason: str) -> None:
-        self._bad.setdefault(index, reason)
-        # Judged against the whole dataset, not the samples seen so far, so one bad file early on
-        # cannot stop a run whose data is 99% fine; a dataset over the limit still fails within
-        # its first epoch.
-        if len(self._bad) > self.max_bad_fraction * len(self.samples):
-            raise DataError(
-                f"{len(self._bad)} of {len(self.samples)} images could not be read, more than "
-                f"max_bad_fraction {self.max_bad_fraction:g}: {self._bad_summary()}"
-            )
-
-    def _bad_summary(self, limit: int = 3) -> str:
-        shown = "; ".join(reason for reason in list(self._bad.values())[:limit])
-        more = len(self._bad) - limit
-        return shown + (f"; and {more} more" if more > 0 else "") if shown else "none"
-
 
 def _key(run: _Pass, index: int) -> tuple:
     # Without augmentation a sample's pixels do not depend on the epoch.
     return (run.augment, run.epoch if run.augment else -1, index, run.shape)
-
-
-def _result(future: Future | None) -> np.ndarray | ImageError | None:
-    return None if future is None else future.result()
 
 
 def _check_int(name: str, value: int, minimum: int) -> None:
