@@ -25,3 +25,14 @@ class ImageError(DataError):
 
 class ConvertError(MlxClipError):
     """A conversion that cannot be done exactly."""
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    """`value` if it is an integer (not a bool) of at least `minimum`, else ConfigError naming it:
+    the one check behind every "must be an integer" of the toolkit's options."""
+    from numbers import Integral
+
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        rule = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{name} must be {rule}, got {value!r}")
+    return value

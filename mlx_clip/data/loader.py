@@ -28,7 +28,7 @@ from mlx_clip.data.buckets import Bucket, batches_in, grid_buckets, nearest_buck
 from mlx_clip.data.decode import Decoder, result
 from mlx_clip.data.order import SeededOrder
 from mlx_clip.data.sample import Sample
-from mlx_clip.errors import ConfigError, DataError, ImageError
+from mlx_clip.errors import ConfigError, DataError, ImageError, check_int
 from mlx_clip.model.image_processing import (
     DEFAULT_MAX_PIXELS,
     OPENAI_MEAN,
@@ -99,10 +99,10 @@ class BatchLoader:
     ) -> None:
         if len(samples) == 0:
             raise DataError("the dataset has no samples")
-        _check_int("batch_size", batch_size, minimum=1)
-        _check_int("image_size", image_size, minimum=1)
-        _check_int("seed", seed, minimum=0)  # SeedSequence entropy must be non-negative
-        _check_int("num_workers", num_workers, minimum=0)
+        check_int("batch_size", batch_size, minimum=1)
+        check_int("image_size", image_size, minimum=1)
+        check_int("seed", seed, minimum=0)  # SeedSequence entropy must be non-negative
+        check_int("num_workers", num_workers, minimum=0)
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ConfigError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         labelled = [s.label is not None for s in samples]
@@ -129,7 +129,7 @@ class BatchLoader:
         self._has_labels = all(labelled)
         self.buckets: list[Bucket] | None = None
         if buckets:
-            _check_int("patch_size", patch_size, minimum=1)
+            check_int("patch_size", patch_size, minimum=1)
             if image_size < patch_size:
                 raise ConfigError(f"aspect-ratio buckets need image_size ({image_size}) of at least one patch "
                                   f"({patch_size})")
@@ -384,7 +384,7 @@ class BatchLoader:
         """Batches from now on at `image_size` (a resolution schedule). Work prefetched at the old
         size is dropped; the augmentation of a sample depends on its seed, not on when it is made,
         so a resumed run gets the same pixels."""
-        _check_int("image_size", image_size, minimum=1)
+        check_int("image_size", image_size, minimum=1)
         if image_size != self.image_size:
             self.decoder.cancel_ahead()
             self.image_size = image_size
@@ -424,8 +424,3 @@ class BatchLoader:
 def _key(run: _Pass, index: int) -> tuple:
     # Without augmentation a sample's pixels do not depend on the epoch.
     return (run.augment, run.epoch if run.augment else -1, index, run.shape)
-
-
-def _check_int(name: str, value: int, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")

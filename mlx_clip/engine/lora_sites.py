@@ -13,12 +13,12 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from numbers import Integral, Real
+from numbers import Real
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from mlx_clip.errors import ConfigError
+from mlx_clip.errors import ConfigError, check_int
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 ALL_TOWERS = ("text_model", "vision_model")
@@ -86,14 +86,12 @@ def init_lora_a(seed: int, index: int, rank: int, in_features: int) -> np.ndarra
 
 
 def check_lora_options(*, rank, alpha, targets, towers, dropout, seed) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, Integral) or rank < 1:
-        raise ConfigError(f"lora rank must be an integer >= 1, got {rank!r}")
+    check_int("lora rank", rank, minimum=1)
     if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha) or alpha <= 0:
         raise ConfigError(f"lora alpha must be a finite number > 0, got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0.0 <= dropout < 1.0:
         raise ConfigError(f"lora dropout must be in [0, 1), got {dropout!r}")
-    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
-        raise ConfigError(f"lora seed must be an integer >= 0, got {seed!r}")
+    check_int("lora seed", seed, minimum=0)
     _check_names("targets", targets, ALL_TARGETS)
     _check_names("towers", towers, ALL_TOWERS)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlx_clip.errors import ConfigError
+from mlx_clip.errors import ConfigError, check_int
 
 SUPPORTED_ACTIVATIONS = ("gelu", "quick_gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
@@ -35,8 +35,7 @@ def _split_known(cls, data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
 
 def _check_positive(owner: str, **values: int) -> None:
     for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{owner}.{name} must be a positive integer, got {value!r}")
+        check_int(f"{owner}.{name}", value, minimum=1)
 
 
 def _check_common(owner: str, cfg) -> None:

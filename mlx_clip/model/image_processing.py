@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mlx_clip.errors import ConfigError, ImageError
+from mlx_clip.errors import ConfigError, ImageError, check_int
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -288,8 +288,7 @@ def _check_pixels(size: tuple[int, int], max_pixels: int | None, name: str) -> N
 
 
 def _check_size(image_size: int) -> None:
-    if not isinstance(image_size, int) or image_size <= 0:
-        raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
+    check_int("image_size", image_size, minimum=1)
 
 
 def _check_range(name: str, bounds: tuple[float, float], upper: float | None) -> None:
