@@ -24,11 +24,9 @@ from mlx_clip.training.options import TrainConfig
 from mlx_clip.training.trainer import Interrupted, Trainer, TrainResult
 
 
-# The sigmoid loss learns the demo domain more slowly than InfoNCE: siglip-tiny reached held-out
-# top-1 0.79 after 1000 steps at lr 1e-3 (0.58 at the CLIP demo's 2e-3, 0.65 at 5e-4), so its demo
-# runs 2000 steps. Its first ~350 steps sit on a plateau at the CLIP demo's 40 warm-up steps;
-# warming up over a tenth of the run gave 0.9375 (0.95 from a second random init) against 0.892
-# (0.925) at 40 and 0.904 at 400 (2000 steps, measured side by side on 2 cores: ~4 minutes).
+# The sigmoid loss learns the demo domain more slowly than InfoNCE, so siglip-tiny's demo runs
+# twice as long at a lower lr, and warms up over a tenth of it: with the CLIP demo's 40 steps it
+# sat on a plateau for its first ~350 (held-out top-1 0.89 at the end, 0.94 with 200).
 DEMO_BY_MODEL: dict[str, dict[str, Any]] = {"siglip-tiny": {"lr": 1e-3, "steps": 2000, "warmup_steps": 200}}
 # The demo's own folder: the toolkit's scratch, where a rerun of the demo replaces an earlier demo
 # run without --overwrite. Any other --out is the user's and never replaced without it.

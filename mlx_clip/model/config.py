@@ -321,7 +321,8 @@ def read_json(path: str | Path) -> Any:
 
 
 def tiny_config(**overrides: Any) -> CLIPConfig:
-    """A small CLIP for tests and the built-in demo: 2 layers, width 32-64, 32 px images."""
+    """A small CLIP for tests and the built-in demo: 2 layers of width 64 per tower, 32 px images in
+    8 px patches."""
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                 projection_dim=64, hidden_act="quick_gelu")
     vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -333,7 +334,8 @@ def tiny_config(**overrides: Any) -> CLIPConfig:
 
 
 def siglip_tiny_config(vocab_size: int = 1024, **overrides: Any) -> CLIPConfig:
-    """A small SigLIP for tests and the built-in demo: width 64, 64-token text, 32 px images."""
+    """A small SigLIP for tests and the built-in demo: 2 layers of width 64 per tower, 16-token
+    text, 32 px images in 8 px patches."""
     # Token ids of `siglip_tokenizer.build_demo_tokenizer`: `</s>` (1) ends and pads every row.
     text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=2, max_position_embeddings=16, pad_token_id=1, eos_token_id=1,
