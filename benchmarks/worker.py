@@ -25,7 +25,7 @@ import numpy as np
 from benchmarks.flops import train_flops_per_pair
 from mlx_clip.api import resolve
 from mlx_clip.engine.protocol import engine_class, load_backend
-from mlx_clip.data.loader import Batch
+from mlx_clip.data.synthetic import synthetic_batch
 from mlx_clip.training.options import TrainConfig
 
 SIZES = {"tiny": "tiny", "b32": "vit-b32"}
@@ -45,16 +45,6 @@ def timed(run: Callable[[], object], steps: int, warmup: int) -> tuple[list[floa
 
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def synthetic_batch(config, batch_size: int) -> Batch:
-    """The same seeded pixels and 77-token texts for every row: SOT, random ids, EOT last."""
-    rng = np.random.default_rng(SEED)
-    size = config.vision_config.image_size
-    pixels = rng.standard_normal((batch_size, size, size, 3)).astype(np.float32)
-    ids = rng.integers(1, 49000, size=(batch_size, TEXT_LENGTH))
-    ids[:, 0], ids[:, -1] = 49406, 49407
-    return Batch(pixels, ids, None, np.arange(batch_size), np.arange(batch_size))
 
 
 def train(args: dict) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from convert import converter
+from mlx_clip.data.synthetic import synthetic_inputs
 from mlx_clip.engine.protocol import load_backend
 from mlx_clip.model.config import CLIPConfig
 from mlx_clip.errors import ConvertError
@@ -36,23 +37,8 @@ def convert(src: str | Path, dst: str | Path, *, to: str, dtype: str | None = No
 
 def verify_batch(config: CLIPConfig, batch: int = VERIFY_BATCH, seed: int = VERIFY_SEED,
                  length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (pixels (B,H,W,3) float32, token ids (B,L) int64) with one EOT per row where the
-    config's pooling will find it (first `eos_token_id`, or the row's maximum for legacy id 2).
-    L is `length` (at least 2), by default the full context."""
-    rng = np.random.default_rng(seed)
-    v, t = config.vision_config, config.text_config
-    pixels = rng.standard_normal((batch, v.image_size, v.image_size, v.num_channels)).astype(np.float32)
-    length, vocab, eos = length or t.max_position_embeddings, t.vocab_size, t.eos_token_id
-    legacy = eos == 2
-    top = vocab - 1 if legacy else vocab
-    ids = rng.integers(0, top, size=(batch, length)).astype(np.int64)
-    if not legacy and eos < vocab:
-        ids[ids == eos] = (eos + 1) % vocab
-    for row in range(batch):
-        end = int(rng.integers(1, length))
-        ids[row, end] = vocab - 1 if legacy else (eos if eos < vocab else ids[row, end])
-        ids[row, end + 1:] = 0
-    return pixels, ids
+    """The seeded inputs both sides of a conversion or an export embed (`data.synthetic`)."""
+    return synthetic_inputs(config, batch, seed, length)
 
 
 def verify_backends(to: str) -> tuple[str, str]:

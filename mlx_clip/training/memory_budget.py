@@ -98,25 +98,11 @@ def _peak_bytes(engine) -> int:
     raise ConfigError("--memory-budget: this engine reports no memory figure to probe with")
 
 
-def _probe_batch(config, batch_size: int):
-    """Seeded pixels at the model's size and full-length (77-token) texts: the most a step holds."""
-    import numpy as np
-
-    from mlx_clip.data.loader import Batch
-
-    rng = np.random.default_rng(0)
-    size = config.vision_config.image_size
-    pixels = rng.standard_normal((batch_size, size, size, 3)).astype(np.float32)
-    length = config.text_config.max_position_embeddings
-    vocab = config.text_config.vocab_size
-    ids = rng.integers(1, vocab - 2, size=(batch_size, length))
-    return Batch(pixels, ids, None, np.arange(batch_size), np.arange(batch_size))
-
-
 def probe_worker(spec: dict) -> dict:
     """In a probe process: the peak memory of `PROBE_STEPS` steps of `batch` pairs in micro-batches
     of `micro` (feature caching when fewer than `batch`), and the embedding width."""
     from mlx_clip.engine.protocol import load_backend
+    from mlx_clip.data.synthetic import synthetic_batch
     from mlx_clip.training.options import TrainConfig
 
     batch, micro = int(spec["batch"]), int(spec["micro"])
@@ -126,7 +112,7 @@ def probe_worker(spec: dict) -> dict:
     engine = load_backend(cfg.backend, spec["folder"], device=cfg.device, dtype=cfg.parameter_dtype,
                           allow_pickle=cfg.allow_pickle, image_size=cfg.image_size)
     engine.prepare_training(cfg)
-    data = _probe_batch(engine.config, batch)
+    data = synthetic_batch(engine.config, batch)  # full-length texts: the most a step holds
     for _ in range(PROBE_STEPS):
         engine.train_step(data, 0.0)
     peak = _peak_bytes(engine)
