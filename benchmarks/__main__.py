@@ -4,7 +4,7 @@ import mlx_clip  # noqa: F401  (the BLAS loader runs before anything imports mlx
 
 import argparse
 
-from benchmarks.suite import PRESETS, run
+from mlx_clip.benchmarks.suite import PRESETS, run
 
 
 def main() -> None:

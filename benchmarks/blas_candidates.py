@@ -1,6 +1,6 @@
 """Float32 matmul throughput of MLX with the BLAS loader, of numpy, and of MLX's reference BLAS.
 
-    python -m benchmarks.blas_candidates [--sizes 512 1024 2048] [--reps 7] [--out benchmarks/results/blas.json]
+    python -m mlx_clip.benchmarks.blas_candidates [--sizes 512 1024 2048] [--reps 7] [--out benchmarks/results/blas.json]
 
 MLX's Linux wheel links the reference BLAS; `mlx_clip.engine.blas` swaps in an optimized one. This shows
 what that buys: GFLOP/s (2 n^3 per n x n matmul, median of `--reps` timed runs after warm-up) for
@@ -59,7 +59,7 @@ def measure_numpy(n: int, reps: int, warmup: int) -> dict:
 def measure_reference(n: int, reps: int, warmup: int) -> dict:
     """MLX on its own reference BLAS: a fresh interpreter with the loader disabled."""
     env = {**os.environ, "MLXCLIP_BLAS": "none"}
-    cmd = [sys.executable, "-m", "benchmarks.blas_candidates", "--worker", "--sizes", str(n), "--reps", str(reps),
+    cmd = [sys.executable, "-m", "mlx_clip.benchmarks.blas_candidates", "--worker", "--sizes", str(n), "--reps", str(reps),
            "--warmup", str(warmup)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     result = json.loads(proc.stdout)

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.memory`: peak memory and images/s of one training step against the batch
+"""`python -m mlx_clip.benchmarks.memory`: peak memory and images/s of one training step against the batch
 size, for a plain step, a gradient-checkpointed one and a feature-cached one (--micro-batch-size),
 in both engines, each point in a fresh process. Writes memory.json, memory.md and memory.png.
 
@@ -31,7 +31,7 @@ def _status_kib(field: str) -> int:
 
 
 def worker(args: dict) -> dict:
-    from benchmarks.worker import synthetic_batch
+    from mlx_clip.benchmarks.worker import synthetic_batch
     from mlx_clip.api import resolve
     from mlx_clip.engine.protocol import load_backend
     from mlx_clip.training.options import TrainConfig
@@ -68,7 +68,7 @@ def worker(args: dict) -> dict:
 def measure(engine: str, mode: str, batch_size: int, model: str, micro: int, steps: int) -> dict:
     spec = json.dumps({"engine": engine, "mode": mode, "batch_size": batch_size, "model": model, "micro": micro,
                        "steps": steps})
-    done = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--worker", spec], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "mlx_clip.benchmarks.memory", "--worker", spec], capture_output=True,
                           text=True, timeout=1800)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}

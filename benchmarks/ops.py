@@ -1,6 +1,6 @@
 """MLX against torch op by op, at the shapes of a ViT-B/32 training step on the CPU.
 
-    python -m benchmarks.ops [--batch 16] [--repeats 9] [--out benchmarks/results/ops]
+    python -m mlx_clip.benchmarks.ops [--batch 16] [--repeats 9] [--out benchmarks/results/ops]
 
 Each row times one operation (forward, or forward and backward) three ways where they exist:
 MLX's own kernel, the MLX engine's reformulation (`mlx_clip/mlx_backend/cpu_math.py`) and torch.

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench_report import machine_line
+from mlx_clip.benchmarks.bench_report import machine_line
 from mlx_clip.environment import report as machine_report
 
 MODES = {"unbatched": ["--max-batch-size", "1"], "batched": ["--max-batch-size", "32", "--max-wait-ms", "5"]}

@@ -4,7 +4,7 @@ For one model config, batch, resolution and data: train-step images/s of each en
 timed steps after warm-up) in float32 and, for torch, bfloat16 autocast; the same step as open_clip
 and plain transformers users run it; inference images/s and texts/s; data-pipeline images/s; peak
 memory; MFU against the matmul peak measured in the same run; the loss after the steps. Every row
-runs in its own interpreter (`benchmarks.worker`). Writes `results.json`, `results.md`, `results.png`.
+runs in its own interpreter (`mlx_clip.benchmarks.worker`). Writes `results.json`, `results.md`, `results.png`.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ TRAIN_ROWS = [  # (row name, worker task, arguments beyond the preset's)
 
 def run_worker(task: str, args: dict, timeout: float) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", task, json.dumps(args)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "mlx_clip.benchmarks.worker", task, json.dumps(args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
@@ -143,7 +143,7 @@ def run(size: str = "tiny", out: str | Path = "benchmarks/results", *, steps: in
         },
         "seconds": time.perf_counter() - started,
     }
-    from benchmarks.bench_report import write_markdown, write_png
+    from mlx_clip.benchmarks.bench_report import write_markdown, write_png
 
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     markdown = write_markdown(results, out / "results.md")

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.timings`: how long the small fixed costs take — tokenizing 1000 captions,
+"""`python -m mlx_clip.benchmarks.timings`: how long the small fixed costs take — tokenizing 1000 captions,
 rendering the built-in demo domain — on this machine. Kept out of the tests, where a loaded
 machine made wall-clock bounds flaky; the tests check that these produce the right output."""
 

@@ -1,6 +1,6 @@
 """One measurement in a fresh interpreter, printed as one JSON line on stdout.
 
-    python -m benchmarks.worker TASK '{"size": "tiny", ...}'
+    python -m mlx_clip.benchmarks.worker TASK '{"size": "tiny", ...}'
 
 Each row of `mlxclip bench` runs here on its own, so that one engine's threads, allocator caches and
 peak memory never colour another's figures. Engines are reached through `mlx_clip.engine.protocol`; the peer
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.flops import train_flops_per_pair
+from mlx_clip.benchmarks.flops import train_flops_per_pair
 from mlx_clip.api import resolve
 from mlx_clip.engine.protocol import engine_class, load_backend
 from mlx_clip.data.synthetic import synthetic_batch

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from convert import detect, open_clip_siglip
-from convert.dtypes import to_numpy
-from convert.layout import mlx_to_torch, torch_to_mlx
-from convert.names import open_clip_to_hf, open_clip_shapes, rules
-from convert.open_clip_config import clip_config_from_open_clip, layout_of, read_open_clip_config
-from convert.pickle_weights import read_pickled
-from convert.safetensors_io import Tensor, read_safetensors
-from convert.shapes import EXTRA_TENSORS, Shape, expected_shapes, is_buffer
+from mlx_clip.convert import detect, open_clip_siglip
+from mlx_clip.convert.dtypes import to_numpy
+from mlx_clip.convert.layout import mlx_to_torch, torch_to_mlx
+from mlx_clip.convert.names import open_clip_to_hf, open_clip_shapes, rules
+from mlx_clip.convert.open_clip_config import clip_config_from_open_clip, layout_of, read_open_clip_config
+from mlx_clip.convert.pickle_weights import read_pickled
+from mlx_clip.convert.safetensors_io import Tensor, read_safetensors
+from mlx_clip.convert.shapes import EXTRA_TENSORS, Shape, expected_shapes, is_buffer
 from mlx_clip.model.config import CLIPConfig
 from mlx_clip.errors import CheckpointError
 

@@ -16,11 +16,11 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from convert import detect
-from convert.checkpoint import read_stored
-from convert.dtypes import cast, check_dtype
-from convert.open_clip_config import preprocess_cfg_from_hf
-from convert.writer import (copy_side_files, open_clip_crops, open_clip_normalisation, write_preprocessor_config,
+from mlx_clip.convert import detect
+from mlx_clip.convert.checkpoint import read_stored
+from mlx_clip.convert.dtypes import cast, check_dtype
+from mlx_clip.convert.open_clip_config import preprocess_cfg_from_hf
+from mlx_clip.convert.writer import (copy_side_files, open_clip_crops, open_clip_normalisation, write_preprocessor_config,
                             write_stored)
 from mlx_clip.errors import ConvertError
 from mlx_clip.outputs import overlap

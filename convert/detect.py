@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from convert.safetensors_io import read_metadata
+from mlx_clip.convert.safetensors_io import read_metadata
 from mlx_clip.errors import CheckpointError
 
 CONFIG = "config.json"

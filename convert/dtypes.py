@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from convert.safetensors_io import FLOAT_TAGS, STORAGE, Tensor
+from mlx_clip.convert.safetensors_io import FLOAT_TAGS, STORAGE, Tensor
 from mlx_clip.errors import ConvertError
 from mlx_clip.engine.policy import DTYPES
 

@@ -15,8 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from convert.safetensors_io import Tensor
-from convert.shapes import Shape
+from mlx_clip.convert.safetensors_io import Tensor
+from mlx_clip.convert.shapes import Shape
 from mlx_clip.errors import ConvertError
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from convert.shapes import Shape
+from mlx_clip.convert.shapes import Shape
 from mlx_clip.model.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, read_json
 from mlx_clip.errors import ConfigError, ConvertError
 
@@ -125,7 +125,7 @@ def clip_config_from_open_clip(data: dict[str, Any], source: str = OPEN_CLIP_CON
     if vision.get("timm_model_name"):
         raise ConfigError(f"{source}: model_cfg.vision_cfg.timm_model_name={vision['timm_model_name']!r}: a timm "
                           "image trunk is open_clip's SigLIP layout, read as model_type 'siglip' by "
-                          "convert.open_clip_siglip.siglip_config_from_open_clip, not as a CLIP")
+                          "mlx_clip.convert.open_clip_siglip.siglip_config_from_open_clip, not as a CLIP")
     _check_fixed(source, "vision_cfg", vision, VISION_FIXED)
     _check_fixed(source, "text_cfg", text, TEXT_FIXED)
     if not isinstance(vision["layers"], int) or isinstance(vision["layers"], bool):

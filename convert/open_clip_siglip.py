@@ -8,7 +8,7 @@ tensor for tensor; every transform only moves bytes (a split of timm's fused qkv
 of the attention pool's separate q and fused kv, reshapes of the position embedding and the
 scalars), so a round trip gives back the same bits in any dtype.
 
-The timm trunk's architecture comes from `convert.timm_siglip`; writing open_clip needs a named
+The timm trunk's architecture comes from `mlx_clip.convert.timm_siglip`; writing open_clip needs a named
 timm model of the same architecture (open_clip builds the tower from the name alone).
 """
 
@@ -20,13 +20,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from convert.names import FUSED_QKV, IDENTITY, LAYER_TABLE, Transform
-from convert.open_clip_config import (_CUSTOM_BLOCK, EXTRAS_KEY, OPEN_CLIP_CONFIG, TEXT_DEFAULTS, TORCH_LAYER_NORM_EPS,
+from mlx_clip.convert.names import FUSED_QKV, IDENTITY, LAYER_TABLE, Transform
+from mlx_clip.convert.open_clip_config import (_CUSTOM_BLOCK, EXTRAS_KEY, OPEN_CLIP_CONFIG, TEXT_DEFAULTS, TORCH_LAYER_NORM_EPS,
                                       _activation, _check_fixed, _eps, _mlp, _mlp_ratio, _square, kept_or_derived,
                                       tower_cfgs)
-from convert.safetensors_io import Tensor
-from convert.shapes import Shape
-from convert.timm_siglip import KNOWN_TRUNKS, SIGLIP_POOL, TimmTrunk, timm_name_for, trunk_of
+from mlx_clip.convert.safetensors_io import Tensor
+from mlx_clip.convert.shapes import Shape
+from mlx_clip.convert.timm_siglip import KNOWN_TRUNKS, SIGLIP_POOL, TimmTrunk, timm_name_for, trunk_of
 from mlx_clip.model.config import CLIPConfig, SiglipTextConfig, SiglipVisionConfig
 from mlx_clip.errors import ConfigError, ConvertError
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.safetensors_io import Tensor
+from mlx_clip.convert.safetensors_io import Tensor
 from mlx_clip.errors import CheckpointError
 
 _TORCH_TAGS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",

@@ -13,7 +13,7 @@ import copy
 
 import numpy as np
 
-from convert.checkpoint import Checkpoint
+from mlx_clip.convert.checkpoint import Checkpoint
 from mlx_clip.errors import ConfigError
 from mlx_clip.model.interpolate import bicubic_matrix
 

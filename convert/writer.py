@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from convert import detect, open_clip_siglip
-from convert.dtypes import TAG_NAMES, cast, from_numpy, to_numpy
-from convert.layout import torch_to_mlx
-from convert.names import hf_to_open_clip, rules
-from convert.open_clip_config import layout_of, open_clip_config_for
-from convert.safetensors_io import FLOAT_TAGS, Tensor, write_safetensors
+from mlx_clip.convert import detect, open_clip_siglip
+from mlx_clip.convert.dtypes import TAG_NAMES, cast, from_numpy, to_numpy
+from mlx_clip.convert.layout import torch_to_mlx
+from mlx_clip.convert.names import hf_to_open_clip, rules
+from mlx_clip.convert.open_clip_config import layout_of, open_clip_config_for
+from mlx_clip.convert.safetensors_io import FLOAT_TAGS, Tensor, write_safetensors
 from mlx_clip.model.config import CLIPConfig
 from mlx_clip.errors import ConvertError
 from mlx_clip.model.image_processing import OPENAI_MEAN, OPENAI_STD, SIGLIP_MEAN, SIGLIP_STD
@@ -109,7 +109,7 @@ def fit_preprocessor_size(path: Path, image_size: int) -> None:
 def open_clip_normalisation(config: CLIPConfig) -> dict[str, list[float]]:
     """{mean, std} from the open_clip preprocess_cfg a config came with (open_clip checkpoints carry
     their normalisation there, not in a preprocessor_config.json), else {}."""
-    from convert.open_clip_config import EXTRAS_KEY
+    from mlx_clip.convert.open_clip_config import EXTRAS_KEY
 
     original = config.extras.get(EXTRAS_KEY)
     cfg = original.get("preprocess_cfg") if isinstance(original, dict) else None
@@ -122,7 +122,7 @@ def open_clip_normalisation(config: CLIPConfig) -> dict[str, list[float]]:
 def open_clip_crops(config: CLIPConfig) -> bool:
     """Whether the open_clip preprocess_cfg a config came with resizes the shortest side and crops
     (`resize_mode` 'shortest') rather than squashing to a square, as open_clip's SigLIP configs do."""
-    from convert.open_clip_config import EXTRAS_KEY
+    from mlx_clip.convert.open_clip_config import EXTRAS_KEY
 
     original = config.extras.get(EXTRAS_KEY)
     cfg = original.get("preprocess_cfg") if isinstance(original, dict) else None

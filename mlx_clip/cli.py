@@ -134,11 +134,11 @@ def env(as_json, no_measure):
 def bench(size, out, steps, serving):
     """Both engines side by side: train images/s, MFU, inference, data pipeline, memory, peers."""
     if serving:
-        from benchmarks.serving import run as run_serving
+        from mlx_clip.benchmarks.serving import run as run_serving
 
         run_serving(size, out, echo=click.echo)
         return
-    from benchmarks.suite import run
+    from mlx_clip.benchmarks.suite import run
 
     run(size, out, steps=steps, echo=click.echo)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert import converter
+from mlx_clip.convert import converter
 from mlx_clip.data.synthetic import synthetic_inputs
 from mlx_clip.engine.protocol import load_backend
 from mlx_clip.model.config import CLIPConfig

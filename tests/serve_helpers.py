@@ -10,7 +10,7 @@ from PIL import Image
 
 import sklearn
 
-from benchmarks.serving import ServerProcess as BenchServer
+from mlx_clip.benchmarks.serving import ServerProcess as BenchServer
 
 # Two photographs shipped inside scikit-learn's wheel: real JPEGs nobody here made.
 PHOTOS = Path(sklearn.__file__).parent / "datasets" / "images"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from benchmarks.flops import forward_flops
+from mlx_clip.benchmarks.flops import forward_flops
 from mlx_clip.cli import main
 from tests.helpers import tiny_hf_clip
 

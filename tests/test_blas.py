@@ -130,7 +130,7 @@ def test_no_blas_found_warning_states_the_cost(env, opening):
 
 
 def test_benchmark_script_runs_and_reports_consistent_numbers(tmp_path):
-    from benchmarks.blas_candidates import main
+    from mlx_clip.benchmarks.blas_candidates import main
 
     out = tmp_path / "results" / "blas.json"
     main(["--sizes", "64", "96", "--reps", "2", "--warmup", "1", "--ref-size", "64", "--ref-reps", "1",

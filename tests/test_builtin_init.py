@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from mlx_clip.model.builtin import TEXT_POSITION_STD, builtin_configs, random_weights
-from torch_backend.model import hf_config
+from mlx_clip.torch_backend.model import hf_config
 
 
 @pytest.mark.parametrize("name", ["small", "vit-b32"])

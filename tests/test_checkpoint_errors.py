@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from convert import detect_format, read_checkpoint
+from mlx_clip.convert import detect_format, read_checkpoint
 from mlx_clip.conversion import convert
 from mlx_clip.errors import CheckpointError, ConfigError
 from tests.helpers import save_hf, tiny_hf_clip
@@ -186,7 +186,7 @@ def test_malicious_pickle_never_runs(folder, tmp_path, writer):
 @pytest.mark.parametrize("version, safe", [("2.5.1", False), ("2.4.0+cpu", False), ("2.6.0", True),
                                            ("2.14.1+cu128", True), ("3.0.0", True)])
 def test_pickles_need_a_torch_whose_unpickler_is_safe(version, safe, tmp_path):
-    from convert.pickle_weights import check_safe_unpickler
+    from mlx_clip.convert.pickle_weights import check_safe_unpickler
 
     if safe:
         check_safe_unpickler(version, tmp_path / "pytorch_model.bin")

@@ -73,7 +73,7 @@ def test_bfloat16_parameters_train_and_are_saved_as_bfloat16(demo, tmp_path, eng
     assert all(np.isfinite(losses(records)))
     # The trained bfloat16 values are saved losslessly: as bfloat16, or as float32 numbers whose low
     # 16 bits are zero (every bfloat16 is exactly a float32). The logit scale stays float32 by design.
-    from convert.safetensors_io import read_safetensors
+    from mlx_clip.convert.safetensors_io import read_safetensors
 
     tensors, _ = read_safetensors(tmp_path / "run" / "final" / "model.safetensors")
     for name, tensor in tensors.items():

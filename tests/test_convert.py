@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from convert import detect_format, read_checkpoint, write_checkpoint
-from convert.dtypes import bf16_bits_to_float32, float32_to_bf16_bits
-from convert.shapes import expected_shapes
+from mlx_clip.convert import detect_format, read_checkpoint, write_checkpoint
+from mlx_clip.convert.dtypes import bf16_bits_to_float32, float32_to_bf16_bits
+from mlx_clip.convert.shapes import expected_shapes
 from mlx_clip.model.config import CLIPConfig
 from mlx_clip.conversion import convert
 from mlx_clip.errors import ConvertError
@@ -296,7 +296,7 @@ def test_side_files_copied_and_destination_rules(hf_source, tmp_path):
 
 
 def test_failed_verification_leaves_destination_untouched(hf_source, tmp_path, monkeypatch):
-    import convert.converter as converter
+    import mlx_clip.convert.converter as converter
 
     _, src = hf_source
     dst = tmp_path / "dst"

@@ -29,8 +29,8 @@ import torch
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from convert.open_clip_siglip import siglip_config_from_open_clip
-from convert.timm_siglip import KNOWN_TRUNKS, TimmTrunk, read_timm_trunk
+from mlx_clip.convert.open_clip_siglip import siglip_config_from_open_clip
+from mlx_clip.convert.timm_siglip import KNOWN_TRUNKS, TimmTrunk, read_timm_trunk
 from mlx_clip.conversion import convert
 from mlx_clip.errors import CheckpointError, ConfigError, ConvertError
 from tests.helpers import assert_same_bytes, hf_features, open_clip_features, perturb, rel_err, tensors_of
@@ -233,7 +233,7 @@ def test_hf_siglip_to_open_clip_loads_strictly_and_embeds_like_hf(tmp_path):
     import open_clip
     import transformers
 
-    from convert.writer import write_preprocessor_config
+    from mlx_clip.convert.writer import write_preprocessor_config
 
     torch.manual_seed(3)
     config = transformers.SiglipConfig(

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from mlx_clip.cli import main
 from mlx_clip.errors import ConfigError
 from mlx_clip.mlx_backend.backend import select_device as mlx_select
-from torch_backend.model import select_device
+from mlx_clip.torch_backend.model import select_device
 
 FLAGS = [(cuda, mps) for cuda in (False, True) for mps in (False, True)]
 

@@ -25,7 +25,7 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
 from mlx_clip.api import CLIP, load
-from convert.writer import write_preprocessor_config
+from mlx_clip.convert.writer import write_preprocessor_config
 from mlx_clip.model.config import tiny_config
 from mlx_clip.data.demo import make_demo
 from mlx_clip.data.records import load_dataset

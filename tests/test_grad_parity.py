@@ -12,12 +12,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from convert.layout import torch_to_mlx
+from mlx_clip.convert.layout import torch_to_mlx
 from mlx_clip.mlx_backend.loss import clip_loss as mlx_clip_loss
 from tests.helpers import random_pixels, random_tokens, rel_err, tiny_hf_clip
 from tests.test_model_parity import mlx_from_hf
-from torch_backend.loss import clip_loss as torch_clip_loss
-from torch_backend.train import set_activation_checkpointing
+from mlx_clip.torch_backend.loss import clip_loss as torch_clip_loss
+from mlx_clip.torch_backend.train import set_activation_checkpointing
 
 EPS32 = float(np.finfo(np.float32).eps)
 

@@ -21,14 +21,14 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from convert.layout import mlx_to_torch, torch_to_mlx
+from mlx_clip.convert.layout import mlx_to_torch, torch_to_mlx
 from mlx_clip.mlx_backend import lora as mlx_lora
 from mlx_clip.errors import ConfigError
 from mlx_clip.mlx_backend.loss import clip_loss as mlx_clip_loss
 from tests.helpers import hf_clip, random_pixels, random_tokens, rel_err
 from tests.test_model_parity import mlx_from_hf
-from torch_backend import lora as torch_lora
-from torch_backend.loss import clip_loss as torch_clip_loss
+from mlx_clip.torch_backend import lora as torch_lora
+from mlx_clip.torch_backend.loss import clip_loss as torch_clip_loss
 
 # Towers of different widths and depths, so a count that mixed them up would be caught.
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, hidden_act="gelu")

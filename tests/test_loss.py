@@ -21,7 +21,7 @@ from open_clip.loss import ClipLoss, SigLipLoss
 
 from mlx_clip.mlx_backend import loss as mlx_loss
 from mlx_clip.errors import ConfigError
-from torch_backend import loss as torch_loss
+from mlx_clip.torch_backend import loss as torch_loss
 
 BATCHES = (1, 5, 16)
 DIM = 32

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mlx.core as mx
-from convert.layout import torch_to_mlx
+from mlx_clip.convert.layout import torch_to_mlx
 from mlx_clip.model.config import CLIPConfig
 from mlx_clip.mlx_backend.model import CLIPModel, init_weights
 from tests.helpers import hf_clip, random_pixels, random_tokens, rel_err
@@ -109,7 +109,7 @@ def test_mlx_save_then_load_is_exact_and_idempotent(tmp_path):
 
     from mlx_clip.model.config import tiny_config
     from mlx_clip.mlx_backend.backend import load_mlx_model, save_mlx_model
-    from torch_backend.backend import TorchBackend
+    from mlx_clip.torch_backend.backend import TorchBackend
 
     model = CLIPModel(tiny_config())
     init_weights(model, seed=3)

@@ -63,7 +63,7 @@ def test_lp_ft_probes_then_trains_everything(tmp_path, engine):
 
 def read_model_state(checkpoint, engine: str) -> dict[str, np.ndarray]:
     """The model tensors of an engine state file, in torch layout, without the `clip.` prefix."""
-    from convert.layout import mlx_to_torch
+    from mlx_clip.convert.layout import mlx_to_torch
 
     tensors = load_file(str(checkpoint / "engine_state.safetensors"))
     out = {k[len("model/clip."):]: v for k, v in tensors.items() if k.startswith("model/clip.")}
@@ -92,7 +92,7 @@ def test_l2_sp_state_holds_the_starting_weights(tmp_path, engine):
     base = base_weights()
     assert anchors.keys() == base.keys()
     if engine == "mlx":
-        from convert.layout import mlx_to_torch
+        from mlx_clip.convert.layout import mlx_to_torch
 
         anchors = {k: mlx_to_torch(k, v) for k, v in anchors.items()}
     assert_same_weights(anchors, base)

@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from convert.layout import torch_to_mlx
+from mlx_clip.convert.layout import torch_to_mlx
 from mlx_clip.model.config import CLIPConfig
 from mlx_clip.errors import ConfigError
 from tests.helpers import random_pixels, rel_err
@@ -84,7 +84,7 @@ def random_ids(rng, batch: int, spec: dict) -> np.ndarray:
 
 def save_siglip(model, folder):
     """A complete SigLIP folder: weights, config, the built-in tokenizer and a preprocessor config."""
-    from convert.writer import write_preprocessor_config
+    from mlx_clip.convert.writer import write_preprocessor_config
     from mlx_clip.model.builtin_tokenizer import write_demo_tokenizer
 
     model.save_pretrained(folder, safe_serialization=True)
@@ -132,7 +132,7 @@ def test_mlx_interpolated_positions_match_transformers():
 
 
 def test_parameter_paths_and_shapes_equal_transformers():
-    from convert.shapes import expected_shapes
+    from mlx_clip.convert.shapes import expected_shapes
 
     hf = hf_siglip(0, CONFIGS["gelu-30px-p6-eps1e-5"])
     config = CLIPConfig.from_dict(hf.config.to_dict())
@@ -145,7 +145,7 @@ def test_parameter_paths_and_shapes_equal_transformers():
 def test_gradients_match_torch():
     """Sigmoid loss with the model's own scale and bias; every parameter's gradient."""
     from mlx_clip.mlx_backend.loss import siglip_loss as mlx_loss
-    from torch_backend.loss import siglip_loss as torch_loss
+    from mlx_clip.torch_backend.loss import siglip_loss as torch_loss
 
     spec = CONFIGS["tanh-32px-p8"]
     hf = hf_siglip(5, spec)

@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("mlx_clip", "torch_backend", "convert", "benchmarks")
+PACKAGES = ("mlx_clip", "torch_backend", "convert", "benchmarks")  # the repository's folders of code
+# Installed (and imported) inside mlx_clip: as top-level packages two of them collided with PyPI's.
+INSTALLED_AS = {"convert": "mlx_clip.convert", "torch_backend": "mlx_clip.torch_backend",
+                "benchmarks": "mlx_clip.benchmarks"}
 
 # Framework-free modules with no dependency above themselves: what `convert/` may stand on.
 # mlx_clip.model.interpolate: numpy maths of the position-embedding resize, which convert/resolution
@@ -28,14 +31,14 @@ CORE = {"mlx_clip.errors", "mlx_clip.version", "mlx_clip.model.config", "mlx_cli
 ENGINE_SUPPORT = {"mlx_clip.engine.lora_sites", "mlx_clip.model.interpolate", "mlx_clip.model.builtin",
                   "mlx_clip.engine.blas", "mlx_clip.engine.distributed",  # the world, its timeout, its errors
                   "mlx_clip.engine.base"}
-ENGINES = {"mlx": "mlx_clip.mlx_backend", "torch": "torch_backend"}
+ENGINES = {"mlx": "mlx_clip.mlx_backend", "torch": "mlx_clip.torch_backend"}
 FRAMEWORKS = {"mlx": "mlx", "torch": "torch", "transformers": "torch", "timm": "torch"}  # import -> engine
 # torch's unpickler with weights_only=True is the one safe reader of `.bin` files (lazy import);
 # timm, on the meta device, is the architecture of a timm trunk outside the converter's table (lazy).
-FRAMEWORK_EXCEPTIONS = {("convert.pickle_weights", "torch"), ("convert.timm_siglip", "timm")}
+FRAMEWORK_EXCEPTIONS = {("mlx_clip.convert.pickle_weights", "torch"), ("mlx_clip.convert.timm_siglip", "timm")}
 BOUNDARY = "mlx_clip.engine.protocol"
 # The op-by-op profile times the engines' own functions, so it looks inside them.
-INSIDE_VIEWS = {"benchmarks.ops"}
+INSIDE_VIEWS = {"mlx_clip.benchmarks.ops"}
 
 # The rooms of mlx_clip/ and the rooms each may import: the architecture as the folders show it.
 # Every room may use the top-level core (errors, version, outputs); the verbs at the top (cli, api,
@@ -45,18 +48,18 @@ TOP_CORE = {"mlx_clip.errors", "mlx_clip.version", "mlx_clip.outputs"}
 ROOMS = {
     # builtin writes its random checkpoints with convert's writer; the built-in SigLIP tokenizer is
     # trained on the demo domain's words (data.demo, data.templates).
-    "mlx_clip.model": {"convert", "mlx_clip.data"},
+    "mlx_clip.model": {"mlx_clip.convert", "mlx_clip.data"},
     "mlx_clip.data": {"mlx_clip.model"},
     # protocol.load_backend is the one door to the engines.
-    "mlx_clip.engine": {"mlx_clip.model", "mlx_clip.mlx_backend", "torch_backend"},
-    "mlx_clip.mlx_backend": {"mlx_clip.engine", "mlx_clip.model", "convert"},
-    "torch_backend": {"mlx_clip.engine", "mlx_clip.model", "convert"},
-    # trainer: the checkpoint's header (convert.safetensors_io); run_report draws with evaluation's
+    "mlx_clip.engine": {"mlx_clip.model", "mlx_clip.mlx_backend", "mlx_clip.torch_backend"},
+    "mlx_clip.mlx_backend": {"mlx_clip.engine", "mlx_clip.model", "mlx_clip.convert"},
+    "mlx_clip.torch_backend": {"mlx_clip.engine", "mlx_clip.model", "mlx_clip.convert"},
+    # trainer: the checkpoint's header (mlx_clip.convert.safetensors_io); run_report draws with evaluation's
     # figure helpers; memory_budget's probe process imports the package first, for the BLAS.
-    "mlx_clip.training": {"mlx_clip.engine", "mlx_clip.data", "mlx_clip.model", "mlx_clip.evaluation", "convert",
-                          "mlx_clip"},
+    "mlx_clip.training": {"mlx_clip.engine", "mlx_clip.data", "mlx_clip.model", "mlx_clip.evaluation",
+                          "mlx_clip.convert", "mlx_clip"},
     "mlx_clip.evaluation": {"mlx_clip.data", "mlx_clip.model", "mlx_clip.api"},  # api: load a model by name
-    "mlx_clip.robust": {"mlx_clip.training", "mlx_clip.evaluation", "mlx_clip.data", "mlx_clip.model", "convert",
+    "mlx_clip.robust": {"mlx_clip.training", "mlx_clip.evaluation", "mlx_clip.data", "mlx_clip.model", "mlx_clip.convert",
                         "mlx_clip.api", "mlx_clip.finetune"},  # the domain-shift case runs fine-tunes
     "mlx_clip.serve": {"mlx_clip.data", "mlx_clip.model", "mlx_clip.evaluation", "mlx_clip.api", "mlx_clip.index"},
 }
@@ -66,6 +69,7 @@ def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
+    parts[0] = INSTALLED_AS.get(parts[0], parts[0])
     return ".".join(parts)
 
 
@@ -81,7 +85,7 @@ def imports_of(name: str, path: Path, known: set[str]) -> tuple[set[str], set[st
     def add(target: str) -> None:
         if target in known:
             ours.add(target)
-        elif target.split(".")[0] not in PACKAGES:
+        elif target.split(".")[0] != "mlx_clip":  # a bare `convert` lands here: see the test below
             others.add(target.split(".")[0])
 
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
@@ -157,8 +161,8 @@ def test_no_import_cycle(graph):
 def test_convert_and_the_core_stand_on_the_core_only(graph):
     ours, _ = graph
     for module, targets in ours.items():
-        if module.startswith("convert"):
-            above = {t for t in targets if not t.startswith("convert") and t not in CORE}
+        if module.startswith("mlx_clip.convert"):
+            above = {t for t in targets if not t.startswith("mlx_clip.convert") and t not in CORE}
             assert not above, f"{module} imports {sorted(above)}, above the core"
         if module in CORE:
             above = targets - CORE
@@ -170,7 +174,7 @@ def test_each_engine_imports_only_its_own_framework(graph):
     for module, packages in external.items():
         engine = engine_of(module)
         for package in packages & set(FRAMEWORKS):
-            if (module, package) in FRAMEWORK_EXCEPTIONS or module.startswith("benchmarks"):
+            if (module, package) in FRAMEWORK_EXCEPTIONS or module.startswith("mlx_clip.benchmarks"):
                 continue
             assert engine == FRAMEWORKS[package], f"{module} imports {package}"
 
@@ -182,7 +186,7 @@ def test_engines_stand_on_core_convert_and_shared_policy(graph):
         if engine is None:
             continue
         for target in targets:
-            allowed = (engine_of(target) == engine or target.startswith("convert") or target in CORE
+            allowed = (engine_of(target) == engine or target.startswith("mlx_clip.convert") or target in CORE
                        or target in ENGINE_SUPPORT)
             assert allowed, f"engine module {module} imports {target}"
 
@@ -193,8 +197,8 @@ def room_of(module: str) -> str | None:
     for room in sorted(ROOMS, key=len, reverse=True):
         if module == room or module.startswith(room + "."):
             return room
-    if module == "convert" or module.startswith("convert."):
-        return "convert"
+    if module == "mlx_clip.convert" or module.startswith("mlx_clip.convert."):
+        return "mlx_clip.convert"
     return "mlx_clip" if module == "mlx_clip" else None
 
 
@@ -216,3 +220,21 @@ def test_the_toolkit_reaches_engines_only_through_the_boundary(graph):
             continue
         reached = {t for t in targets if engine_of(t)}
         assert not reached, f"{module} imports {sorted(reached)}; go through {BOUNDARY}"
+
+
+def test_the_repository_folders_are_imported_only_under_mlx_clip(graph):
+    """`import convert` would find PyPI's unrelated package of that name once installed."""
+    _, external = graph
+    for module, packages in external.items():
+        bare = packages & set(INSTALLED_AS)
+        assert not bare, f"{module} imports {sorted(bare)}; import {[INSTALLED_AS[b] for b in sorted(bare)]}"
+
+
+def test_pyproject_installs_every_package_under_mlx_clip():
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {module_name(p.parent) if p.parent != ROOT else "" for package in PACKAGES
+               for p in (ROOT / package).rglob("__init__.py")}
+    assert set(setuptools["packages"]) == folders
+    assert setuptools["package-dir"] == {installed: folder for folder, installed in INSTALLED_AS.items()}

@@ -237,7 +237,7 @@ _CAPTION_WORDS = (
 
 
 def test_a_batch_of_1000_equals_one_by_one(ours):
-    """Batch encoding (the fast path, timed by `python -m benchmarks.timings`) is row for row the same
+    """Batch encoding (the fast path, timed by `python -m mlx_clip.benchmarks.timings`) is row for row the same
     as encoding each caption alone."""
     rng = random.Random(1234)
     captions = [" ".join(rng.choices(_CAPTION_WORDS, k=rng.randint(6, 20))) + "." for _ in range(1000)]

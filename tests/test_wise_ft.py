@@ -146,8 +146,8 @@ def test_wise_ft_writes_a_folder_transformers_loads_with_the_interpolated_weight
 
 
 def test_wise_ft_keeps_bf16_and_refuses_bad_outputs_and_other_architectures(models, tmp_path):
-    from convert import read_checkpoint, write_checkpoint
-    from convert.writer import copy_side_files
+    from mlx_clip.convert import read_checkpoint, write_checkpoint
+    from mlx_clip.convert.writer import copy_side_files
 
     tuned = read_checkpoint(models["fine_tuned"])
     bf16 = write_checkpoint(tmp_path / "bf16", tuned.config, tuned.tensors, to="hf", dtype="bfloat16")

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from convert.writer import write_model_folder
+from mlx_clip.convert.writer import write_model_folder
 from mlx_clip.engine.base import ANCHOR, MODEL, OPTIM, PROBE_FLAG, STATE_FILE, EngineBase, Training, prefixed, unprefixed
 from mlx_clip.model.config import CLIPConfig
-from torch_backend.lora import merged
-from torch_backend.model import load_torch_model, select_device
+from mlx_clip.torch_backend.lora import merged
+from mlx_clip.torch_backend.model import load_torch_model, select_device
 
 class TorchBackend(EngineBase):
     name = "torch"
@@ -77,7 +77,7 @@ class TorchBackend(EngineBase):
                     image_file: str, text_file: str) -> dict:
         """The two towers as ONNX graphs in `folder` (see `torch_backend/export.py`), traced on
         the example batch; returns the exporter's name and the logit scale."""
-        from torch_backend.export import export_towers
+        from mlx_clip.torch_backend.export import export_towers
 
         return export_towers(self.model, Path(folder), pixels, token_ids, opset=opset, image_file=image_file,
                              text_file=text_file)
@@ -94,12 +94,12 @@ class TorchBackend(EngineBase):
 
     # --- training ---------------------------------------------------------------------------
     def start_training(self) -> Training:
-        from torch_backend.train import prepare
+        from mlx_clip.torch_backend.train import prepare
 
         return prepare(self.model, self.train_config, self.plan, self.device, self.world)
 
     def enter_phase(self, phase: str) -> Training:
-        from torch_backend.train import enter_phase
+        from mlx_clip.torch_backend.train import enter_phase
 
         training = self.training
         return enter_phase(training.module, self.train_config, self.plan, phase, training.anchors, self.device,
@@ -111,7 +111,7 @@ class TorchBackend(EngineBase):
         import os
 
         from mlx_clip.engine.distributed import Watchdog, launched, timeout_s
-        from torch_backend.distributed import join
+        from mlx_clip.torch_backend.distributed import join
 
         world = launched("torch")
         if world is None:
@@ -127,12 +127,12 @@ class TorchBackend(EngineBase):
         """True on every rank when `flag` is true on any (one process: `flag`)."""
         if self.world.size == 1:
             return flag
-        from torch_backend.distributed import any_rank
+        from mlx_clip.torch_backend.distributed import any_rank
 
         return any_rank(flag, self.world, self.device)
 
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
-        from torch_backend.train import trainable
+        from mlx_clip.torch_backend.train import trainable
 
         return trainable(self.training.module)
 

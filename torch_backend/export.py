@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from mlx_clip.errors import ConvertError
-from torch_backend.lora import merged
+from mlx_clip.torch_backend.lora import merged
 
 
 class ImageEncoder(torch.nn.Module):

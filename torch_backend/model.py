@@ -47,8 +47,8 @@ def build_model(config: CLIPConfig):
 
 def load_torch_model(folder: str | Path, *, device: torch.device | None = None, dtype: str | None = None,
                      allow_pickle: bool = False, image_size: int | None = None):
-    from convert import read_checkpoint
-    from convert.resolution import at_image_size
+    from mlx_clip.convert import read_checkpoint
+    from mlx_clip.convert.resolution import at_image_size
 
     checkpoint = at_image_size(read_checkpoint(folder, allow_pickle=allow_pickle), image_size)
     model = build_model(checkpoint.config)

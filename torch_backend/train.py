@@ -11,7 +11,7 @@ import torch
 from mlx_clip.engine.base import Training
 from mlx_clip.engine.policy import PROBED, TrainingPlan, default_loss
 from mlx_clip.engine.policy import LOGIT_SCALE_MAX, decays
-from torch_backend.loss import LOSSES
+from mlx_clip.torch_backend.loss import LOSSES
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor, bool]]
 
@@ -83,7 +83,7 @@ def set_probe(clip, probe: bool) -> None:
 def apply_plan(clip, plan: TrainingPlan) -> None:
     """Freeze and adapt `clip` (a `transformers.CLIPModel`) in place as the plan says."""
     if plan.lora is not None:
-        from torch_backend.lora import apply_lora
+        from mlx_clip.torch_backend.lora import apply_lora
 
         lora = plan.lora
         apply_lora(clip, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, seed=lora.seed)
@@ -153,7 +153,7 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
         holds their full gradient: it is counted once (rank 0's; the others' are zeroed).
         With feature caching, the rank's slice is embedded and backpropagated micro-batch by
         micro-batch, as in `backward`."""
-        from torch_backend.distributed import all_gather, all_reduce_sum
+        from mlx_clip.torch_backend.distributed import all_gather, all_reduce_sum
 
         micro = cfg.micro_batch_size or pixels.shape[0]
         chunks = [slice(start, start + micro) for start in range(0, pixels.shape[0], micro)]

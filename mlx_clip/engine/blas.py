@@ -41,7 +41,7 @@ import warnings
 from dataclasses import dataclass
 
 _ENV = "MLXCLIP_BLAS"
-# What the reference BLAS costs: `python -m benchmarks.blas_candidates` measured 14-27x at n=1024 on 2 shared cores.
+# What the reference BLAS costs: `python -m mlx_clip.benchmarks.blas_candidates` measured 14-27x at n=1024 on 2 shared cores.
 SLOWDOWN = "float32 matmuls run ~25x slower (benchmarks/blas_candidates.py measures it)"
 
 

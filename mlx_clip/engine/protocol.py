@@ -79,7 +79,7 @@ def engine_class(name: str) -> type:
 
         return MLXBackend
     if name == "torch":
-        from torch_backend.backend import TorchBackend
+        from mlx_clip.torch_backend.backend import TorchBackend
 
         return TorchBackend
     raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {name!r}")
@@ -88,7 +88,7 @@ def engine_class(name: str) -> type:
 def load_backend(name: str, folder: str | Path, *, device: str | None = None,
                  dtype: str | None = None, allow_pickle: bool = False, image_size: int | None = None) -> Backend:
     """The engine `name` ("mlx" | "torch") holding the model in `folder` (any supported format);
-    with `image_size`, as a model of that size (`convert.resolution.at_image_size`)."""
+    with `image_size`, as a model of that size (`mlx_clip.convert.resolution.at_image_size`)."""
     return engine_class(name).from_folder(folder, dtype=dtype, allow_pickle=allow_pickle, device=device,
                                           image_size=image_size)
 

@@ -10,8 +10,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from convert.layout import mlx_to_torch, torch_to_mlx
-from convert.writer import mlx_metadata, write_model_folder, write_side_files
+from mlx_clip.convert.layout import mlx_to_torch, torch_to_mlx
+from mlx_clip.convert.writer import mlx_metadata, write_model_folder, write_side_files
 from mlx_clip.model.config import CLIPConfig
 from mlx_clip.engine.base import MODEL, OPTIM, PROBE_FLAG, STATE_FILE, EngineBase, Training, prefixed, unprefixed
 from mlx_clip.mlx_backend.jit import enable_vectorized_kernels
@@ -41,8 +41,8 @@ def build_model(config: CLIPConfig) -> CLIPModel | SiglipModel:
 
 def load_mlx_model(folder: str | Path, *, dtype: str | None = None, allow_pickle: bool = False,
                    image_size: int | None = None) -> CLIPModel:
-    from convert import read_checkpoint
-    from convert.resolution import at_image_size
+    from mlx_clip.convert import read_checkpoint
+    from mlx_clip.convert.resolution import at_image_size
 
     checkpoint = at_image_size(read_checkpoint(folder, allow_pickle=allow_pickle), image_size)
     model = build_model(checkpoint.config)

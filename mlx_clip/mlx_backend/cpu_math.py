@@ -1,6 +1,6 @@
 """Exact reformulations of the model's elementwise maths for MLX's CPU backend.
 
-Why they exist (each measured on ViT-B/32 shapes by `python -m benchmarks.ops`):
+Why they exist (each measured on ViT-B/32 shapes by `python -m mlx_clip.benchmarks.ops`):
 
 - MLX's CPU `exp` / `sigmoid` kernels are scalar: ~20 ns per element, against ~0.4 ns for the
   multiply-adds `mx.compile` fuses into one generated loop. Under `mx.compile`, `floor`,

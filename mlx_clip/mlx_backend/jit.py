@@ -9,7 +9,7 @@ module does the same for the MLX this project pins, by putting a `g++` first on 
 that adds those flags (and `-fno-math-errno`: no code reads errno) to MLX's kernel builds only,
 and hands every other call to the real compiler unchanged.
 
-Measured op by op (`python -m benchmarks.ops`, one core, ViT-B/32 shapes): the forward and
+Measured op by op (`python -m mlx_clip.benchmarks.ops`, one core, ViT-B/32 shapes): the forward and
 backward of a Linear 141.7 -> 61.3 ms, of quick_gelu 120.9 -> 63.1 ms, of softmax 27.7 -> 16.5 ms.
 
 `MLXCLIP_JIT_FLAGS=off` disables it. Kernels MLX built before (in that cache folder) are reused as

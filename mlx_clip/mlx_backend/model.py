@@ -245,7 +245,7 @@ def normalize(x: mx.array) -> mx.array:
 
 def init_weights(model: CLIPModel, seed: int = 0) -> None:
     """Random initialisation as transformers does it (see `mlx_clip/model/builtin.py`)."""
-    from convert.layout import torch_to_mlx
+    from mlx_clip.convert.layout import torch_to_mlx
     from mlx_clip.model.builtin import random_weights
 
     weights = random_weights(model.config, seed)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.writer import write_model_folder
+from mlx_clip.convert.writer import write_model_folder
 from mlx_clip.model.config import CLIPConfig, siglip_tiny_config, tiny_config
 from mlx_clip.errors import ConfigError
 
@@ -97,7 +97,7 @@ def _siglip_weights(config: CLIPConfig, normal) -> dict[str, np.ndarray]:
     fan-in scale (its lecun / xavier inits have that std to within a factor ~1.4), zero biases,
     unit norms, image position embeddings 1/sqrt(width), text positions at `TEXT_POSITION_STD`; logit scale
     log 10 and bias -5 (see above)."""
-    from convert.shapes import siglip_shapes
+    from mlx_clip.convert.shapes import siglip_shapes
 
     weights = {}
     for name, shape in siglip_shapes(config).items():

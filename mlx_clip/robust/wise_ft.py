@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mlx_clip.api import IMAGE_BATCH
-from convert.converter import move_into_place, staging_folder
+from mlx_clip.convert.converter import move_into_place, staging_folder
 from mlx_clip.errors import CheckpointError, ConfigError
 from mlx_clip.outputs import check_folder, refuse_overlap
 
@@ -141,7 +141,7 @@ def _check_same_architecture(c0, c1, where: tuple[Path, Path]) -> None:
 
 
 def _read_pair(zero_shot_dir, fine_tuned_dir, allow_pickle: bool):
-    from convert import read_checkpoint
+    from mlx_clip.convert import read_checkpoint
 
     c0 = read_checkpoint(zero_shot_dir, allow_pickle=allow_pickle)
     c1 = read_checkpoint(fine_tuned_dir, allow_pickle=allow_pickle)
@@ -152,8 +152,8 @@ def _read_pair(zero_shot_dir, fine_tuned_dir, allow_pickle: bool):
 def _write_folder(folder: Path, fine_tuned, zero_shot, weights: dict[str, np.ndarray]) -> Path:
     """An HF folder (config.json + model.safetensors, format=pt) in the fine-tuned tensors' stored
     dtypes (bf16 stays bf16), with tokenizer/preprocessor files from fine-tuned, else zero-shot."""
-    from convert.dtypes import cast, from_numpy
-    from convert.writer import SIDE_FILES, copy_side_files, write_stored
+    from mlx_clip.convert.dtypes import cast, from_numpy
+    from mlx_clip.convert.writer import SIDE_FILES, copy_side_files, write_stored
 
     stored = {n: cast(from_numpy(a), "bfloat16") if fine_tuned.dtypes.get(n) == "BF16" else from_numpy(a)
               for n, a in weights.items()}

@@ -8,7 +8,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from convert.safetensors_io import read_header
+from mlx_clip.convert.safetensors_io import read_header
 from mlx_clip.data.fingerprint import differences
 from mlx_clip.engine.base import MODEL, STATE_FILE
 from mlx_clip.engine.distributed import World
