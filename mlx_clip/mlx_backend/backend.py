@@ -14,7 +14,8 @@ from mlx_clip.convert.layout import mlx_to_torch, torch_to_mlx
 from mlx_clip.convert.writer import mlx_metadata, write_model_folder, write_side_files
 from mlx_clip.model.config import CLIPConfig
 from mlx_clip.engine.base import MODEL, OPTIM, PROBE_FLAG, STATE_FILE, EngineBase, Training, prefixed, unprefixed
-from mlx_clip.mlx_backend.jit import enable_vectorized_kernels
+from mlx_clip.mlx_backend import runtime
+from mlx_clip.mlx_backend.runtime import configure
 from mlx_clip.mlx_backend.lora import merged
 from mlx_clip.mlx_backend.model import CLIPModel, init_weights, normalize
 from mlx_clip.mlx_backend.parallel import BatchSplit
@@ -75,13 +76,7 @@ class MLXBackend(EngineBase):
     group = None  # the mx.distributed group of the processes training together
 
     def __init__(self, model: CLIPModel, device: str = "cpu"):
-        mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
-        if device == "cpu":
-            # MLX's CPU allocator keeps only 32 MB of freed buffers (Metal keeps up to the memory
-            # limit): every larger activation went back to the OS and came back as fresh pages,
-            # faulted in and zeroed each step. Cache as Metal does.
-            mx.set_cache_limit(max(mx.get_memory_limit(), 32 << 20))
-            enable_vectorized_kernels()
+        configure(device)  # the default device, the allocator's cache, the kernel compiler's flags
         self.model = model.eval()
         self.config: CLIPConfig = model.config
         self.split = BatchSplit()
@@ -97,7 +92,7 @@ class MLXBackend(EngineBase):
 
     @staticmethod
     def describe() -> str:
-        return f"mlx {mx.__version__}: default device {mx.default_device()}"
+        return f"mlx {mx.__version__}: default device {mx.default_device()}; runtime: {runtime.describe()}"
 
     @classmethod
     def matmul_runner(cls, size: int, dtype: str = "float32"):

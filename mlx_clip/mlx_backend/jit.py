@@ -47,15 +47,19 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def applies() -> bool:
+    """Whether the flags apply here: Linux x86-64 with AVX2/FMA/F16C, g++ present, not turned off."""
+    return (os.environ.get("MLXCLIP_JIT_FLAGS", "").lower() != "off" and os.uname().machine == "x86_64"
+            and set(REQUIRED_CPU_FLAGS) <= cpu_flags() and shutil.which("g++") is not None)
+
+
 def enable_vectorized_kernels() -> Path | None:
     """Put the flag-adding g++ first on PATH (once per process); the folder it is in, or None
     where it does not apply (not Linux x86-64, no g++, a CPU without AVX2/FMA/F16C, or turned off)."""
     global _enabled
     if _enabled is not None:
         return _enabled
-    if os.environ.get("MLXCLIP_JIT_FLAGS", "").lower() == "off" or not os.uname().machine == "x86_64":
-        return None
-    if not set(REQUIRED_CPU_FLAGS) <= cpu_flags():
+    if not applies():
         return None
     folder = cache_root() / "jit-bin"
     real = shutil.which("g++", path=os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
