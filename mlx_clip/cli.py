@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import click
@@ -197,6 +198,12 @@ def serve(model, backend, device, dtype, allow_pickle, host, port, index_dir, ma
                              index=Path(index_dir) if index_dir else None, max_batch_size=max_batch_size,
                              max_wait_ms=max_wait_ms, limits=limits, api_key=api_key or None)
     run(settings, host=host, port=port, log_level=log_level)
+    # The server has shut down cleanly. End the process here rather than through the interpreter's
+    # teardown: the engine's native worker threads (MLX's streams) were sometimes destroyed while
+    # still joinable there, and C++ aborted the process (exit -6 after "Finished server process").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @main.command()
