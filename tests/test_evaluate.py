@@ -32,7 +32,8 @@ from mlx_clip.data.records import load_dataset
 from mlx_clip.data.sample import Sample
 from mlx_clip.data.templates import prompt_name
 from mlx_clip.errors import ConfigError, DataError
-from mlx_clip.evaluation.evaluate import compare, encode_dataset, evaluate, linear_probe_eval, retrieval, zero_shot
+from mlx_clip.evaluation.encode import encode_dataset
+from mlx_clip.evaluation.evaluate import compare, evaluate, linear_probe_eval, retrieval, zero_shot
 from mlx_clip.model.tokenizer import load_tokenizer
 from tests.helpers import save_hf, tiny_hf_clip
 from tests.test_metrics import cb_accuracy, cb_retrieval, cb_zero_shot_classifier
