@@ -46,6 +46,14 @@ class ServerProcess(BenchServer):
         raise RuntimeError("no VmRSS")
 
 
+def photo_index(photos: list[Path], out: Path) -> Path:
+    """An index of the photos' folder with the built-in tiny model, as `mlxclip index` builds it."""
+    from mlx_clip.index import build_index
+
+    build_index(photos[0].parent, "tiny", out, progress=False)
+    return out
+
+
 def encode(img: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt)

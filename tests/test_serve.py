@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from mlx_clip.embed import embed
-from tests.serve_helpers import ServerProcess, as_array, bomb_png, encode, photo_variants
+from tests.serve_helpers import ServerProcess, as_array, bomb_png, encode, photo_index, photo_variants
 
 TOL = 1e-6
 MAX_ITEMS = 8
@@ -36,11 +36,7 @@ def photos(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def index_dir(photos, tmp_path_factory):
-    from mlx_clip.index import build_index
-
-    out = tmp_path_factory.mktemp("index") / "idx"
-    build_index(photos[0].parent, "tiny", out, progress=False)
-    return out
+    return photo_index(photos, tmp_path_factory.mktemp("index") / "idx")
 
 
 @pytest.fixture(scope="module", params=["mlx", "torch"])

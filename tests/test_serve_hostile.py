@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.serve_helpers import HealthPoller, ServerProcess, photo_variants
+from tests.serve_helpers import HealthPoller, ServerProcess, photo_index, photo_variants
 
 # A text over the server's limit, from the issue: 16 texts of 100,000 words held /health for 6 s.
 HUGE_WORDS = 100_000
@@ -36,10 +36,7 @@ def photos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(photos, tmp_path_factory):
     """The defaults a user gets, with an index so /v1/search reads its body."""
-    from mlx_clip.index import build_index
-
-    index = tmp_path_factory.mktemp("index") / "idx"
-    build_index(photos[0].parent, "tiny", index, progress=False)
+    index = photo_index(photos, tmp_path_factory.mktemp("index") / "idx")
     proc = ServerProcess("--model", "tiny", "--index", str(index))
     yield proc
     proc.stop()

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.serve_helpers import HealthPoller, ServerProcess, bomb_png, encode, photo_variants
+from tests.serve_helpers import HealthPoller, ServerProcess, bomb_png, encode, photo_index, photo_variants
 
 SOAK_SECONDS = 60.0
 CLIENTS = 16
@@ -145,11 +145,9 @@ async def _soak(url: str, catalogue: dict, seconds: float, seed: int) -> dict:
 
 
 def test_soak_mixed_good_and_hostile_traffic(tmp_path, capsys):
-    from mlx_clip.index import build_index
-
     photos = photo_variants(tmp_path / "photos")
-    build_index(photos[0].parent, "tiny", tmp_path / "idx", progress=False)
-    server = ServerProcess("--model", "tiny", "--index", str(tmp_path / "idx"), log_level="error")
+    index = photo_index(photos, tmp_path / "idx")
+    server = ServerProcess("--model", "tiny", "--index", str(index), log_level="error")
     try:
         limits = httpx.get(server.url + "/info").json()["limits"]
         catalogue = _catalogue(photos, limits)
