@@ -16,8 +16,8 @@ from mlx_clip.data.fingerprint import fingerprint
 from mlx_clip.data.loader import BatchLoader
 from mlx_clip.data.records import Dataset, load_dataset, split_samples
 from mlx_clip.engine.distributed import launched
-from mlx_clip.errors import ConfigError, DataError
-from mlx_clip.outputs import check_folder, overlap
+from mlx_clip.errors import DataError
+from mlx_clip.outputs import check_folder, overlap, refuse_overlap
 from mlx_clip.model.tokenizer import load_tokenizer
 from mlx_clip.training.held_out import CONTROL_TOP1, VAL_IMAGE_R1, VAL_TEXT_R1, VAL_TOP1
 from mlx_clip.training.options import TrainConfig
@@ -110,10 +110,6 @@ def held_out_note(data: DomainData, cfg: TrainConfig) -> str | None:
     return None
 
 
-def _same_path(a: str | Path, b: str | Path) -> bool:
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-
-
 def holds_demo_run(run: RunFolder) -> bool:
     """A run of the built-in demo: its saved config has no --data."""
     try:
@@ -131,20 +127,13 @@ def claim_out(cfg: TrainConfig, run: RunFolder) -> list[str]:
     inputs = {"--model": cfg.model, "--data": cfg.data, "--val-data": cfg.val_data,
               "--control-data": cfg.control_data, "--templates": cfg.templates}
     out = Path(cfg.out)
-    for name, path in inputs.items():
-        if path is None or not Path(path).expanduser().exists():
-            continue
-        if overlap(out, path) in ("is", "is inside"):
-            raise ConfigError(f"--out {out} {overlap(out, path)} {name} {path}; a run folder never mixes into an "
-                              "input: choose a folder apart from it")
-        for file in RunFolder.RUN_FILES:
-            if overlap(out / file, path):
-                raise ConfigError(f"--out {out}: its {file} {overlap(out / file, path)} {name} {path}, which a run "
-                                  "there would replace; choose another --out")
+    refuse_overlap(out, inputs, relations=("is", "is inside"))  # the run would write into the input
+    for file in RunFolder.RUN_FILES:  # a new run replaces these: none may be or hold an input
+        refuse_overlap(out / file, inputs, option=f"--out {out}: its")
     check_folder(out)
     if cfg.resume:
         return []
-    demo = cfg.data is None and _same_path(out, DEMO_OUT) and holds_demo_run(run)
+    demo = cfg.data is None and overlap(out, DEMO_OUT) == "is" and holds_demo_run(run)
     return run.check_claim(overwrite=cfg.overwrite, replaceable=demo)
 
 
