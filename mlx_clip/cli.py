@@ -93,6 +93,28 @@ def convert(src, dst, target, dtype, allow_pickle, overwrite, no_verify):
 
 
 @main.command()
+@click.argument("data")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--samples-per-shard", type=int, default=10_000, show_default=True, help="Samples in each .tar shard.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR (never one that overlaps DATA).")
+@click.option("--split", default=None,
+              help="A folder with train/ and val/: which to write [default: train]; a Hugging Face dataset: its split.")
+@click.option("--image-column", default=None, help="Captions file or parquet: column (or JSONL key) of the images.")
+@click.option("--caption-column", default=None, help="Captions file or parquet: column (or JSONL key) of the captions.")
+@click.option("--templates", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Class folders: prompt templates, one per line, that caption each image.")
+@domain_errors
+def shard(data, out_dir, samples_per_shard, overwrite, split, image_column, caption_column, templates):
+    """Write DATA (captions file, class folders, train/ + val/ folders, parquet) as webdataset tar
+    shards with a manifest in OUT_DIR, to train from the streaming path. Unreadable images are
+    skipped and listed."""
+    from mlx_clip.data.shard_writer import write_shards
+
+    write_shards(data, out_dir, samples_per_shard=samples_per_shard, overwrite=overwrite, split=split,
+                 image_column=image_column, caption_column=caption_column, templates=templates, echo=click.echo)
+
+
+@main.command()
 @click.argument("model")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--to", "target", type=click.Choice(["onnx"]), required=True)
@@ -349,8 +371,9 @@ def wise_ft(zero_shot, fine_tuned, alpha, sweep, eval_target, eval_control, cont
 @click.option("--model", default=None, help="Model folder, built-in name or hub id.")
 @click.option("--compare", "compare_models", nargs=2, default=None, metavar="BASE FINETUNED",
               help="Evaluate two models and tabulate the difference.")
-@click.option("--data", multiple=True, required=True, type=click.Path(exists=True),
-              help="Class folders (zero-shot, linear probe) or captions file (retrieval); repeatable.")
+@click.option("--data", multiple=True, required=True,
+              help="Class folders (zero-shot, linear probe) or captions file (retrieval), tar shards, parquet or "
+                   "hf:org/name; repeatable.")
 @click.option("--control", multiple=True, type=click.Path(exists=True),
               help="A domain not fine-tuned on, to measure forgetting; repeatable.")
 @click.option("--templates", type=click.Path(exists=True, dir_okay=False), default=None)
@@ -358,6 +381,7 @@ def wise_ft(zero_shot, fine_tuned, alpha, sweep, eval_target, eval_control, cont
 @click.option("--tasks", default=None, help="Comma list: zero_shot, retrieval, linear_probe.")
 @click.option("--image-column", default=None, help="Captions file: column (or JSONL key) of the image paths.")
 @click.option("--caption-column", default=None, help="Captions file: column (or JSONL key) of the captions.")
+@click.option("--split", default=None, help="hf:org/name or a parquet folder: the split to evaluate (default: train).")
 @click.option("--image-size", type=click.IntRange(1), default=None,
               help="Run the model at this many pixels (position embeddings resampled).")
 @click.option("--out", required=True, type=click.Path(), help="report.json, or a folder for the reports.")
@@ -368,7 +392,7 @@ def wise_ft(zero_shot, fine_tuned, alpha, sweep, eval_target, eval_control, cont
 @pickle_option
 @domain_errors
 def eval_command(model, compare_models, data, control, templates, classes, tasks, image_column, caption_column,
-                 image_size, out, batch_size, backend, device, dtype, allow_pickle):
+                 split, image_size, out, batch_size, backend, device, dtype, allow_pickle):
     """Zero-shot top-k, retrieval recall@K, linear probe; JSON (CLIP_benchmark's shape), Markdown, PNG."""
     from mlx_clip.evaluation import evaluate as ev
     from mlx_clip.api import resolve
@@ -381,7 +405,7 @@ def eval_command(model, compare_models, data, control, templates, classes, tasks
     check_file(out) if str(out).endswith(".json") else check_folder(out)
     common = dict(control=list(control) or None, backend=backend, templates=templates, classes=classes,
                   tasks=tasks, batch_size=batch_size, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                  image_column=image_column, caption_column=caption_column, image_size=image_size)
+                  image_column=image_column, caption_column=caption_column, image_size=image_size, split=split)
     if compare_models:
         base, finetuned = (resolve(m, allow_pickle=allow_pickle) for m in compare_models)
         click.echo(ev.compare(base, finetuned, list(data), out=out, **common).markdown.read_text())

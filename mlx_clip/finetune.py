@@ -71,7 +71,7 @@ def prepare_data(cfg: TrainConfig) -> DomainData:
         return DomainData(target.samples, target.val or [], target.class_names, target.templates, captions, control,
                           paths["target"])
     columns = {"image_column": cfg.image_column, "caption_column": cfg.caption_column}
-    data = load_dataset(cfg.data, templates=cfg.templates, **columns)
+    data = load_dataset(cfg.data, templates=cfg.templates, split=cfg.split, **columns)
     if data.class_names is not None and len(data.class_names) < 2:
         raise DataError(f"{cfg.data}: class folders need two classes or more to fine-tune on, found "
                         f"{len(data.class_names)} ({', '.join(data.class_names)}): every pair of a batch would be a "

@@ -5,11 +5,15 @@ field."""
 from __future__ import annotations
 
 import csv
-import io
 import json
+import os
 from pathlib import Path
 
-from mlx_clip.data.sample import Sample
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mlx_clip.data.table import SampleTable
 from mlx_clip.errors import DataError
 
 IMAGE_COLUMNS = ("image", "filepath")
@@ -19,21 +23,65 @@ _SHOW = 3  # how many offending paths an error message lists before "..."
 
 def read_captions(
     path: str | Path, *, image_column: str | None = None, caption_column: str | None = None
-) -> list[Sample]:
-    """Read a CSV/TSV/JSONL captions file; rows naming the same image share one `image_id`."""
+) -> SampleTable:
+    """Read a CSV/TSV/JSONL captions file; rows naming the same image share one `image_id`.
+
+    Rows are read as a stream into column chunks, so a file of millions of rows costs its columns
+    (tens of bytes a row), not a Python object per row."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: captions file not found")
-    text = read_text_file(path)
-    if not text.strip():
-        raise DataError(f"{path}: file is empty; expected a header line and one row per caption")
-    if _is_jsonl(path, text):
-        rows = _jsonl_rows(path, text, image_column, caption_column)
-    else:
-        rows = _delimited_rows(path, text, image_column, caption_column)
-    if not rows:
+    columns = _Columns()
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as file:
+            first = _first_line(file)
+            if first is None:
+                raise DataError(f"{path}: file is empty; expected a header line and one row per caption")
+            file.seek(0)
+            if _is_jsonl(path, first):
+                _jsonl_rows(path, file, image_column, caption_column, columns)
+            else:
+                _delimited_rows(path, file, first, image_column, caption_column, columns)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start} of a block); save the file as UTF-8") from None
+    if not columns.rows:
         raise DataError(f"{path}: no rows after the header; expected one row per caption")
-    return _to_samples(path, rows)
+    return _to_table(path, columns)
+
+
+class _Columns:
+    """Rows gathered into arrow chunks of `CHUNK` rows: Python strings live one chunk at a time."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self):
+        self.rows = 0
+        self._lines: list[int] = []
+        self._images: list[str] = []
+        self._captions: list[str] = []
+        self.lines, self.images, self.captions = [], [], []
+
+    def add(self, line: int, image: str, caption: str) -> None:
+        self._lines.append(line)
+        self._images.append(image)
+        self._captions.append(caption)
+        self.rows += 1
+        if len(self._images) >= self.CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._images:
+            self.lines.append(np.array(self._lines, np.int64))
+            self.images.append(pa.array(self._images, pa.string()))
+            self.captions.append(pa.array(self._captions, pa.string()))
+            self._lines, self._images, self._captions = [], [], []
+
+
+def _first_line(file) -> str | None:
+    for line in file:
+        if line.strip():
+            return line
+    return None
 
 
 def read_text_file(path: Path) -> str:
@@ -51,7 +99,7 @@ def _is_jsonl(path: Path, text: str) -> bool:
         return True
     if suffix in (".csv", ".tsv"):
         return False
-    return text.lstrip().startswith("{")
+    return text.lstrip().startswith("{")  # the first non-blank line
 
 
 def _pick_column(
@@ -82,40 +130,36 @@ def _sniff_delimiter(path: Path, header: str) -> str:
     return delimiter if delimiter in header else fallback
 
 
-def _delimited_rows(
-    path: Path, text: str, image_column: str | None, caption_column: str | None
-) -> list[tuple[int, str, str]]:
-    header_line = next(line for line in text.splitlines() if line.strip())
+def _delimited_rows(path: Path, file, header_line: str, image_column: str | None, caption_column: str | None,
+                    columns: _Columns) -> None:
     delimiter = _sniff_delimiter(path, header_line)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    reader = csv.reader(file, delimiter=delimiter)
+    header: list[str] | None = None
     try:
-        records = [(reader.line_num, cells) for cells in reader if any(c.strip() for c in cells)]
+        for cells in reader:
+            if not any(c.strip() for c in cells):
+                continue
+            if header is None:
+                header = [cell.strip() for cell in cells]
+                where = f"{path}:{reader.line_num}"
+                image_key = _pick_column(where, header, image_column, IMAGE_COLUMNS, "image", "column")
+                caption_key = _pick_column(where, header, caption_column, CAPTION_COLUMNS, "caption", "column")
+                image_at, caption_at = header.index(image_key), header.index(caption_key)
+                continue
+            line = reader.line_num
+            if len(cells) != len(header):
+                raise DataError(
+                    f"{path}:{line}: {len(cells)} fields where the header has {len(header)} "
+                    f"(delimiter {delimiter!r}); quote values that contain the delimiter"
+                )
+            columns.add(*_check_row(path, line, cells[image_at], cells[caption_at], image_key, caption_key))
     except csv.Error as e:
         raise DataError(f"{path}:{reader.line_num + 1}: not valid CSV/TSV ({e})") from None
-    header_at, header = records[0]
-    header = [cell.strip() for cell in header]
-    where = f"{path}:{header_at}"
-    image_key = _pick_column(where, header, image_column, IMAGE_COLUMNS, "image", "column")
-    caption_key = _pick_column(where, header, caption_column, CAPTION_COLUMNS, "caption", "column")
-    image_at, caption_at = header.index(image_key), header.index(caption_key)
-    rows = []
-    for line, cells in records[1:]:
-        if len(cells) != len(header):
-            raise DataError(
-                f"{path}:{line}: {len(cells)} fields where the header has {len(header)} "
-                f"(delimiter {delimiter!r}); quote values that contain the delimiter"
-            )
-        rows.append(
-            _check_row(path, line, cells[image_at], cells[caption_at], image_key, caption_key)
-        )
-    return rows
+    columns.flush()
 
 
-def _jsonl_rows(
-    path: Path, text: str, image_column: str | None, caption_column: str | None
-) -> list[tuple[int, str, str]]:
-    rows = []
-    for line, raw in enumerate(text.splitlines(), start=1):
+def _jsonl_rows(path: Path, file, image_column: str | None, caption_column: str | None, columns: _Columns) -> None:
+    for line, raw in enumerate(file, start=1):
         if not raw.strip():
             continue
         try:
@@ -147,8 +191,9 @@ def _jsonl_rows(
                 f"{path}:{line}: {caption_key!r} must be a string or a non-empty list of strings, "
                 f"got {captions!r}"
             )
-        rows.extend(_check_row(path, line, image, c, image_key, caption_key) for c in captions)
-    return rows
+        for caption in captions:
+            columns.add(*_check_row(path, line, image, caption, image_key, caption_key))
+    columns.flush()
 
 
 def _check_row(
@@ -164,22 +209,36 @@ def _check_row(
     return line, image, caption
 
 
-def _to_samples(path: Path, rows: list[tuple[int, str, str]]) -> list[Sample]:
-    base = path.resolve().parent
-    ids: dict[Path, int] = {}
-    missing: list[str] = []
-    samples = []
-    for line, image, caption in rows:
-        file = (base / Path(image).expanduser()).resolve()
-        if file not in ids:
-            ids[file] = len(ids)
-            if not file.is_file():
-                missing.append(f"line {line}: {image}")
-        samples.append(Sample(image=file, caption=caption, image_id=ids[file]))
+def _to_table(path: Path, columns: _Columns) -> SampleTable:
+    base = str(path.resolve().parent)
+    images = pa.chunked_array(columns.images, pa.string()).combine_chunks()
+    # Rows naming one file (also as "./a.jpg" and "a.jpg") share an id, in order of first mention;
+    # each distinct name is normalised and checked once.
+    encoded = pc.dictionary_encode(images)
+    names = encoded.dictionary
+    files = pa.chunked_array([pa.array([os.path.normpath(os.path.join(base, os.path.expanduser(name)))
+                                        for name in names.slice(start, _Columns.CHUNK).to_pylist()], pa.string())
+                              for start in range(0, len(names), _Columns.CHUNK)] or [pa.array([], pa.string())])
+    canonical = pc.dictionary_encode(files.combine_chunks())
+    image_ids = np.asarray(canonical.indices)[np.asarray(encoded.indices)].astype(np.int64)
+    missing = _missing(canonical.dictionary)
     if missing:
-        shown = "; ".join(missing[:_SHOW]) + ("; ..." if len(missing) > _SHOW else "")
+        lines = np.concatenate(columns.lines)
+        first_row = np.unique(image_ids, return_index=True)[1]  # ids count up from 0: the row naming each first
+        shown = "; ".join(f"line {lines[first_row[i]]}: {images[int(first_row[i])].as_py()}"
+                          for i in missing[:_SHOW])
         raise DataError(
-            f"{path}: {len(missing)} of {len(ids)} image(s) not found "
-            f"(paths are relative to {base}): {shown}"
+            f"{path}: {len(missing)} of {len(canonical.dictionary)} image(s) not found "
+            f"(paths are relative to {base}): {shown}" + ("; ..." if len(missing) > _SHOW else "")
         )
-    return samples
+    return SampleTable(images, pa.chunked_array(columns.captions, pa.string()), image_ids, base=base)
+
+
+def _missing(files: pa.Array) -> list[int]:
+    """Indices of the files that are not there (a stat each, one chunk of names at a time)."""
+    missing = []
+    for start in range(0, len(files), _Columns.CHUNK):
+        for offset, name in enumerate(files.slice(start, _Columns.CHUNK).to_pylist()):
+            if not os.path.isfile(name):
+                missing.append(start + offset)
+    return missing

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from mlx_clip.data.sample import Sample
+from mlx_clip.data.stream import StoredImage
 from mlx_clip.errors import DataError, ImageError
 from mlx_clip.model.image_processing import image_size_of, open_image
 
@@ -116,7 +117,8 @@ class Decoder:
         cached = self._decoded_cache.get(path)
         if cached is not None:
             return cached
-        image = open_image(path, max_pixels=self.max_pixels)
+        image = open_stored(path, self.max_pixels) if isinstance(path, StoredImage) else \
+            open_image(path, max_pixels=self.max_pixels)
         size = image.width * image.height * 3
         with self._cache_lock:
             if self._decoded_bytes + size <= self.decoded_cache_bytes:
@@ -136,6 +138,16 @@ class Decoder:
             with ThreadPoolExecutor(self.num_workers, thread_name_prefix="mlxclip-header") as pool:
                 return dict(zip(paths, pool.map(self.header, paths)))
         return {path: self.header(path) for path in paths}
+
+
+def open_stored(image: StoredImage, max_pixels: int | None) -> Image.Image:
+    """Decode an image kept inside a shard; errors name the shard and key, not "<bytes>"."""
+    try:
+        return open_image(image.read(), max_pixels=max_pixels)
+    except ImageError as err:
+        raise ImageError(str(err).replace("<bytes>", image.where)) from None
+    except OSError as err:
+        raise ImageError(f"cannot read image {image.where}: {err}") from None
 
 
 def result(future: Future | None) -> np.ndarray | ImageError | None:

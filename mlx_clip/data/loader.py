@@ -28,6 +28,7 @@ from mlx_clip.data.buckets import Bucket, batches_in, grid_buckets, nearest_buck
 from mlx_clip.data.decode import Decoder, result
 from mlx_clip.data.order import SeededOrder
 from mlx_clip.data.sample import Sample
+from mlx_clip.data.table import SampleTable
 from mlx_clip.errors import ConfigError, DataError, ImageError, check_int
 from mlx_clip.model.image_processing import (
     DEFAULT_MAX_PIXELS,
@@ -76,7 +77,7 @@ class BatchLoader:
 
     def __init__(
         self,
-        samples: list[Sample],
+        samples: Sequence[Sample],
         *,
         batch_size: int,
         image_size: int,
@@ -105,13 +106,15 @@ class BatchLoader:
         check_int("num_workers", num_workers, minimum=0)
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ConfigError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
-        labelled = [s.label is not None for s in samples]
-        if any(labelled) and not all(labelled):
-            raise DataError(
-                f"{labelled.count(False)} of {len(samples)} samples have no label: "
-                "either every sample has a class label or none has"
-            )
-        self.samples = list(samples)
+        if not hasattr(samples, "has_labels"):  # a list of Samples: held as columns like a read dataset
+            labelled = [s.label is not None for s in samples]
+            if any(labelled) and not all(labelled):
+                raise DataError(
+                    f"{labelled.count(False)} of {len(samples)} samples have no label: "
+                    "either every sample has a class label or none has"
+                )
+            samples = SampleTable.from_samples(samples)
+        self.samples = samples
         self.batch_size = batch_size
         self.multi_positive = multi_positive
         self.image_size = image_size
@@ -126,9 +129,12 @@ class BatchLoader:
         self.crop_scale = crop_scale
         self.mean, self.std = tuple(mean), tuple(std)  # a model folder's preprocessor stats
         self.crop = crop  # center crop (CLIP) or square resize (SigLIP) when not augmenting
-        self._has_labels = all(labelled)
+        self._has_labels = samples.has_labels
         self.buckets: list[Bucket] | None = None
         if buckets:
+            if hasattr(samples, "shard_sizes"):
+                raise ConfigError("aspect-ratio buckets need every image's size before the first batch, which data "
+                                  "read in shards does not give without a pass over it: train these without --buckets")
             check_int("patch_size", patch_size, minimum=1)
             if image_size < patch_size:
                 raise ConfigError(f"aspect-ratio buckets need image_size ({image_size}) of at least one patch "
@@ -139,7 +145,7 @@ class BatchLoader:
         self._bucket_of: np.ndarray | None = None  # sample -> bucket (-1: unreadable), read on first use
         self.sample_order = SeededOrder(len(self.samples), seed, shuffle=shuffle, batch_size=batch_size,
                                         drop_last=drop_last, buckets=len(self.buckets or ()),
-                                        bucket_of=self._assignment)
+                                        bucket_of=self._assignment, shard_sizes=getattr(samples, "shard_sizes", None))
         self._batch_index = 0  # entries of the epoch's bucket schedule used
         self._bucket_positions = [0] * len(self.buckets or ())
         self._epoch = 0

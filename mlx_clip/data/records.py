@@ -16,14 +16,18 @@ given split; otherwise `split_samples` makes a seeded one.
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from mlx_clip.data.captions import read_captions, read_text_file
 from mlx_clip.data.sample import Sample
+from mlx_clip.data.table import SampleTable
 from mlx_clip.data.templates import DEFAULT_TEMPLATES, check_template, check_templates, fill
 from mlx_clip.errors import ConfigError, DataError
 
@@ -39,7 +43,7 @@ VAL_DIRS = ("val", "validation")
 class ClassFolderDataset:
     """What `read_class_folders` found: one captioned sample per image, plus what it skipped."""
 
-    samples: list[Sample]
+    samples: SampleTable
     class_names: list[str]  # folder names, in label order
     templates: list[str]
     skipped: list[Path] = field(default_factory=list)  # files that are not images, never silent
@@ -49,12 +53,12 @@ class ClassFolderDataset:
 class Dataset:
     """A dataset in any layout, as the trainer and the evaluator take it."""
 
-    samples: list[Sample]
+    samples: SampleTable
     class_names: list[str] | None
     templates: list[str] | None
     kind: str  # "captions" | "class_folders"
     source: Path
-    val: list[Sample] | None = None  # the given validation split (train/ + val/ folders), if any
+    val: SampleTable | None = None  # the given validation split (train/ + val/ folders), if any
     skipped: list[Path] = field(default_factory=list)
 
 
@@ -142,33 +146,43 @@ def read_class_folders(
     # Top-level files (a README, a classes.txt) are not images of any class: report, don't guess.
     skipped = sorted(p for p in root.iterdir() if not p.is_dir() and not p.name.startswith("."))
     rng = np.random.default_rng(seed)
-    samples: list[Sample] = []
+    images: list[pa.Array] = []
+    label_column, caption_choice = [], []
+    captions = [fill(template, name) for name in classes for template in templates]
     for label, name in enumerate(classes):
-        images, other = _class_images(root / name)
+        found, other = _class_images(root / name)
         skipped.extend(other)
-        if not images:
+        if not found:
             raise DataError(
                 f"{root / name}: class folder {name!r} has no images "
                 f"({', '.join(sorted(IMAGE_EXTENSIONS))}); remove it or add images"
             )
-        picks = rng.integers(len(templates), size=len(images))
-        for image, pick in zip(images, picks, strict=True):
-            caption = fill(templates[pick], name)
-            samples.append(Sample(image, caption, label, first_image_id + len(samples)))
+        picks = rng.integers(len(templates), size=len(found))
+        images.append(pa.array([f"{name}/{file}" for file in found], pa.string()))
+        label_column.append(np.full(len(found), label, np.int64))
+        caption_choice.append(label * len(templates) + picks)
     if skipped:
         log.warning(
             "%s: skipped %d file(s) that are not images, e.g. %s", root, len(skipped), skipped[0]
         )
-    return ClassFolderDataset(samples, list(classes), templates, skipped)
+    labels = np.concatenate(label_column)
+    table = SampleTable(pa.concat_arrays(images), pa.array(captions, pa.string()).take(np.concatenate(caption_choice)),
+                        first_image_id + np.arange(len(labels)), labels, base=root.resolve())
+    return ClassFolderDataset(table, list(classes), templates, skipped)
 
 
-def _class_images(folder: Path) -> tuple[list[Path], list[Path]]:
-    folder = folder.resolve()  # once per class, not once per file
+def _class_images(folder: Path) -> tuple[list[str], list[Path]]:
+    """The image file names in `folder`, sorted, and the other entries (as paths): one directory
+    scan, no stat per file where the file system reports types."""
     images, other = [], []
-    for name in sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")):
-        path = folder / name
-        is_image = path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-        (images if is_image else other).append(path)
+    with os.scandir(folder) as entries:
+        listed = sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+    for entry in listed:
+        is_image = os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file()
+        if is_image:
+            images.append(entry.name)
+        else:
+            other.append(folder.resolve() / entry.name)
     return images, other
 
 
@@ -214,7 +228,8 @@ def _layout(path: Path) -> tuple[str, Path]:
     hint = f"; it has {lone[0]}/ alone: pass {path / lone[0]} itself" if len(lone) == 1 else ""
     raise DataError(
         f"{path}: not a dataset; expected a captions file (CSV/TSV with image,caption columns, or "
-        "JSONL) or class folders ROOT/<class name>/*.jpg, optionally inside train/ and val/" + hint
+        "JSONL), class folders ROOT/<class name>/*.jpg (optionally inside train/ and val/), webdataset .tar "
+        "shards or .parquet files" + hint
     )
 
 
@@ -235,15 +250,20 @@ def load_dataset(
     image_column: str | None = None,
     caption_column: str | None = None,
     seed: int = 0,
+    split: str | None = None,
 ) -> Dataset:
-    """Read any accepted layout; `templates`/`classes` (lists or files) apply to class folders."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
+    """Read any accepted layout; `templates`/`classes` (lists or files) apply to class folders.
+    Shards and parquet (`split` picks a Hugging Face dataset's split) are read where they lie."""
     if isinstance(templates, (str, Path)):
         templates = load_templates(templates)
     if isinstance(classes, (str, Path)):
         classes = load_classes(classes)
+    streamed = _read_streamed(str(path), image_column, caption_column, split)
+    if streamed is not None:
+        return _streamed_dataset(streamed, path, templates, classes)
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
     split = _split_dirs(path) if path.is_dir() else None
     if split is None:
         return _load_one(path, path, templates, classes, image_column, caption_column, seed)
@@ -253,14 +273,34 @@ def load_dataset(
     return train
 
 
+def _read_streamed(spec: str, image_column, caption_column, split):
+    from mlx_clip.data.parquet import is_parquet_spec, read_parquet
+    from mlx_clip.data.shards import is_shard_spec, read_shards
+
+    if is_shard_spec(spec):
+        return read_shards(spec, image_column=image_column, caption_column=caption_column)
+    if is_parquet_spec(spec):
+        return read_parquet(spec, image_column=image_column, caption_column=caption_column, split=split)
+    return None
+
+
+def _streamed_dataset(samples, source, templates, classes) -> Dataset:
+    if samples.class_names is None:
+        return Dataset(samples, None, None, "captions", Path(str(source)))
+    if classes is not None and list(classes) != list(samples.class_names):
+        raise DataError(f"{source}: its classes ({', '.join(samples.class_names[:5])}, ...) differ from the class list "
+                        "given; class indices must mean the same class")
+    templates = check_templates(list(DEFAULT_TEMPLATES) if templates is None else templates)
+    return Dataset(samples, list(samples.class_names), templates, "class_folders", Path(str(source)))
+
+
 def _load_one(
     path, source, templates, classes, image_column, caption_column, seed, first_id=0
 ) -> Dataset:
     kind, target = _layout(path)
     if kind == "captions":
         samples = read_captions(target, image_column=image_column, caption_column=caption_column)
-        samples = [Sample(s.image, s.caption, s.label, s.image_id + first_id) for s in samples]
-        return Dataset(samples, None, None, kind, source)
+        return Dataset(samples.with_ids_from(first_id), None, None, kind, source)
     data = read_class_folders(
         target, templates=templates, classes=classes, seed=seed, first_image_id=first_id
     )
@@ -270,7 +310,7 @@ def _load_one(
 
 
 def _load_val(path: Path, train: Dataset, image_column, caption_column, seed) -> Dataset:
-    first_id = 1 + max((s.image_id for s in train.samples), default=-1)
+    first_id = 1 + int(train.samples.image_ids.max(initial=-1))
     kind = _layout(path)[0]
     if kind != train.kind:
         raise DataError(f"{path}: validation split is {kind} but the train split is {train.kind}")
@@ -285,7 +325,7 @@ def _load_val(path: Path, train: Dataset, image_column, caption_column, seed) ->
         path, path, train.templates, folders, image_column, caption_column, seed + 1, first_id
     )
     remap = [train.class_names.index(name) for name in folders]
-    val.samples = [Sample(s.image, s.caption, remap[s.label], s.image_id) for s in val.samples]
+    val.samples = val.samples.with_labels(np.asarray(remap, np.int64)[val.samples.labels])
     return val
 
 
@@ -294,30 +334,35 @@ def _load_val(path: Path, train: Dataset, image_column, caption_column, seed) ->
 
 
 def split_samples(
-    samples: list[Sample], val_fraction: float, seed: int = 0
-) -> tuple[list[Sample], list[Sample]]:
+    samples: Sequence[Sample], val_fraction: float, seed: int = 0
+) -> tuple[SampleTable, SampleTable]:
     """Seeded (train, val) split by image: all captions of an image land on the same side.
 
     Labelled samples are split per class, so every class with at least 2 images has at least one
-    image in val and one in train. Both lists keep the input order.
+    image in val and one in train. Both keep the input order.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    label_of: dict[int, int | None] = {}
-    for s in samples:
-        label_of.setdefault(s.image_id, s.label)
-    strata: dict[int | None, list[int]] = {}
-    for image_id, label in label_of.items():
-        strata.setdefault(label, []).append(image_id)
+    if hasattr(samples, "split_shards"):  # read in shards: whole shards are held out
+        return samples.split_shards(val_fraction, seed)
+    table = SampleTable.from_samples(samples)
+    ids, first = _images_in_order(table)
+    label_of = table.labels[first] if table.labels is not None else None
     rng = np.random.default_rng(seed)
-    val_ids: set[int] = set()
-    for label in sorted(strata, key=lambda k: (k is None, k if k is not None else 0)):
-        ids = strata[label]
-        n_val = _n_val(len(ids), val_fraction)
-        val_ids.update(ids[i] for i in rng.permutation(len(ids))[:n_val])
-    train = [s for s in samples if s.image_id not in val_ids]
-    val = [s for s in samples if s.image_id in val_ids]
-    return train, val
+    val_ids = []
+    for label in (np.unique(label_of) if label_of is not None else [None]):
+        stratum = ids if label is None else ids[label_of == label]
+        n_val = _n_val(len(stratum), val_fraction)
+        val_ids.append(stratum[rng.permutation(len(stratum))[:n_val]])
+    in_val = np.isin(table.image_ids, np.concatenate(val_ids))
+    return table.take(np.flatnonzero(~in_val)), table.take(np.flatnonzero(in_val))
+
+
+def _images_in_order(table: SampleTable) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct image ids in order of first appearance, and the row where each first appears."""
+    ids, first = np.unique(table.image_ids, return_index=True)
+    order = np.argsort(first, kind="stable")
+    return ids[order], first[order]
 
 
 def _n_val(n: int, fraction: float) -> int:
@@ -326,6 +371,10 @@ def _n_val(n: int, fraction: float) -> int:
     return min(max(int(round(n * fraction)), 1), n - 1)
 
 
-def class_counts(samples: list[Sample]) -> Counter:
+def class_counts(samples: Sequence[Sample]) -> Counter:
     """Images per label (one count per image_id), for reports and split checks."""
-    return Counter(label for label in {s.image_id: s.label for s in samples}.values())
+    table = SampleTable.from_samples(samples)
+    if table.labels is None:
+        return Counter({None: len(np.unique(table.image_ids))})
+    _, first = _images_in_order(table)
+    return Counter(dict(zip(*(a.tolist() for a in np.unique(table.labels[first], return_counts=True)))))

@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mlx_clip.api import CLIP, IMAGE_BATCH, TEXT_BATCH
+from mlx_clip.data.decode import open_stored
 from mlx_clip.data.sample import Sample
+from mlx_clip.data.stream import StoredImage
 from mlx_clip.data.templates import check_templates, fill
 from mlx_clip.errors import ConfigError, DataError, ImageError
 from mlx_clip.evaluation.metrics import build_class_embeds
+from mlx_clip.model.image_processing import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,9 @@ def _image_rows(samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
 
     numpy rather than a dict keyed by id keeps this bookkeeping at a few bytes per sample.
     """
-    ids = np.fromiter((s.image_id for s in samples), dtype=np.int64, count=len(samples))
+    ids = getattr(samples, "image_ids", None)  # a read dataset holds them as a column
+    if ids is None:
+        ids = np.fromiter((s.image_id for s in samples), dtype=np.int64, count=len(samples))
     _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
     order = np.argsort(first, kind="stable")
     row_of_unique = np.empty_like(order)
@@ -99,7 +104,10 @@ def encode_dataset(
 
     def decode(index: int) -> np.ndarray | str:
         try:
-            return clip.preprocess([samples[index].image])  # (1, H, W, 3)
+            image = samples[index].image
+            if isinstance(image, StoredImage):  # inside a shard: decoded here so errors name shard and key
+                image = open_stored(image, DEFAULT_MAX_PIXELS)
+            return clip.preprocess([image])  # (1, H, W, 3)
         except ImageError as err:
             return str(err)
 

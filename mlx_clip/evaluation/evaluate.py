@@ -207,12 +207,12 @@ class _Job:
 
 
 def load_jobs(data, *, control=None, templates=None, classes=None, tasks=None, image_column=None,
-              caption_column=None) -> list[_Job]:
+              caption_column=None, split=None) -> list[_Job]:
     """Read every dataset and decide its tasks before any model is loaded: bad input fails fast."""
     wanted = parse_tasks(tasks)
     if templates is not None and not isinstance(templates, (str, Path)):
         templates = check_templates(templates)
-    columns = {"image_column": image_column, "caption_column": caption_column}
+    columns = {"image_column": image_column, "caption_column": caption_column, "split": split}
     jobs = [_Job(p, load_dataset(p, templates=templates, classes=classes, **columns), "target", [])
             for p in _as_list(data)]
     # A control domain has its own classes: the target's class list never applies to it.
@@ -269,12 +269,12 @@ def evaluate(model, data, *, backend: str = "mlx", templates=None, classes=None,
              tasks=None, control=None, batch_size: int = IMAGE_BATCH, val_fraction: float = 0.2, seed: int = 0,
              device: str | None = None, dtype: str | None = None, allow_pickle: bool = False,
              image_column: str | None = None, caption_column: str | None = None,
-             image_size: int | None = None) -> list[dict]:
+             image_size: int | None = None, split: str | None = None) -> list[dict]:
     """Evaluate `model` (folder, built-in name or hub id) on `data` (one or more dataset paths)
     and optional `control` domains; write `out` (a .json path, or a folder for eval.json) with its
     Markdown and figures. Returns the result dicts."""
     jobs = load_jobs(data, control=control, templates=templates, classes=classes, tasks=tasks,
-                     image_column=image_column, caption_column=caption_column)
+                     image_column=image_column, caption_column=caption_column, split=split)
     check_val_fraction(val_fraction)
     clip = load(model, backend, device=device, dtype=dtype, allow_pickle=allow_pickle, image_size=image_size)
     results = evaluate_clip(clip, jobs, model_name=str(model), batch_size=batch_size,
@@ -296,13 +296,14 @@ def compare(base_model, finetuned_model, data, *, out: str | Path, backend: str 
             classes=None, tasks=None, control=None, batch_size: int = IMAGE_BATCH, val_fraction: float = 0.2,
             seed: int = 0, device: str | None = None, dtype: str | None = None,
             allow_pickle: bool = False, image_column: str | None = None,
-            caption_column: str | None = None, image_size: int | None = None) -> Comparison:
+            caption_column: str | None = None, image_size: int | None = None,
+            split: str | None = None) -> Comparison:
     """Evaluate both models on the same data (one at a time, so only one is in memory) and write,
     per dataset and task, the metric-by-metric table with fine-tuned − base."""
     from mlx_clip.evaluation.results import compare_table
 
     jobs = load_jobs(data, control=control, templates=templates, classes=classes, tasks=tasks,
-                     image_column=image_column, caption_column=caption_column)
+                     image_column=image_column, caption_column=caption_column, split=split)
     check_val_fraction(val_fraction)
     runs = []
     for model in (base_model, finetuned_model):

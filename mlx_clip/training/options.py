@@ -30,17 +30,22 @@ class TrainConfig:
 
     model: str = field(default="tiny", metadata={"help": "Model folder, built-in name (tiny, small, vit-b32) or hub id."})
     data: str | None = field(default=None, metadata={
-        "help": "Captions file (CSV/TSV/JSONL), class-folder root, or folder with train/ and val/. "
-                "Default: the built-in demo domain."})
+        "help": "Captions file (CSV/TSV/JSONL), class-folder root, folder with train/ and val/, webdataset tar "
+                "shards ('shards/{00000..00099}.tar', a folder or a list file), parquet (a file or folder) or "
+                "hf:org/name. Default: the built-in demo domain."})
     val_data: str | None = field(default=None, metadata={"help": "Held-out data (default: split off --val-fraction)."})
     val_fraction: float = field(default=0.1, metadata={"help": "Share held out for validation when no split is given."})
     control_data: str | None = field(default=None, metadata={
         "help": "Class folders of a domain not trained on, evaluated to measure forgetting."})
     templates: str | None = field(default=None, metadata={"help": "Prompt templates file, one per line with {}."})
     image_column: str | None = field(default=None, metadata={
-        "help": "Captions file: the column (CSV/TSV) or key (JSONL) of the image paths (default: image or filepath)."})
+        "help": "Captions file: the column (CSV/TSV) or key (JSONL) of the image paths (default: image or filepath); "
+                "shards: the image member's extension; parquet: the image column."})
     caption_column: str | None = field(default=None, metadata={
-        "help": "Captions file: the column or key of the captions (default: caption or title)."})
+        "help": "Captions file: the column or key of the captions (default: caption or title); shards: the json "
+                "field or member extension; parquet: the column (default: caption, text, ...)."})
+    split: str | None = field(default=None, metadata={
+        "help": "hf:org/name or a parquet folder: the split to train on (default: train)."})
     out: str = field(default="runs/finetune", metadata={"help": "Run folder (checkpoints, metrics, final/)."})
     backend: str = field(default="mlx", metadata={"help": "Engine: mlx or torch."})
     device: str | None = field(default=None, metadata={"help": "Override device detection (torch: cpu|cuda|mps)."})
