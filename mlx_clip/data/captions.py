@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,9 @@ from mlx_clip.errors import DataError
 
 IMAGE_COLUMNS = ("image", "filepath")
 CAPTION_COLUMNS = ("caption", "title")
+# Every character str.split() splits on (str.isspace), as an RE2 class for pyarrow's regex kernels.
+_WHITESPACE = "".join(chr(c) for c in range(0x3001) if chr(c).isspace())
+_WHITESPACE_RUN = "[" + "".join(f"\\x{{{ord(c):x}}}" for c in _WHITESPACE) + "]+"
 _SHOW = 3  # how many offending paths an error message lists before "..."
 
 
@@ -31,22 +35,72 @@ def read_captions(
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: captions file not found")
-    columns = _Columns()
+    columns = None
     try:
         with path.open(encoding="utf-8-sig", newline="") as file:
             first = _first_line(file)
-            if first is None:
-                raise DataError(f"{path}: file is empty; expected a header line and one row per caption")
-            file.seek(0)
-            if _is_jsonl(path, first):
-                _jsonl_rows(path, file, image_column, caption_column, columns)
-            else:
-                _delimited_rows(path, file, first, image_column, caption_column, columns)
+        if first is None:
+            raise DataError(f"{path}: file is empty; expected a header line and one row per caption")
+        jsonl = _is_jsonl(path, first)
+        if not jsonl:
+            columns = _fast_delimited(path, first, image_column, caption_column)
+        if columns is None:
+            columns = _python_rows(path, jsonl, first, image_column, caption_column)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start} of a block); save the file as UTF-8") from None
     if not columns.rows:
         raise DataError(f"{path}: no rows after the header; expected one row per caption")
-    return _to_table(path, columns)
+    return _to_table(path, columns, lambda: _python_rows(path, jsonl, first, image_column, caption_column))
+
+
+def _python_rows(path: Path, jsonl: bool, first: str, image_column, caption_column) -> _Columns:
+    """Row by row with the csv/json modules: every problem named by its line."""
+    columns = _Columns()
+    with path.open(encoding="utf-8-sig", newline="") as file:
+        if jsonl:
+            _jsonl_rows(path, file, image_column, caption_column, columns)
+        else:
+            _delimited_rows(path, file, first, image_column, caption_column, columns)
+    return columns
+
+
+def _fast_delimited(path: Path, header_line: str, image_column, caption_column) -> _Columns | None:
+    """The whole file parsed by pyarrow's CSV reader (C++, threaded), when it is well formed: None
+    sends anything unusual (a parse error, an empty cell, a blank row, text that is not UTF-8)
+    through `_python_rows`, which names the line. A well-formed file gives the same columns both ways."""
+    from pyarrow import csv as arrow_csv
+
+    delimiter = _sniff_delimiter(path, header_line)
+    header = next(csv.reader([header_line], delimiter=delimiter))
+    names = [cell.strip() for cell in header]
+    if len(set(names)) != len(names):
+        return None
+    image_key = _pick_column(f"{path}:1", names, image_column, IMAGE_COLUMNS, "image", "column")
+    caption_key = _pick_column(f"{path}:1", names, caption_column, CAPTION_COLUMNS, "caption", "column")
+    raw = {name: cell for name, cell in zip(names, header)}
+    columns = _Columns()
+    try:
+        # Block by block: the raw text of one block and the finished columns are all that is held.
+        reader = arrow_csv.open_csv(
+            path,
+            parse_options=arrow_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+            convert_options=arrow_csv.ConvertOptions(
+                column_types={cell: pa.string() for cell in header}, include_columns=[raw[image_key], raw[caption_key]],
+                strings_can_be_null=False, quoted_strings_can_be_null=False),
+            read_options=arrow_csv.ReadOptions(block_size=8 << 20))
+        for block in reader:
+            images = pc.utf8_trim(block.column(raw[image_key]), _WHITESPACE)
+            # " ".join(caption.split()) on the whole column: runs of Python's whitespace become one space.
+            captions = pc.utf8_trim(pc.replace_substring_regex(block.column(raw[caption_key]), _WHITESPACE_RUN, " "),
+                                    _WHITESPACE)
+            if _has_empty(images) or _has_empty(captions):
+                return None
+            columns.images.append(images)
+            columns.captions.append(captions)
+            columns.rows += len(images)
+    except (pa.ArrowException, ValueError):
+        return None
+    return columns if columns.rows else None
 
 
 class _Columns:
@@ -209,7 +263,11 @@ def _check_row(
     return line, image, caption
 
 
-def _to_table(path: Path, columns: _Columns) -> SampleTable:
+def _has_empty(column: pa.Array) -> bool:
+    return column.null_count > 0 or pc.min(pc.utf8_length(column)).as_py() == 0
+
+
+def _to_table(path: Path, columns: _Columns, with_lines: Callable[[], _Columns]) -> SampleTable:
     base = str(path.resolve().parent)
     images = pa.chunked_array(columns.images, pa.string()).combine_chunks()
     # Rows naming one file (also as "./a.jpg" and "a.jpg") share an id, in order of first mention;
@@ -222,6 +280,8 @@ def _to_table(path: Path, columns: _Columns) -> SampleTable:
     canonical = pc.dictionary_encode(files.combine_chunks())
     image_ids = np.asarray(canonical.indices)[np.asarray(encoded.indices)].astype(np.int64)
     missing = _missing(canonical.dictionary)
+    if missing and not columns.lines:  # the fast reader kept no line numbers: read again for the message
+        return _to_table(path, with_lines(), with_lines)
     if missing:
         lines = np.concatenate(columns.lines)
         first_row = np.unique(image_ids, return_index=True)[1]  # ids count up from 0: the row naming each first

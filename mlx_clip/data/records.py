@@ -228,7 +228,7 @@ def _layout(path: Path) -> tuple[str, Path]:
     hint = f"; it has {lone[0]}/ alone: pass {path / lone[0]} itself" if len(lone) == 1 else ""
     raise DataError(
         f"{path}: not a dataset; expected a captions file (CSV/TSV with image,caption columns, or "
-        "JSONL), class folders ROOT/<class name>/*.jpg (optionally inside train/ and val/), webdataset .tar "
+        "JSONL) or class folders ROOT/<class name>/*.jpg, optionally inside train/ and val/; or webdataset .tar "
         "shards or .parquet files" + hint
     )
 
