@@ -32,7 +32,7 @@ from safetensors.numpy import load_file, save_file
 
 from mlx_clip.data.records import IMAGE_EXTENSIONS
 from mlx_clip.errors import ConfigError, DataError, ImageError
-from mlx_clip.outputs import check_folder
+from mlx_clip.outputs import check_folder, refuse_overlap
 from mlx_clip.serve.formats import HEADER_BYTES, refusal
 
 FORMAT = "mlxclip-index"
@@ -175,8 +175,8 @@ def build_index(image_dir: str | Path, model: str | Path, out: str | Path, *, ba
     image_dir, out = Path(image_dir), Path(out)
     if not image_dir.is_dir():
         raise DataError(f"{image_dir}: no such folder of images")
-    if out.resolve() == image_dir.resolve() or image_dir.resolve() in out.resolve().parents:
-        raise ConfigError(f"--out {out} is inside the image folder {image_dir}; put the index elsewhere")
+    # The index may hold its image folder (a non-empty --out must be an index), never lie in it.
+    refuse_overlap(out, {"the image folder": image_dir}, relations=("is", "is inside"))
     check_folder(out)  # before the model loads: an --out under a file or in /proc is one line
     if out.exists() and any(out.iterdir()) and not (out / INDEX_FILE).exists():
         raise ConfigError(f"--out {out} is a non-empty folder that is not an index; choose another")

@@ -18,10 +18,10 @@ from mlx_clip.evaluation.metrics import confusion_matrix, per_class_accuracy
 from mlx_clip.evaluation.results import (
     compare_table,
     results_json,
-    wise_ft_curve_report,
     write_comparison,
     write_report,
 )
+from mlx_clip.robust.wise_ft_report import wise_ft_curve_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

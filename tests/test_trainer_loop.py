@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlx_clip.training.run_folder import RunFolder
-from mlx_clip.engine.policy import decays
+from mlx_clip.engine.policy import decays, training_plan
 from mlx_clip.training.schedule import lr_at
 from mlx_clip.training.options import TrainConfig
 from mlx_clip.training.trainer import Trainer, TrainingStopped
@@ -36,10 +36,11 @@ class FakeEngine:
     name = "fake"
     phase = "full"
 
-    def __init__(self, losses):
+    def __init__(self, losses, cfg):
         from mlx_clip.model.config import CLIPConfig
 
         self.config = CLIPConfig()
+        self.plan = training_plan(cfg)  # what EngineBase.prepare_training decides
         self.losses = list(losses)
         self.weights = 0.0
         self.lrs = []
@@ -75,7 +76,7 @@ class FakeEngine:
 
 def make(tmp_path, losses, **overrides):
     cfg = TrainConfig(**{"lr": 1.0, "warmup_steps": 2, "log_every": 1, "save_every": 3, **overrides})
-    engine = FakeEngine(losses)
+    engine = FakeEngine(losses, cfg)
     return Trainer(cfg, engine, FakeLoader(), RunFolder(tmp_path), len(losses), progress=False), engine
 
 
@@ -136,7 +137,7 @@ def test_trainer_imports_neither_framework():
 
 def test_forgetting_budget_stops_early_and_keeps_the_model(tmp_path):
     cfg = TrainConfig(lr=1.0, warmup_steps=0, log_every=1, save_every=0, eval_every=2, max_control_drop=0.1)
-    engine = FakeEngine([1.0] * 10)
+    engine = FakeEngine([1.0] * 10, cfg)
     controls = iter([0.78, 0.62, 0.5])  # drops 0.02, then 0.18 > 0.1
     trainer = Trainer(cfg, engine, FakeLoader(), RunFolder(tmp_path), 10, progress=False,
                       evaluate=lambda _: {"control_zero_shot_top1": next(controls)})

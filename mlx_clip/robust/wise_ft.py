@@ -195,14 +195,14 @@ def wise_ft_sweep(zero_shot_dir: str | Path, fine_tuned_dir: str | Path, alphas:
                   metric: str = "acc1", device: str | None = None, dtype: str | None = None,
                   allow_pickle: bool = False):
     """For each alpha: interpolate in memory, evaluate zero-shot on target and control, then write
-    `report.wise_ft_curve_report` (JSON + Markdown + PNG) with the best alpha for `control_floor`.
+    `wise_ft_report.wise_ft_curve_report` (JSON + Markdown + PNG) with the best alpha for `control_floor`.
 
     The engines load from folders, so each alpha's weights pass through one scratch folder
     (rewritten in place, deleted at the end); no checkpoint per alpha is kept.
     """
     from mlx_clip.api import load
     from mlx_clip.evaluation.evaluate import ZERO_SHOT, evaluate_clip, load_jobs
-    from mlx_clip.evaluation.results import wise_ft_curve_report
+    from mlx_clip.robust.wise_ft_report import wise_ft_curve_report
 
     alphas = parse_sweep(alphas) if isinstance(alphas, str) else sorted(check_alpha(a) for a in alphas)
     if not alphas:

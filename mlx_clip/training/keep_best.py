@@ -12,12 +12,12 @@ from mlx_clip.training.run_folder import RunFolder
 
 
 class KeepBest:
-    def __init__(self, wanted: str | None, run: RunFolder):
+    def __init__(self, wanted: str | None, run: RunFolder, write_model: Callable[[Path], object]):
         self.wanted, self.run = wanted, run
+        self.write_model = write_model  # writes the model as a folder (the engine's save, as HF)
         self.record: dict | None = None  # {metric, value, step}
 
-    def consider(self, metrics: dict, step: int, write_model: Callable[[Path], object],
-                 echo: Callable[[str], None] = print) -> None:
+    def consider(self, metrics: dict, step: int, echo: Callable[[str], None] = print) -> None:
         """Save the model when this evaluation beats every earlier one."""
         if not self.wanted:
             return
@@ -29,5 +29,5 @@ class KeepBest:
         if self.record is not None and not value > self.record["value"]:
             return
         self.record = {"metric": key, "value": value, "step": step}
-        self.run.replace_best(write_model, self.record)
+        self.run.replace_best(self.write_model, self.record)
         echo(f"step {step}: best {key} so far ({value:.4f}); saved to {self.run.best}")

@@ -7,33 +7,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pathlib import Path
-
 from mlx_clip.engine.distributed import World
-from mlx_clip.engine.policy import training_plan
 from mlx_clip.engine.protocol import Backend
-from mlx_clip.errors import ConfigError, MlxClipError
+from mlx_clip.errors import ConfigError
 from mlx_clip.training.held_out import CONTROL_TOP1
+from mlx_clip.training.interruption import Interrupted, StopSignals, TrainingStopped, stopped_at_once
 from mlx_clip.training.keep_best import KeepBest
 from mlx_clip.training.monitor import MetricsLog, Progress, RunLog, SilentLog
 from mlx_clip.training.options import TrainConfig
 from mlx_clip.training.resume import check_resumable
 from mlx_clip.training.run_folder import RunFolder, read_trainer_state
 from mlx_clip.training.schedule import effective_warmup, parse_resolution_schedule, phased_lr, resolution_at
-
-
-class TrainingStopped(MlxClipError):
-    """The run stopped before its last step (non-finite losses, interruption)."""
-
-
-class Interrupted(TrainingStopped):
-    exit_code = 130
 
 
 @dataclass
@@ -67,7 +56,7 @@ class Trainer:
         self.progress_enabled = progress
         self.stop_after = stop_after  # tests: stop (as if interrupted) after this step
         self.data_fingerprint = data_fingerprint  # saved with checkpoints; a resume on other data is refused
-        self.plan = training_plan(cfg)  # its probe_steps: LP-FT's first phase (0 for other strategies)
+        self.plan = engine.plan  # decided by prepare_training; probe_steps: LP-FT's first phase (0 otherwise)
         if self.plan.probe_steps >= total_steps:
             raise ConfigError(f"lp_steps must be below the run's {total_steps} steps, or LP-FT never trains the "
                               f"full model, got {self.plan.probe_steps}")
@@ -76,13 +65,13 @@ class Trainer:
         self.world = getattr(engine, "world", None) or World()
         self.log = RunLog(run.root, tensorboard=cfg.tensorboard) if self.world.is_main else SilentLog(run.metrics_path)
         self.resolutions = _resolutions(cfg, engine)
-        self.keep_best = KeepBest(cfg.keep_best, run)
+        self.keep_best = KeepBest(cfg.keep_best, run, lambda folder: self.engine.save(folder, to="hf"))
         self.baseline: dict | None = None  # metrics before training, for the forgetting budget
         self.stopped_early = False
         self.step = 0
         self.nan_steps = 0
         self.consecutive_nan = 0
-        self._interrupted = False
+        self._signals = StopSignals()  # SIGINT/SIGTERM: stop at the next step boundary
 
     # --- state ---------------------------------------------------------------------------
     def trainer_state(self) -> dict:
@@ -111,18 +100,10 @@ class Trainer:
         self.baseline = self._first_evaluation()
 
     # --- loop ----------------------------------------------------------------------------
-    def _on_sigint(self, signum, frame) -> None:
-        self._interrupted = True
-        # A second Ctrl-C stops at once; the last complete checkpoint is still intact.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
     def fit(self) -> TrainResult:
         self.run.prepare()
         result = TrainResult(steps=self.step, final_model=None, nan_steps=self.nan_steps)
-        previous = signal.signal(signal.SIGINT, self._on_sigint)
-        # SIGTERM too: a launcher passes Ctrl-C on as SIGTERM, and `kill`, `timeout`, a container's
-        # stop or a scheduler's preemption send it: each stops at a step boundary with a checkpoint.
-        previous_term = signal.signal(signal.SIGTERM, self._on_sigint)
+        self._signals.install()
         progress = Progress(self.total_steps, self.step, self.progress_enabled if self.world.is_main else "silent")
         in_step = False
         try:
@@ -170,13 +151,8 @@ class Trainer:
             result.final_model = self.engine.save(self.run.final, to="hf") if self.world.is_main else self.run.final
         except TrainingStopped:  # Interrupted included: both have saved what they should
             raise
-        except KeyboardInterrupt:
-            # A second Ctrl-C (the first asks for a checkpoint at the next step): stop at once, even
-            # mid-save. A save is renamed into place whole, so the newest complete checkpoint stands.
-            latest = self.run.latest()
-            where = f"the last complete checkpoint is {latest}; continue with --resume latest" if latest else \
-                "no checkpoint was saved yet: run the same command again to start over"
-            raise Interrupted(f"stopped at once at step {self.step}; {where}") from None
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once, even mid-save
+            raise stopped_at_once(self.step, self.run.latest()) from None
         except BaseException:
             # A crash between steps leaves a consistent state: keep it resumable.
             if not in_step and self.step > 0:
@@ -188,13 +164,12 @@ class Trainer:
         finally:
             progress.close()
             self.log.close()
-            signal.signal(signal.SIGINT, previous)
-            signal.signal(signal.SIGTERM, previous_term)
+            self._signals.restore()
         result.steps, result.nan_steps = self.step, self.nan_steps
         return result
 
     def _should_stop(self) -> bool:
-        stop = self._interrupted or (self.stop_after is not None and self.step >= self.stop_after)
+        stop = self._signals.requested or (self.stop_after is not None and self.step >= self.stop_after)
         # Ranks see a signal at different moments: they agree, so all stop before the same step.
         return self.engine.any_rank(stop) if self.world.size > 1 else stop
 
@@ -241,11 +216,8 @@ class Trainer:
         self.log.write(record)
         progress.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                         if isinstance(v, float) and math.isfinite(v)))
-        self.keep_best.consider(metrics, self.step, self._write_model, progress.write)
+        self.keep_best.consider(metrics, self.step, progress.write)
         return record
-
-    def _write_model(self, folder: Path):
-        return self.engine.save(folder, to="hf")
 
     # --- before and after the loop (what finetune() asks of a run) ------------------------
     def log_start(self, facts: dict) -> None:
@@ -263,7 +235,7 @@ class Trainer:
     def finish(self, after: dict, echo: Callable[[str], None] = print) -> None:
         """The final evaluation: logged, considered for --keep-best; the log is closed."""
         self.log.write({"step": self.step, "eval": after})
-        self.keep_best.consider(after, self.step, self._write_model, echo)
+        self.keep_best.consider(after, self.step, echo)
         self.log.close()
 
     def _first_evaluation(self) -> dict | None:
