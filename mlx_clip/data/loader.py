@@ -11,55 +11,29 @@ bucket, each batch takes the next samples of one bucket, and which bucket comes 
 seeded schedule per epoch; the resume point is then the schedule entry and each bucket's position.
 
 The loader composes the seeded order (`data.order`), decoding on threads with its bad-file ledger
-(`data.decode`), the transform (crop, resize, normalise) and the collate into a `Batch`.
+(`data.decode`), the bucket plan (`data.bucketed`), and the transform (crop, resize, normalise) and
+collate into a `Batch` (`data.collate`).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from mlx_clip.data.buckets import Bucket, batches_in, grid_buckets, nearest_bucket
+from mlx_clip.data.bucketed import BucketPlan, check_same_buckets
+from mlx_clip.data.buckets import Bucket, batches_in
+from mlx_clip.data.collate import Batch, Tokenize, Transform, collate
 from mlx_clip.data.decode import Decoder, result
 from mlx_clip.data.order import SeededOrder
 from mlx_clip.data.sample import Sample
 from mlx_clip.data.table import SampleTable
 from mlx_clip.errors import ConfigError, DataError, ImageError, check_int
-from mlx_clip.model.image_processing import (
-    DEFAULT_MAX_PIXELS,
-    OPENAI_MEAN,
-    OPENAI_STD,
-    normalize,
-    preprocess,
-    random_resized_crop,
-)
-
-Tokenize = Callable[[list[str]], np.ndarray]
-
-
-@dataclass
-class Batch:
-    pixels: np.ndarray  # (B, H, W, 3) float32, normalized
-    input_ids: np.ndarray  # (B, 77) int64
-    labels: np.ndarray | None  # (B,) int64 for class-folder data, else None
-    image_ids: np.ndarray  # (B,) int64: captions of one image share an id
-    indices: np.ndarray  # (B,) int64 positions in the sample list
-    multi_positive: bool = True
-
-    @property
-    def positive_ids(self) -> np.ndarray:
-        """(B,) ids whose equality marks positive pairs for the loss: the class for class-folder
-        data (FLYP-style), else the image (several captions of one image are all positives).
-        Without `multi_positive`, only each pair itself (CLIP's one-hot targets)."""
-        if not self.multi_positive:
-            return np.arange(len(self.indices), dtype=np.int64)
-        return self.labels if self.labels is not None else self.image_ids
-
+from mlx_clip.model.image_processing import DEFAULT_MAX_PIXELS, OPENAI_MEAN, OPENAI_STD
 
 @dataclass(frozen=True)
 class _Pass:
@@ -126,53 +100,39 @@ class BatchLoader:
         self.num_workers = num_workers
         self.max_bad_fraction = max_bad_fraction
         self.max_pixels = max_pixels
-        self.crop_scale = crop_scale
-        self.mean, self.std = tuple(mean), tuple(std)  # a model folder's preprocessor stats
-        self.crop = crop  # center crop (CLIP) or square resize (SigLIP) when not augmenting
-        self._has_labels = samples.has_labels
-        self.buckets: list[Bucket] | None = None
-        if buckets:
-            if hasattr(samples, "shard_sizes"):
-                raise ConfigError("aspect-ratio buckets need every image's size before the first batch, which data "
-                                  "read in shards does not give without a pass over it: train these without --buckets")
-            check_int("patch_size", patch_size, minimum=1)
-            if image_size < patch_size:
-                raise ConfigError(f"aspect-ratio buckets need image_size ({image_size}) of at least one patch "
-                                  f"({patch_size})")
-            self.patch_size = patch_size
-            self._base_grid = image_size // patch_size
-            self.buckets = grid_buckets(self._base_grid)
-        self._bucket_of: np.ndarray | None = None  # sample -> bucket (-1: unreadable), read on first use
-        self.sample_order = SeededOrder(len(self.samples), seed, shuffle=shuffle, batch_size=batch_size,
-                                        drop_last=drop_last, buckets=len(self.buckets or ()),
-                                        bucket_of=self._assignment, shard_sizes=getattr(samples, "shard_sizes", None))
-        self._batch_index = 0  # entries of the epoch's bucket schedule used
-        self._bucket_positions = [0] * len(self.buckets or ())
+        self.transform = Transform(tuple(mean), tuple(std), crop, crop_scale, seed)
         self._epoch = 0
         self._position = 0  # next place in the current epoch's order
         self.decoder = Decoder(self.samples, self._load, num_workers=num_workers, max_pixels=max_pixels,
                                max_bad_fraction=max_bad_fraction, decoded_cache_bytes=decoded_cache_bytes)
         self._bad = self.decoder.bad
+        self.plan = BucketPlan(self.samples, image_size, patch_size, headers=self.decoder.headers, bad=self._bad) \
+            if buckets else None
+        self.sample_order = SeededOrder(len(self.samples), seed, shuffle=shuffle, batch_size=batch_size,
+                                        drop_last=drop_last, buckets=len(self.buckets or ()),
+                                        bucket_of=self._assignment, shard_sizes=getattr(samples, "shard_sizes", None))
 
     # ---- public API ----------------------------------------------------------------------
 
     def __len__(self) -> int:
         """Batches in one training epoch, assuming every image decodes."""
-        if self.buckets is not None:
+        if self.plan is not None:
             return sum(batches_in(n, self.batch_size, self.drop_last) for _, n in self.bucket_counts())
         return batches_in(len(self.samples), self.batch_size, self.drop_last)
 
+    @property
+    def buckets(self) -> list[Bucket] | None:
+        return None if self.plan is None else self.plan.buckets
+
     def bucket_counts(self) -> list[tuple[tuple[int, int], int]]:
         """((height, width) at the current image size, samples) for every aspect-ratio bucket."""
-        if self.buckets is None:
-            return []
-        assigned = self._assignment()
-        members = np.bincount(assigned[assigned >= 0], minlength=len(self.buckets))
-        return [(self.bucket_shape(b), int(members[b])) for b in range(len(self.buckets))]
+        return [] if self.plan is None else self.plan.counts(self.image_size)
 
     def bucket_shape(self, bucket: int) -> tuple[int, int]:
-        assert self.buckets is not None
-        return self.buckets[bucket].shape(self.image_size, self.patch_size, self._base_grid)
+        return self.plan.shape(bucket, self.image_size)
+
+    def _assignment(self) -> np.ndarray:
+        return self.plan.assignment()
 
     @property
     def epoch(self) -> int:
@@ -216,11 +176,12 @@ class BatchLoader:
 
     def _start_epoch(self, epoch: int) -> None:
         self._epoch, self._position = epoch, 0
-        self._batch_index, self._bucket_positions = 0, [0] * len(self.buckets or ())
+        if self.plan is not None:
+            self.plan.restart()
 
     def _epoch_used_up(self) -> bool:
-        if self.buckets is not None:
-            return self._batch_index >= len(self._schedule(self._epoch))
+        if self.plan is not None:
+            return self.plan.batch_index >= len(self._schedule(self._epoch))
         return self._position >= len(self.samples)
 
     def iter_epoch(self) -> Iterator[Batch]:
@@ -247,14 +208,9 @@ class BatchLoader:
             "bad_indices": list(self._bad.reasons),
             "bad_files": [[path, reason] for path, reason in self.bad_files],
         }
-        if self.buckets is not None:
-            state["buckets"] = self._bucket_grids()
-            state["batch_index"] = self._batch_index
-            state["bucket_positions"] = list(self._bucket_positions)
+        if self.plan is not None:
+            state.update(self.plan.state_dict())
         return state
-
-    def _bucket_grids(self) -> list[list[int]] | None:
-        return None if self.buckets is None else [[b.rows, b.cols] for b in self.buckets]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a `state_dict()`: the next batch is the one the saver would have made."""
@@ -264,17 +220,11 @@ class BatchLoader:
                     f"cannot resume the data order: saved {key} is {state.get(key)}, this loader "
                     f"has {mine}; the dataset or seed changed since the checkpoint"
                 )
-        saved = state.get("buckets")
-        if saved != self._bucket_grids():
-            said = "without aspect-ratio buckets" if saved is None else f"with aspect-ratio buckets {saved}"
-            mine = "without" if self.buckets is None else f"with buckets {self._bucket_grids()}"
-            raise DataError(f"cannot resume the data order: the checkpoint was made {said}, this run is {mine}; "
-                            "resume with the same --buckets setting and image size")
+        check_same_buckets(state.get("buckets"), self.plan)
         self._epoch = int(state["epoch"])
         self._position = int(state["position"])
-        if self.buckets is not None:
-            self._batch_index = int(state["batch_index"])
-            self._bucket_positions = [int(p) for p in state["bucket_positions"]]
+        if self.plan is not None:
+            self.plan.load_state_dict(state)
         reasons = [reason for _, reason in state["bad_files"]]
         self._bad.reasons = {int(i): r for i, r in zip(state["bad_indices"], reasons, strict=True)}
         self.decoder.cancel_ahead()
@@ -291,7 +241,7 @@ class BatchLoader:
     # ---- assembling batches ---------------------------------------------------------------
 
     def _next_in_epoch(self) -> Batch | None:
-        if self.buckets is not None:
+        if self.plan is not None:
             return self._next_bucketed()
         run = _Pass(self._epoch, self.order(self._epoch), self.augment, self.drop_last)
         batch, position = self._assemble(run, self._position)
@@ -309,19 +259,19 @@ class BatchLoader:
     # ---- aspect-ratio buckets ------------------------------------------------------------
 
     def _next_bucketed(self) -> Batch | None:
-        schedule = self._schedule(self._epoch)
-        while self._batch_index < len(schedule):
-            bucket = int(schedule[self._batch_index])
-            batch, position = self._assemble(self._bucket_pass(self._epoch, bucket), self._bucket_positions[bucket])
-            self._bucket_positions[bucket] = position
-            self._batch_index += 1
+        schedule, plan = self._schedule(self._epoch), self.plan
+        while plan.batch_index < len(schedule):
+            bucket = int(schedule[plan.batch_index])
+            batch, position = self._assemble(self._bucket_pass(self._epoch, bucket), plan.positions[bucket])
+            plan.positions[bucket] = position
+            plan.batch_index += 1
             if batch is not None:
                 self._prefetch_bucketed()
                 return batch
         return None  # the buckets ran out of decodable images before the schedule did
 
     def _prefetch_bucketed(self) -> None:
-        epoch, index, positions = self._epoch, self._batch_index, self._bucket_positions
+        epoch, index, positions = self._epoch, self.plan.batch_index, self.plan.positions
         if index >= len(self._schedule(epoch)):
             epoch, index, positions = epoch + 1, 0, [0] * len(self.buckets)
             if not len(self._schedule(epoch)):
@@ -338,21 +288,6 @@ class BatchLoader:
 
     def _schedule(self, epoch: int) -> np.ndarray:
         return self.sample_order.schedule(epoch)
-
-    def _assignment(self) -> np.ndarray:
-        """Each sample's bucket, from its image's header (EXIF rotation applied); a file whose
-        header cannot be read is recorded as bad, as a failed decode would be, and gets -1."""
-        if self._bucket_of is None:
-            sizes = self.decoder.headers(sorted({s.image for s in self.samples}, key=str))
-            bucket_of = np.full(len(self.samples), -1, np.int64)
-            for index, sample in enumerate(self.samples):
-                size = sizes[sample.image]
-                if isinstance(size, ImageError):
-                    self._bad.record(index, str(size))
-                else:
-                    bucket_of[index] = nearest_bucket(*size, self.buckets)
-            self._bucket_of = bucket_of
-        return self._bucket_of
 
     def _assemble(self, run: _Pass, position: int) -> tuple[Batch | None, int]:
         """The first batch_size samples from `position` that decode, and the position after.
@@ -401,31 +336,10 @@ class BatchLoader:
             image = self.decoder.decoded(index)
         except ImageError as err:
             return err
-        size = run.shape or self.image_size
-        if not run.augment:
-            return preprocess(image, size, mean=self.mean, std=self.std, crop=self.crop)
-        rng = np.random.default_rng([self.seed, run.epoch, index])
-        crop = random_resized_crop(image, size, rng, scale=self.crop_scale)
-        return normalize(np.asarray(crop), self.mean, self.std)
+        return self.transform(image, run.shape or self.image_size, augment=run.augment, epoch=run.epoch, index=index)
 
     def _batch(self, picked: list[tuple[int, np.ndarray]]) -> Batch:
-        indices = np.array([i for i, _ in picked], dtype=np.int64)
-        chosen = [self.samples[i] for i in indices]
-        input_ids = np.asarray(self.tokenize([s.caption for s in chosen])).astype(np.int64)
-        if input_ids.shape[0] != len(chosen):
-            raise ConfigError(
-                f"tokenize returned {input_ids.shape[0]} rows for {len(chosen)} captions"
-            )
-        labels = np.array([s.label for s in chosen], dtype=np.int64) if self._has_labels else None
-        return Batch(
-            pixels=np.stack([pixels for _, pixels in picked]),
-            input_ids=input_ids,
-            labels=labels,
-            image_ids=np.array([s.image_id for s in chosen], dtype=np.int64),
-            indices=indices,
-            multi_positive=self.multi_positive,
-        )
-
+        return collate(self.samples, picked, self.tokenize, multi_positive=self.multi_positive)
 
 def _key(run: _Pass, index: int) -> tuple:
     # Without augmentation a sample's pixels do not depend on the epoch.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlx_clip.data.loader import Batch
+from mlx_clip.data.collate import Batch
 from mlx_clip.model.config import CLIPConfig
 
 

@@ -1,0 +1,75 @@
+"""What the loader makes of decoded samples: each image transformed (the seeded augmentation, or
+the model's own preprocessing) and a batch collated with its token ids, labels and positive ids."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from mlx_clip.data.sample import Sample
+from mlx_clip.errors import ConfigError
+from mlx_clip.model.image_processing import normalize, preprocess, random_resized_crop
+
+Tokenize = Callable[[list[str]], np.ndarray]
+
+
+@dataclass
+class Batch:
+    pixels: np.ndarray  # (B, H, W, 3) float32, normalized
+    input_ids: np.ndarray  # (B, 77) int64
+    labels: np.ndarray | None  # (B,) int64 for class-folder data, else None
+    image_ids: np.ndarray  # (B,) int64: captions of one image share an id
+    indices: np.ndarray  # (B,) int64 positions in the sample list
+    multi_positive: bool = True
+
+    @property
+    def positive_ids(self) -> np.ndarray:
+        """(B,) ids whose equality marks positive pairs for the loss: the class for class-folder
+        data (FLYP-style), else the image (several captions of one image are all positives).
+        Without `multi_positive`, only each pair itself (CLIP's one-hot targets)."""
+        if not self.multi_positive:
+            return np.arange(len(self.indices), dtype=np.int64)
+        return self.labels if self.labels is not None else self.image_ids
+
+
+@dataclass(frozen=True)
+class Transform:
+    """Pixels of one sample: the model folder's preprocessor stats (`mean`, `std`), a center crop
+    (CLIP) or square resize (SigLIP) when not augmenting, else a random resized crop drawn from
+    `default_rng([seed, epoch, index])`, so a sample's pixels never depend on when it is made."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop: bool
+    crop_scale: tuple[float, float]
+    seed: int
+
+    def __call__(self, image: Image.Image, size: int | tuple[int, int], *, augment: bool, epoch: int,
+                 index: int) -> np.ndarray:
+        if not augment:
+            return preprocess(image, size, mean=self.mean, std=self.std, crop=self.crop)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        crop = random_resized_crop(image, size, rng, scale=self.crop_scale)
+        return normalize(np.asarray(crop), self.mean, self.std)
+
+
+def collate(samples: Sequence[Sample], picked: list[tuple[int, np.ndarray]], tokenize: Tokenize, *,
+            multi_positive: bool) -> Batch:
+    """The batch of the (sample index, pixels) pairs `picked`, in their order."""
+    indices = np.array([i for i, _ in picked], dtype=np.int64)
+    chosen = [samples[i] for i in indices]
+    input_ids = np.asarray(tokenize([s.caption for s in chosen])).astype(np.int64)
+    if input_ids.shape[0] != len(chosen):
+        raise ConfigError(f"tokenize returned {input_ids.shape[0]} rows for {len(chosen)} captions")
+    labels = np.array([s.label for s in chosen], dtype=np.int64) if samples.has_labels else None
+    return Batch(
+        pixels=np.stack([pixels for _, pixels in picked]),
+        input_ids=input_ids,
+        labels=labels,
+        image_ids=np.array([s.image_id for s in chosen], dtype=np.int64),
+        indices=indices,
+        multi_positive=multi_positive,
+    )
