@@ -1,0 +1,47 @@
+"""What every `mlxclip` command shares: domain errors as one line, and the engine options."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from mlx_clip.engine.policy import DTYPES
+from mlx_clip.errors import MlxClipError
+
+
+def domain_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MlxClipError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            # Where a command has something to say (what was kept) it raises Interrupted instead;
+            # any other Ctrl-C ends with one line and the shell's code for SIGINT, not a traceback.
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except OSError as err:
+            # A file or folder the system refused (full disk, permissions, a path under a file):
+            # the path and the reason, once; the commands check their outputs before any work.
+            where = f"{err.filename}: " if err.filename else ""
+            click.echo(f"error: {where}{err.strerror or err}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+backend_option = click.option("--backend", type=click.Choice(["mlx", "torch"]), default="mlx", show_default=True,
+                              help="Engine: MLX (native) or PyTorch (MPS > CUDA > CPU).")
+device_option = click.option("--device", default=None,
+                             help="Override device detection: torch cpu|cuda|cuda:N|mps, mlx cpu|gpu.")
+dtype_option = click.option("--dtype", type=click.Choice(DTYPES), default=None,
+                            help="Compute dtype (default: float32).")
+pickle_option = click.option("--allow-pickle", is_flag=True,
+                             help="Allow pytorch_model.bin (read with weights_only=True; never executes code).")
+
+model_option = click.option("--model", required=True,
+                            help="Model folder, built-in name (tiny, small, vit-b32) or hub id org/name.")
