@@ -115,6 +115,18 @@ def test_parquet_rows_and_hugging_face_class_names(tmp_path):
         assert (sample.caption, sample.label) == (row["caption"], row["label"])
 
 
+def test_parquet_classes_without_captions_are_captioned_from_templates(tmp_path):
+    """An image-classification dataset (image + ClassLabel, as most on the hub are): prompts made
+    from templates and the class name, as for class folders."""
+    path = write_parquet(tmp_path / "d.parquet", rows=10, row_group=4)
+    pq.write_table(pq.read_table(path).drop_columns(["caption"]), path, row_group_size=4)
+    data = load_dataset(str(path), templates=["a {} shape.", "art of a {}."])
+    assert data.kind == "class_folders" and data.templates == ["a {} shape.", "art of a {}."]
+    for i, sample in enumerate(data.samples):
+        assert sample.caption in (f"a {CLASSES[i % 2]} shape.", f"art of a {CLASSES[i % 2]}.")
+    assert len({s.caption for s in data.samples}) > 2  # the template is drawn per row
+
+
 def test_a_hugging_face_dataset_from_the_local_cache(tmp_path, monkeypatch):
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name

@@ -18,10 +18,12 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mlx_clip.data.stream import Shard, ShardedTable, ShardIndex
+from mlx_clip.data.templates import DEFAULT_TEMPLATES, fill
 from mlx_clip.errors import DataError
 
 IMAGE_COLUMNS = ("image", "jpg", "img", "png", "webp", "filepath")
@@ -40,20 +42,26 @@ def is_parquet_spec(text: str) -> bool:
 
 
 class ParquetRows(ShardedTable):
-    def __init__(self, shards, *, class_names=None, source="", columns: dict | None = None):
+    def __init__(self, shards, *, class_names=None, source="", columns: dict | None = None,
+                 templates: list[str] | None = None):
+        """Without a caption column, class data are captioned from `templates` and the class name,
+        as class folders are; a row's template is drawn from `default_rng([row group, row])`."""
         super().__init__(shards, class_names=class_names, source=source)
         self.columns = columns or {}
+        self.templates = templates
 
     def with_shards(self, shards):
-        return ParquetRows(shards, class_names=self.class_names, source=self.source, columns=self.columns)
+        return ParquetRows(shards, class_names=self.class_names, source=self.source, columns=self.columns,
+                           templates=self.templates)
 
     def open_shard(self, shard: Shard) -> ShardIndex:
         file, group = shard.path, int(shard.name.rsplit("#", 1)[1])
         image, caption, label = self.columns["image"], self.columns["caption"], self.columns.get("label")
         try:
             table = pq.ParquetFile(file).read_row_group(group, columns=[c for c in (image, caption, label) if c])
-            images, captions = table.column(image).to_pylist(), table.column(caption).to_pylist()
-            labels = table.column(label).to_pylist() if label else [None] * len(captions)
+            images = table.column(image).to_pylist()
+            labels = table.column(label).to_pylist() if label else [None] * len(images)
+            captions = table.column(caption).to_pylist() if caption else self._captions(labels, group)
         except (OSError, pa.ArrowException, ValueError) as err:
             reason = f"row group {group} cannot be read ({err.__class__.__name__}: {str(err)[:200]})"
             return ShardIndex([f"row {i}" for i in range(shard.count)], [""] * shard.count, [None] * shard.count,
@@ -73,6 +81,13 @@ class ParquetRows(ShardedTable):
             index.captions.append(text)
             index.labels.append(cls if isinstance(cls, int) else None)
         return index
+
+
+    def _captions(self, labels: list, group: int) -> list[str]:
+        templates = self.templates or list(DEFAULT_TEMPLATES)
+        return [fill(templates[int(np.random.default_rng([group, row]).integers(len(templates)))],
+                     self.class_names[cls]) if isinstance(cls, int) and 0 <= cls < len(self.class_names) else ""
+                for row, cls in enumerate(labels)]
 
 
 def _image_reader(value, folder: Path):
@@ -130,7 +145,7 @@ def _hub_files(repo_id: str, split: str | None) -> tuple[list[Path], Path]:
 
 
 def read_parquet(spec: str, *, image_column: str | None = None, caption_column: str | None = None,
-                 split: str | None = None) -> ParquetRows:
+                 split: str | None = None, templates: list[str] | None = None) -> ParquetRows:
     files, root = parquet_files(spec, split)
     if not files:
         raise DataError(f"{spec}: no .parquet files found")
@@ -146,7 +161,8 @@ def read_parquet(spec: str, *, image_column: str | None = None, caption_column: 
             class_names = _class_names(schema, columns.get("label"))
         name = os.path.relpath(file, root)
         shards += [Shard(file, metadata.row_group(g).num_rows, f"{name}#{g}") for g in range(metadata.num_row_groups)]
-    table = ParquetRows([s for s in shards if s.count], class_names=class_names, source=spec, columns=columns)
+    table = ParquetRows([s for s in shards if s.count], class_names=class_names, source=spec, columns=columns,
+                        templates=templates)
     if not len(table):
         raise DataError(f"{spec}: the parquet files hold no rows")
     if class_names is None:
@@ -163,6 +179,8 @@ def _columns(file: Path, schema: pa.Schema, image: str | None, caption: str | No
                 return wanted
             raise DataError(f"{file}: no {role} column named {wanted!r}; columns: {', '.join(names)}")
         found = next((n for n in defaults if n in names), None)
+        if found is None and role == "caption" and _class_names(schema, pick(None, LABEL_COLUMNS, "label")):
+            return None  # class data: captioned from templates
         if found is None and role != "label":
             raise DataError(f"{file}: no {role} column named {' or '.join(map(repr, defaults))}; columns: "
                             f"{', '.join(names)} (choose one with --{role}-column)")

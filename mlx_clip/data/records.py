@@ -258,7 +258,7 @@ def load_dataset(
         templates = load_templates(templates)
     if isinstance(classes, (str, Path)):
         classes = load_classes(classes)
-    streamed = _read_streamed(str(path), image_column, caption_column, split)
+    streamed = _read_streamed(str(path), image_column, caption_column, split, templates)
     if streamed is not None:
         return _streamed_dataset(streamed, path, templates, classes)
     path = Path(path).expanduser()
@@ -273,14 +273,15 @@ def load_dataset(
     return train
 
 
-def _read_streamed(spec: str, image_column, caption_column, split):
+def _read_streamed(spec: str, image_column, caption_column, split, templates):
     from mlx_clip.data.parquet import is_parquet_spec, read_parquet
     from mlx_clip.data.shards import is_shard_spec, read_shards
 
     if is_shard_spec(spec):
         return read_shards(spec, image_column=image_column, caption_column=caption_column)
     if is_parquet_spec(spec):
-        return read_parquet(spec, image_column=image_column, caption_column=caption_column, split=split)
+        return read_parquet(spec, image_column=image_column, caption_column=caption_column, split=split,
+                            templates=None if templates is None else check_templates(templates))
     return None
 
 
