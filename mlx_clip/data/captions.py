@@ -91,7 +91,7 @@ def _fast_delimited(path: Path, header_line: str, image_column, caption_column) 
             convert_options=arrow_csv.ConvertOptions(
                 column_types={cell: pa.string() for cell in header}, include_columns=[raw[image_key], raw[caption_key]],
                 strings_can_be_null=False, quoted_strings_can_be_null=False),
-            read_options=arrow_csv.ReadOptions(block_size=8 << 20))
+            read_options=arrow_csv.ReadOptions(block_size=4 << 20, use_threads=False))
         for block in reader:
             images = pc.utf8_trim(block.column(raw[image_key]), _WHITESPACE)
             # " ".join(caption.split()) on the whole column: runs of Python's whitespace become one space.
@@ -273,16 +273,15 @@ def _has_empty(column: pa.Array) -> bool:
 
 def _to_table(path: Path, columns: _Columns, with_lines: Callable[[], _Columns]) -> SampleTable:
     base = str(path.resolve().parent)
-    images = pa.chunked_array(columns.images, pa.string()).combine_chunks()
+    images = pa.chunked_array(columns.images, pa.string())
     # Rows naming one file (also as "./a.jpg" and "a.jpg") share an id, in order of first mention;
     # each distinct name is normalised and checked once.
-    encoded = pc.dictionary_encode(images)
-    names = encoded.dictionary
+    names = pc.unique(images)  # in order of first mention
     files = pa.chunked_array([pa.array([os.path.normpath(os.path.join(base, os.path.expanduser(name)))
                                         for name in names.slice(start, _Columns.CHUNK).to_pylist()], pa.string())
                               for start in range(0, len(names), _Columns.CHUNK)] or [pa.array([], pa.string())])
     canonical = pc.dictionary_encode(files.combine_chunks())
-    image_ids = np.asarray(canonical.indices)[np.asarray(encoded.indices)].astype(np.int64)
+    image_ids = np.asarray(canonical.indices)[np.asarray(pc.index_in(images, value_set=names))].astype(np.int64)
     missing = _missing(canonical.dictionary)
     if missing and not columns.lines:  # the fast reader kept no line numbers: read again for the message
         return _to_table(path, with_lines(), with_lines)

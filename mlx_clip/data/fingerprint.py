@@ -25,17 +25,20 @@ PARTS = {"train_samples": "number of training samples", "train_images": "trainin
          "val_samples": "number of held-out samples", "val": "held-out split (paths, captions or labels)"}
 
 
-def _digest(*columns: pa.Array | np.ndarray | None) -> str:
+def _digest(*columns: pa.Array | pa.ChunkedArray | np.ndarray | None) -> str:
     h = hashlib.sha256()
     for column in columns:
         if column is None:
             h.update(b"none")
         elif isinstance(column, np.ndarray):
             h.update(np.ascontiguousarray(column, dtype=np.int64).tobytes())
-        elif len(column):  # a string column: its lengths, then its bytes, so ("ab", "c") != ("a", "bc")
-            offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset:column.offset + len(column) + 1]
-            h.update(np.diff(offsets).astype(np.int64).tobytes())
-            h.update(memoryview(column.buffers()[2])[offsets[0]:offsets[-1]])
+        else:  # a string column: its lengths, then its bytes, so ("ab", "c") != ("a", "bc"); however chunked
+            chunks = [c for c in (column.chunks if isinstance(column, pa.ChunkedArray) else [column]) if len(c)]
+            spans = [np.frombuffer(c.buffers()[1], np.int32)[c.offset:c.offset + len(c) + 1] for c in chunks]
+            for offsets in spans:
+                h.update(np.diff(offsets).astype(np.int64).tobytes())
+            for chunk, offsets in zip(chunks, spans):
+                h.update(memoryview(chunk.buffers()[2])[offsets[0]:offsets[-1]])
         h.update(b"\0")
     return h.hexdigest()[:16]
 

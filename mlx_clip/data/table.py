@@ -20,14 +20,15 @@ from mlx_clip.data.sample import Sample
 
 
 class SampleTable(Sequence):
-    def __init__(self, images: pa.Array, captions: pa.Array, image_ids: np.ndarray,
+    def __init__(self, images: pa.Array | pa.ChunkedArray, captions: pa.Array | pa.ChunkedArray, image_ids: np.ndarray,
                  labels: np.ndarray | None = None, base: str | Path = ""):
         """`images`: paths relative to `base` (or absolute); `image_ids`: rows naming one image share
         an id; `labels`: a class index per row, or None for captions data."""
         if not (len(images) == len(captions) == len(image_ids)) or (labels is not None and len(labels) != len(images)):
             raise ValueError("columns of one table must have one length")
-        self.images = images.combine_chunks() if isinstance(images, pa.ChunkedArray) else images
-        self.captions = captions.combine_chunks() if isinstance(captions, pa.ChunkedArray) else captions
+        # Chunked as read: joining the chunks would copy the columns for nothing.
+        self.images = images if isinstance(images, pa.ChunkedArray) else pa.chunked_array([images], pa.string())
+        self.captions = captions if isinstance(captions, pa.ChunkedArray) else pa.chunked_array([captions], pa.string())
         self.image_ids = np.asarray(image_ids, dtype=np.int64)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.base = str(base)
@@ -101,11 +102,11 @@ class SampleTable(Sequence):
     def with_ids_from(self, first_id: int) -> SampleTable:
         return SampleTable(self.images, self.captions, self.image_ids + first_id, self.labels, self.base)
 
-    def relative_images(self, root: Path) -> pa.Array:
+    def relative_images(self, root: Path) -> pa.ChunkedArray:
         """The image paths relative to `root` where they lie inside it (a moved dataset keeps them),
         else absolute, as one string column."""
         if not self.base:  # built from Samples: absolute paths, few of them
-            return pa.array([_relative(Path(p), root) for p in self.images.to_pylist()], pa.string())
+            return pa.chunked_array([[_relative(Path(p), root) for p in self.images.to_pylist()]], pa.string())
         try:
             prefix = Path(self.base).relative_to(root).as_posix()
         except ValueError:
@@ -123,12 +124,15 @@ def concat(tables: Sequence[SampleTable]) -> SampleTable:
     """One table of several, in order; paths become absolute where the tables' folders differ."""
     bases = {t.base for t in tables}
     if len(bases) == 1:
-        images, base = pa.concat_arrays([t.images for t in tables]), bases.pop()
+        images, base = [t.images for t in tables], bases.pop()
     else:
-        images = pa.concat_arrays([pc.binary_join_element_wise(t.base, t.images, os.sep)
-                                   if t.base else t.images for t in tables])
+        images = [pc.binary_join_element_wise(t.base, t.images, os.sep) if t.base else t.images for t in tables]
         base = ""
     labelled = [t.labels is not None for t in tables]
     labels = np.concatenate([t.labels for t in tables]) if all(labelled) and tables else None
-    return SampleTable(images, pa.concat_arrays([t.captions for t in tables]),
+    return SampleTable(_chunks(images), _chunks([t.captions for t in tables]),
                        np.concatenate([t.image_ids for t in tables]), labels, base)
+
+
+def _chunks(columns: Sequence[pa.ChunkedArray]) -> pa.ChunkedArray:
+    return pa.chunked_array([chunk for column in columns for chunk in column.chunks], pa.string())
