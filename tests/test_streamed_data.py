@@ -127,13 +127,15 @@ def test_parquet_classes_without_captions_are_captioned_from_templates(tmp_path)
     assert len({s.caption for s in data.samples}) > 2  # the template is drawn per row
 
 
-def test_a_hugging_face_dataset_from_the_local_cache(tmp_path, monkeypatch):
+def hub_dataset(tmp_path, monkeypatch, train_rows: int = 16) -> str:
+    """`org/photos` in a Hugging Face cache laid out as huggingface_hub lays it out, offline."""
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     storage = tmp_path / "hub" / repo_folder_name(repo_id="org/photos", repo_type="dataset")
-    write_parquet(storage / "snapshots" / commit / "data" / "train-00000-of-00001.parquet", rows=16)
+    write_parquet(storage / "snapshots" / commit / "data" / "train-00000-of-00001.parquet", rows=train_rows,
+                  row_group=12)
     write_parquet(storage / "snapshots" / commit / "data" / "test-00000-of-00001.parquet", rows=6)
     (storage / "refs").mkdir()
     (storage / "refs" / "main").write_text(commit)
@@ -141,6 +143,11 @@ def test_a_hugging_face_dataset_from_the_local_cache(tmp_path, monkeypatch):
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return "hf:org/photos"
+
+
+def test_a_hugging_face_dataset_from_the_local_cache(tmp_path, monkeypatch):
+    hub_dataset(tmp_path, monkeypatch)
     assert len(load_dataset("hf:org/photos").samples) == 16
     assert len(load_dataset("hf:org/photos", split="test").samples) == 6
     with pytest.raises(DataError, match="hf:org/absent: not in the local Hugging Face cache"):
@@ -197,15 +204,17 @@ def test_a_shard_that_is_not_a_tar_is_one_error_naming_it(tmp_path):
 # ---- training ---------------------------------------------------------------------------------
 
 
-def _data(tmp_path, kind: str) -> str:
+def _data(tmp_path, kind: str, monkeypatch=None) -> str:
     if kind == "shards":
         return str(write_shards(tmp_path / "shards", shards=4, per_shard=12))
+    if kind == "hf":
+        return hub_dataset(tmp_path, monkeypatch, train_rows=48)
     return str(write_parquet(tmp_path / "data.parquet", rows=48, row_group=12))
 
 
-@pytest.mark.parametrize("kind", ["shards", "parquet"])
-def test_both_engines_train_on_streamed_data_alike(tmp_path, kind):
-    data = _data(tmp_path, kind)
+@pytest.mark.parametrize("kind", ["shards", "parquet", "hf"])
+def test_both_engines_train_on_streamed_data_alike(tmp_path, kind, monkeypatch):
+    data = _data(tmp_path, kind, monkeypatch)
     losses = {}
     for engine in ("mlx", "torch"):
         out = tmp_path / engine
@@ -215,6 +224,22 @@ def test_both_engines_train_on_streamed_data_alike(tmp_path, kind):
     assert len(losses["mlx"]) == 6
     # Engine parity on the demo data is ~5e-7 over 50 steps (tests/test_grad_parity.py); 1e-5 relative.
     np.testing.assert_allclose(losses["mlx"], losses["torch"], rtol=1e-5)
+
+
+def test_eval_scores_shards_and_parquet(tmp_path):
+    from click.testing import CliRunner
+
+    from mlx_clip.cli import main
+
+    shards, parquet = _data(tmp_path, "shards"), _data(tmp_path, "parquet")
+    result = CliRunner().invoke(main, ["eval", "--model", "tiny", "--data", shards, "--data", parquet,
+                                       "--tasks", "zero_shot", "--out", str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
+    scored = json.loads((tmp_path / "eval.json").read_text())
+    results = scored if isinstance(scored, list) else scored.get("results", scored)
+    assert len(results) == 2
+    for entry in results:
+        assert 0.0 <= entry["metrics"]["acc1"] <= 1.0
 
 
 def _cli(out, data, *extra):
