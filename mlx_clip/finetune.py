@@ -261,7 +261,8 @@ def _build(cfg: TrainConfig, data: DomainData, run: RunFolder, progress, evaluat
                          num_workers=cfg.num_workers, max_bad_fraction=cfg.max_bad_fraction,
                          crop_scale=(cfg.crop_scale_min, 1.0), mean=mean, std=std, crop=crop,
                          multi_positive=cfg.multi_positive, buckets=cfg.buckets,
-                         patch_size=engine.config.vision_config.patch_size)
+                         patch_size=engine.config.vision_config.patch_size,
+                         share=(engine.world.rank, engine.world.size), agree=engine.rank_sum)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * len(loader)))
     evaluate = cfg.evaluate if evaluate is None else evaluate
     evaluator = make_evaluator(data, folder, cfg.batch_size) if evaluate else None

@@ -131,6 +131,14 @@ class TorchBackend(EngineBase):
 
         return any_rank(flag, self.world, self.device)
 
+    def rank_sum(self, values: np.ndarray) -> np.ndarray:
+        """The element-wise sum of a small int vector over the ranks (one process: `values`)."""
+        if self.world.size == 1:
+            return np.asarray(values)
+        from mlx_clip.torch_backend.distributed import rank_sum
+
+        return rank_sum(values, self.world, self.device)
+
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         from mlx_clip.torch_backend.train import trainable
 
@@ -140,8 +148,8 @@ class TorchBackend(EngineBase):
         return sum(p.numel() for _, p in self._trainable())
 
     def train_step(self, batch, lr: float) -> dict:
-        rows = self.world.shard(len(batch.pixels))  # this rank's slice; the labels stay global
-        pixels = torch.from_numpy(batch.pixels[rows]).permute(0, 3, 1, 2).to(self.device, self._dtype())
+        rows = self.world.shard(len(batch.input_ids))  # this rank's slice; the labels stay global
+        pixels = torch.from_numpy(batch.pixels_of(rows)).permute(0, 3, 1, 2).to(self.device, self._dtype())
         ids = torch.from_numpy(batch.input_ids[rows].astype(np.int64)).to(self.device)
         labels = torch.from_numpy(batch.positive_ids.astype(np.int64)).to(self.device)
         if self.watchdog:

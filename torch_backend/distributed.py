@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -46,6 +47,15 @@ def all_reduce_sum(tensors: list[torch.Tensor], world: World) -> None:
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def rank_sum(values: np.ndarray, world: World, device: torch.device) -> np.ndarray:
+    summed = torch.from_numpy(np.asarray(values, np.int64)).to(device)  # NCCL reduces CUDA tensors only
+    try:
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    except Exception as err:
+        raise peer_lost(world, "agreeing on which images decode", err) from None
+    return summed.cpu().numpy()
 
 
 def any_rank(flag: bool, world: World, device: torch.device) -> bool:

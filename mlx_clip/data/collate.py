@@ -24,6 +24,17 @@ class Batch:
     image_ids: np.ndarray  # (B,) int64: captions of one image share an id
     indices: np.ndarray  # (B,) int64 positions in the sample list
     multi_positive: bool = True
+    # The rows of the global batch `pixels` holds when each process decoded only its own share
+    # (`BatchLoader(share=...)`); None: all of them.
+    pixel_rows: slice | None = None
+
+    def pixels_of(self, rows: slice) -> np.ndarray:
+        """The pixels of `rows` of the global batch."""
+        if self.pixel_rows is None:
+            return self.pixels[rows]
+        if rows != self.pixel_rows:
+            raise ValueError(f"this process decoded rows {self.pixel_rows} of the batch, not {rows}")
+        return self.pixels
 
     @property
     def positive_ids(self) -> np.ndarray:
@@ -56,20 +67,22 @@ class Transform:
         return normalize(np.asarray(crop), self.mean, self.std)
 
 
-def collate(samples: Sequence[Sample], picked: list[tuple[int, np.ndarray]], tokenize: Tokenize, *,
-            multi_positive: bool) -> Batch:
-    """The batch of the (sample index, pixels) pairs `picked`, in their order."""
-    indices = np.array([i for i, _ in picked], dtype=np.int64)
+def collate(samples: Sequence[Sample], indices: list[int], pixels: list[np.ndarray], tokenize: Tokenize, *,
+            multi_positive: bool, pixel_rows: slice | None = None) -> Batch:
+    """The batch of the samples `indices`, in their order, with the `pixels` of all of them (or of
+    `pixel_rows` of them, a process's share)."""
+    indices = np.array(indices, dtype=np.int64)
     chosen = [samples[i] for i in indices]
     input_ids = np.asarray(tokenize([s.caption for s in chosen])).astype(np.int64)
     if input_ids.shape[0] != len(chosen):
         raise ConfigError(f"tokenize returned {input_ids.shape[0]} rows for {len(chosen)} captions")
     labels = np.array([s.label for s in chosen], dtype=np.int64) if samples.has_labels else None
     return Batch(
-        pixels=np.stack([pixels for _, pixels in picked]),
+        pixels=np.stack(pixels),
         input_ids=input_ids,
         labels=labels,
         image_ids=np.array([s.image_id for s in chosen], dtype=np.int64),
         indices=indices,
         multi_positive=multi_positive,
+        pixel_rows=pixel_rows,
     )

@@ -18,7 +18,7 @@ collate into a `Batch` (`data.collate`).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -71,7 +71,12 @@ class BatchLoader:
         multi_positive: bool = True,
         buckets: bool = False,
         patch_size: int | None = None,
+        share: tuple[int, int] = (0, 1),
+        agree: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
+        """`share=(rank, processes)` with `agree` (an element-wise sum over the processes): each
+        process decodes only its slice of every batch, and the processes agree on which images
+        decode, so the batch is still the one a single process would make (`_assemble_shared`)."""
         if len(samples) == 0:
             raise DataError("the dataset has no samples")
         check_int("batch_size", batch_size, minimum=1)
@@ -89,6 +94,10 @@ class BatchLoader:
                 )
             samples = SampleTable.from_samples(samples)
         self.samples = samples
+        self.rank, self.processes = share
+        if self.processes > 1 and agree is None:
+            raise ConfigError("a loader shared by several processes needs `agree`, their collective sum")
+        self.agree = agree
         self.batch_size = batch_size
         self.multi_positive = multi_positive
         self.image_size = image_size
@@ -294,6 +303,8 @@ class BatchLoader:
 
         (None, end of order) when the order runs out first and the pass drops a short batch.
         """
+        if self.processes > 1 and run.drop_last:  # training; an evaluation pass is made whole
+            return self._assemble_shared(run, position)
         picked: list[tuple[int, np.ndarray]] = []
         pending: deque[tuple[int, Future | None]] = deque()
         end = len(run.order)
@@ -317,8 +328,12 @@ class BatchLoader:
         return self._batch(picked), position
 
     def _prefetch(self, run: _Pass, position: int) -> None:
-        """Start decoding the samples the next batch will most likely take."""
-        indices = (int(i) for i in run.order[position:position + self.batch_size])
+        """Start decoding the samples the next batch will most likely take (this process's share)."""
+        start, stop = position, position + self.batch_size
+        if self.processes > 1 and run.drop_last:
+            per = self.batch_size // self.processes
+            start, stop = position + self.rank * per, position + (self.rank + 1) * per
+        indices = (int(i) for i in run.order[start:stop])
         self.decoder.prefetch(run, [(index, _key(run, index)) for index in indices])
 
     def set_image_size(self, image_size: int) -> None:
@@ -339,7 +354,46 @@ class BatchLoader:
         return self.transform(image, run.shape or self.image_size, augment=run.augment, epoch=run.epoch, index=index)
 
     def _batch(self, picked: list[tuple[int, np.ndarray]]) -> Batch:
-        return collate(self.samples, picked, self.tokenize, multi_positive=self.multi_positive)
+        return collate(self.samples, [i for i, _ in picked], [p for _, p in picked], self.tokenize,
+                       multi_positive=self.multi_positive)
+
+    def _assemble_shared(self, run: _Pass, position: int) -> tuple[Batch | None, int]:
+        """`_assemble` with each process decoding only its share. The candidates of a round (the
+        next samples, as many as slots are empty) are split into contiguous parts, one per process;
+        each decodes its part and `agree` sums the outcomes (1: decodes, 2: bad), so every process
+        knows the same batch and records the same bad files. With no bad file a process decodes
+        exactly its slice of the batch; otherwise the few images of its slice another process
+        decoded are decoded here again."""
+        kept: list[int] = []
+        mine: dict[int, np.ndarray] = {}
+        errors: dict[int, ImageError] = {}
+        end = len(run.order)
+        while len(kept) < self.batch_size and position < end:
+            candidates = [int(i) for i in run.order[position:position + self.batch_size - len(kept)]]
+            position += len(candidates)
+            lo, hi = (self.rank * len(candidates) // self.processes,
+                      (self.rank + 1) * len(candidates) // self.processes)
+            outcome = np.zeros(len(candidates), np.int64)
+            futures = {j: self.decoder.submit(candidates[j], run, _key(run, candidates[j])) for j in range(lo, hi)}
+            for j, future in futures.items():
+                result_of = result(future)
+                if isinstance(result_of, np.ndarray):
+                    outcome[j], mine[candidates[j]] = 1, result_of
+                elif isinstance(result_of, ImageError):
+                    outcome[j], errors[candidates[j]] = 2, result_of
+            agreed = self.agree(outcome)
+            for j, index in enumerate(candidates):
+                if agreed[j] == 1:
+                    kept.append(index)
+                elif agreed[j] == 2 and index not in self._bad:  # every process names the same reason
+                    self._bad.record(index, str(errors[index] if index in errors else self._load(index, run)))
+        if not kept or len(kept) < self.batch_size:  # training drops a short batch
+            return None, end
+        per = self.batch_size // self.processes
+        rows = slice(self.rank * per, (self.rank + 1) * per)
+        pixels = [mine[i] if i in mine else self._load(i, run) for i in kept[rows]]
+        return collate(self.samples, kept, pixels, self.tokenize, multi_positive=self.multi_positive,
+                       pixel_rows=rows), position
 
 def _key(run: _Pass, index: int) -> tuple:
     # Without augmentation a sample's pixels do not depend on the epoch.

@@ -71,6 +71,9 @@ class Backend(Protocol):
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when `flag` is true on any (a collective; one process: `flag`)."""
 
+    def rank_sum(self, values: np.ndarray) -> np.ndarray:
+        """The element-wise sum of a small int64 vector over the ranks (a collective; one process: `values`)."""
+
 
 def engine_class(name: str) -> type:
     """The class of engine `name`, imported on first use."""

@@ -175,6 +175,17 @@ class MLXBackend(EngineBase):
         self.watchdog.stop()
         return agreed
 
+    def rank_sum(self, values: np.ndarray) -> np.ndarray:
+        """The element-wise sum of a small int vector over the ranks (one process: `values`)."""
+        if self.group is None:
+            return np.asarray(values)
+        what = "agreeing on which images decode"
+        self.watchdog.start(what)
+        summed = self._collective(lambda: np.array(mx.distributed.all_sum(
+            mx.array(np.asarray(values, np.int32)), group=self.group)), what)
+        self.watchdog.stop()
+        return summed.astype(np.int64)
+
     def _collective(self, evaluate, what: str):
         from mlx_clip.engine.distributed import peer_lost
 
@@ -191,8 +202,8 @@ class MLXBackend(EngineBase):
         # Feature caching takes the pixels as numpy and moves one micro-batch at a time into MLX
         # memory: a 1024-image batch never sits there whole.
         cached = bool(self.train_config.micro_batch_size)
-        rows = self.world.shard(len(batch.pixels))  # this rank's slice; the labels stay global
-        pixels = batch.pixels[rows] if cached else mx.array(batch.pixels[rows])
+        rows = self.world.shard(len(batch.input_ids))  # this rank's slice; the labels stay global
+        pixels = batch.pixels_of(rows) if cached else mx.array(batch.pixels_of(rows))
 
         def run():
             out = step(pixels, mx.array(batch.input_ids[rows].astype(np.int32)),
