@@ -10,41 +10,28 @@ With aspect-ratio buckets (`buckets=True`, see `mlx_clip.data.buckets`) the same
 bucket, each batch takes the next samples of one bucket, and which bucket comes next follows a
 seeded schedule per epoch; the resume point is then the schedule entry and each bucket's position.
 
-The loader composes the seeded order (`data.order`), decoding on threads with its bad-file ledger
-(`data.decode`), the bucket plan (`data.bucketed`), and the transform (crop, resize, normalise) and
-collate into a `Batch` (`data.collate`).
+The loader keeps the epoch, the place in it and the resume state, over the seeded order
+(`data.order`) and the bucket plan (`data.bucketed`); a batch is made by `data.assemble`, which
+decodes on threads with the bad-file ledger (`data.decode`), transforms and collates
+(`data.collate`).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from mlx_clip.data.assemble import BatchMaker, Pass
 from mlx_clip.data.bucketed import BucketPlan, check_same_buckets
 from mlx_clip.data.buckets import Bucket, batches_in
-from mlx_clip.data.collate import Batch, Tokenize, Transform, collate
-from mlx_clip.data.decode import Decoder, result
+from mlx_clip.data.collate import Batch, Tokenize, Transform
 from mlx_clip.data.order import SeededOrder
 from mlx_clip.data.sample import Sample
 from mlx_clip.data.table import SampleTable
-from mlx_clip.errors import ConfigError, DataError, ImageError, check_int
+from mlx_clip.errors import ConfigError, DataError, check_int
 from mlx_clip.model.image_processing import DEFAULT_MAX_PIXELS, OPENAI_MEAN, OPENAI_STD
-
-@dataclass(frozen=True)
-class _Pass:
-    """One pass over the data: which order, whether to augment and to keep a partial last batch."""
-
-    epoch: int
-    order: np.ndarray
-    augment: bool
-    drop_last: bool
-    shape: tuple[int, int] | None = None  # (height, width) of an aspect-ratio bucket; else square
-
 
 class BatchLoader:
     """Deterministic, resumable batches with threaded decoding; bad images skipped and counted."""
@@ -94,14 +81,7 @@ class BatchLoader:
                 )
             samples = SampleTable.from_samples(samples)
         self.samples = samples
-        self.rank, self.processes = share
-        if self.processes > 1 and agree is None:
-            raise ConfigError("a loader shared by several processes needs `agree`, their collective sum")
-        self.agree = agree
         self.batch_size = batch_size
-        self.multi_positive = multi_positive
-        self.image_size = image_size
-        self.tokenize = tokenize
         self.seed = seed
         self.shuffle = shuffle
         self.augment = augment
@@ -109,12 +89,14 @@ class BatchLoader:
         self.num_workers = num_workers
         self.max_bad_fraction = max_bad_fraction
         self.max_pixels = max_pixels
-        self.transform = Transform(tuple(mean), tuple(std), crop, crop_scale, seed)
         self._epoch = 0
         self._position = 0  # next place in the current epoch's order
-        self.decoder = Decoder(self.samples, self._load, num_workers=num_workers, max_pixels=max_pixels,
-                               max_bad_fraction=max_bad_fraction, decoded_cache_bytes=decoded_cache_bytes)
-        self._bad = self.decoder.bad
+        self.maker = BatchMaker(
+            samples, batch_size=batch_size, image_size=image_size, tokenize=tokenize,
+            transform=Transform(tuple(mean), tuple(std), crop, crop_scale, seed), multi_positive=multi_positive,
+            decoder_options=dict(num_workers=num_workers, max_pixels=max_pixels, max_bad_fraction=max_bad_fraction,
+                                 decoded_cache_bytes=decoded_cache_bytes), share=share, agree=agree)
+        self.decoder, self._bad = self.maker.decoder, self.maker.decoder.bad
         self.plan = BucketPlan(self.samples, image_size, patch_size, headers=self.decoder.headers, bad=self._bad) \
             if buckets else None
         self.sample_order = SeededOrder(len(self.samples), seed, shuffle=shuffle, batch_size=batch_size,
@@ -198,13 +180,13 @@ class BatchLoader:
 
         It leaves the training position untouched (bad files it meets are still recorded).
         """
-        run = _Pass(epoch=0, order=np.arange(len(self.samples)), augment=False, drop_last=False)
+        run = Pass(epoch=0, order=np.arange(len(self.samples)), augment=False, drop_last=False)
         position = 0
         while True:
-            batch, position = self._assemble(run, position)
+            batch, position = self.maker.assemble(run, position)
             if batch is None:
                 return
-            self._prefetch(run, position)
+            self.maker.prefetch(run, position)
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
@@ -252,17 +234,17 @@ class BatchLoader:
     def _next_in_epoch(self) -> Batch | None:
         if self.plan is not None:
             return self._next_bucketed()
-        run = _Pass(self._epoch, self.order(self._epoch), self.augment, self.drop_last)
-        batch, position = self._assemble(run, self._position)
+        run = Pass(self._epoch, self.order(self._epoch), self.augment, self.drop_last)
+        batch, position = self.maker.assemble(run, self._position)
         # With drop_last a short tail is skipped, so the epoch counts as finished either way.
         self._position = position if batch is not None else len(run.order)
         if batch is not None:
             if position < len(run.order):
-                self._prefetch(run, position)
+                self.maker.prefetch(run, position)
             else:
                 following = self._epoch + 1
-                upcoming = _Pass(following, self.order(following), self.augment, self.drop_last)
-                self._prefetch(upcoming, 0)
+                upcoming = Pass(following, self.order(following), self.augment, self.drop_last)
+                self.maker.prefetch(upcoming, 0)
         return batch
 
     # ---- aspect-ratio buckets ------------------------------------------------------------
@@ -271,7 +253,7 @@ class BatchLoader:
         schedule, plan = self._schedule(self._epoch), self.plan
         while plan.batch_index < len(schedule):
             bucket = int(schedule[plan.batch_index])
-            batch, position = self._assemble(self._bucket_pass(self._epoch, bucket), plan.positions[bucket])
+            batch, position = self.maker.assemble(self._bucket_pass(self._epoch, bucket), plan.positions[bucket])
             plan.positions[bucket] = position
             plan.batch_index += 1
             if batch is not None:
@@ -286,10 +268,10 @@ class BatchLoader:
             if not len(self._schedule(epoch)):
                 return
         bucket = int(self._schedule(epoch)[index])
-        self._prefetch(self._bucket_pass(epoch, bucket), positions[bucket])
+        self.maker.prefetch(self._bucket_pass(epoch, bucket), positions[bucket])
 
-    def _bucket_pass(self, epoch: int, bucket: int) -> _Pass:
-        return _Pass(epoch, self._bucket_order(epoch)[bucket], self.augment, self.drop_last,
+    def _bucket_pass(self, epoch: int, bucket: int) -> Pass:
+        return Pass(epoch, self._bucket_order(epoch)[bucket], self.augment, self.drop_last,
                      shape=self.bucket_shape(bucket))
 
     def _bucket_order(self, epoch: int) -> list[np.ndarray]:
@@ -298,43 +280,9 @@ class BatchLoader:
     def _schedule(self, epoch: int) -> np.ndarray:
         return self.sample_order.schedule(epoch)
 
-    def _assemble(self, run: _Pass, position: int) -> tuple[Batch | None, int]:
-        """The first batch_size samples from `position` that decode, and the position after.
-
-        (None, end of order) when the order runs out first and the pass drops a short batch.
-        """
-        if self.processes > 1 and run.drop_last:  # training; an evaluation pass is made whole
-            return self._assemble_shared(run, position)
-        picked: list[tuple[int, np.ndarray]] = []
-        pending: deque[tuple[int, Future | None]] = deque()
-        end = len(run.order)
-        while len(picked) < self.batch_size:
-            # Keep exactly as many decodes in flight as slots are still empty: the result never
-            # depends on timing, and nothing is decoded past the batch unless a slot failed.
-            while len(pending) < self.batch_size - len(picked) and position < end:
-                index = int(run.order[position])
-                pending.append((index, self.decoder.submit(index, run, _key(run, index))))
-                position += 1
-            if not pending:
-                break
-            index, future = pending.popleft()
-            outcome = result(future)
-            if isinstance(outcome, ImageError):
-                self._bad.record(index, str(outcome))
-            elif outcome is not None:
-                picked.append((index, outcome))
-        if not picked or (len(picked) < self.batch_size and run.drop_last):
-            return None, end
-        return self._batch(picked), position
-
-    def _prefetch(self, run: _Pass, position: int) -> None:
-        """Start decoding the samples the next batch will most likely take (this process's share)."""
-        start, stop = position, position + self.batch_size
-        if self.processes > 1 and run.drop_last:
-            per = self.batch_size // self.processes
-            start, stop = position + self.rank * per, position + (self.rank + 1) * per
-        indices = (int(i) for i in run.order[start:stop])
-        self.decoder.prefetch(run, [(index, _key(run, index)) for index in indices])
+    @property
+    def image_size(self) -> int:
+        return self.maker.image_size
 
     def set_image_size(self, image_size: int) -> None:
         """Batches from now on at `image_size` (a resolution schedule). Work prefetched at the old
@@ -343,58 +291,5 @@ class BatchLoader:
         check_int("image_size", image_size, minimum=1)
         if image_size != self.image_size:
             self.decoder.cancel_ahead()
-            self.image_size = image_size
+            self.maker.image_size = image_size
 
-    def _load(self, index: int, run: _Pass) -> np.ndarray | ImageError:
-        """Worker: decode and transform one sample; an ImageError is returned, not raised."""
-        try:
-            image = self.decoder.decoded(index)
-        except ImageError as err:
-            return err
-        return self.transform(image, run.shape or self.image_size, augment=run.augment, epoch=run.epoch, index=index)
-
-    def _batch(self, picked: list[tuple[int, np.ndarray]]) -> Batch:
-        return collate(self.samples, [i for i, _ in picked], [p for _, p in picked], self.tokenize,
-                       multi_positive=self.multi_positive)
-
-    def _assemble_shared(self, run: _Pass, position: int) -> tuple[Batch | None, int]:
-        """`_assemble` with each process decoding only its share. The candidates of a round (the
-        next samples, as many as slots are empty) are split into contiguous parts, one per process;
-        each decodes its part and `agree` sums the outcomes (1: decodes, 2: bad), so every process
-        knows the same batch and records the same bad files. With no bad file a process decodes
-        exactly its slice of the batch; otherwise the few images of its slice another process
-        decoded are decoded here again."""
-        kept: list[int] = []
-        mine: dict[int, np.ndarray] = {}
-        errors: dict[int, ImageError] = {}
-        end = len(run.order)
-        while len(kept) < self.batch_size and position < end:
-            candidates = [int(i) for i in run.order[position:position + self.batch_size - len(kept)]]
-            position += len(candidates)
-            lo, hi = (self.rank * len(candidates) // self.processes,
-                      (self.rank + 1) * len(candidates) // self.processes)
-            outcome = np.zeros(len(candidates), np.int64)
-            futures = {j: self.decoder.submit(candidates[j], run, _key(run, candidates[j])) for j in range(lo, hi)}
-            for j, future in futures.items():
-                result_of = result(future)
-                if isinstance(result_of, np.ndarray):
-                    outcome[j], mine[candidates[j]] = 1, result_of
-                elif isinstance(result_of, ImageError):
-                    outcome[j], errors[candidates[j]] = 2, result_of
-            agreed = self.agree(outcome)
-            for j, index in enumerate(candidates):
-                if agreed[j] == 1:
-                    kept.append(index)
-                elif agreed[j] == 2 and index not in self._bad:  # every process names the same reason
-                    self._bad.record(index, str(errors[index] if index in errors else self._load(index, run)))
-        if not kept or len(kept) < self.batch_size:  # training drops a short batch
-            return None, end
-        per = self.batch_size // self.processes
-        rows = slice(self.rank * per, (self.rank + 1) * per)
-        pixels = [mine[i] if i in mine else self._load(i, run) for i in kept[rows]]
-        return collate(self.samples, kept, pixels, self.tokenize, multi_positive=self.multi_positive,
-                       pixel_rows=rows), position
-
-def _key(run: _Pass, index: int) -> tuple:
-    # Without augmentation a sample's pixels do not depend on the epoch.
-    return (run.augment, run.epoch if run.augment else -1, index, run.shape)
