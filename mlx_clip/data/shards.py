@@ -102,8 +102,7 @@ def read_shards(spec: str, *, image_column: str | None = None, caption_column: s
         name = _name(path, root)
         count = counts.get(path.resolve())
         if count is None:  # no manifest: one scan of this shard's headers
-            count = len(index_shard(path, name, labelled=False, image_ext=image_column, caption_field=caption_column,
-                                    read_text=False).keys)
+            count = len(index_shard(path, name, labelled=False, image_ext=image_column, caption_field=caption_column).keys)
         shards.append(Shard(path, count, name))
     if not sum(s.count for s in shards):
         raise DataError(f"{spec}: the shards hold no samples")
@@ -145,9 +144,11 @@ def _manifest_counts(paths: list[Path], root: Path) -> tuple[dict[Path, int], li
 
 
 def index_shard(path: Path, name: str, *, labelled: bool, image_ext: str | None = None,
-                caption_field: str | None = None, read_text: bool = True) -> ShardIndex:
-    """The samples of one shard in file order. A member cut off by a truncated file, or a sample
-    without an image or caption, is recorded as a problem; a file that is not a tar is refused."""
+                caption_field: str | None = None) -> ShardIndex:
+    """The samples of one shard in file order, from its tar headers alone: where each member lies.
+    Captions and labels are read with the sample (`_Texts`), so indexing a shard costs one pass
+    over its headers. A member cut off by a truncated file, or a sample without an image, is a
+    problem of that sample; a file that is not a tar is refused."""
     index = ShardIndex([], [], [], [])
     try:
         archive = tarfile.open(path, mode="r:")
@@ -163,64 +164,69 @@ def index_shard(path: Path, name: str, *, labelled: bool, image_ext: str | None 
                 if match is None:
                     continue
                 if match.group(1) != key and key is not None:
-                    _add(index, key, members, archive, path, size, labelled, image_ext, caption_field, read_text)
+                    _add(index, key, members, path, size, labelled, image_ext, caption_field)
                     members = {}
                 key = match.group(1)
                 members[match.group(2).lower()] = member
         except tarfile.TarError as err:
             index.problems[len(index.keys)] = f"the shard is truncated or corrupt after this point ({err})"
         if key is not None:
-            _add(index, key, members, archive, path, size, labelled, image_ext, caption_field, read_text)
+            _add(index, key, members, path, size, labelled, image_ext, caption_field)
     return index
 
 
-def _add(index: ShardIndex, key: str, members: dict[str, tarfile.TarInfo], archive: tarfile.TarFile, path: Path,
-         size: int, labelled: bool, image_ext: str | None, caption_field: str | None, read_text: bool) -> None:
+def _add(index: ShardIndex, key: str, members: dict[str, tarfile.TarInfo], path: Path, size: int, labelled: bool,
+         image_ext: str | None, caption_field: str | None) -> None:
     number = len(index.keys)
     index.keys.append(key)
     wanted = (image_ext.lower(),) if image_ext else IMAGE_EXTENSIONS
     image = next((members[e] for e in wanted if e in members), None)
-    caption, label, problem = "", None, index.problems.get(number)
-    if read_text:
-        try:
-            caption = _caption(members, archive, caption_field)
-            if labelled:
-                label = int(_text(archive, members["cls"])) if "cls" in members else None
-        except (tarfile.TarError, OSError, ValueError, UnicodeDecodeError, KeyError) as err:
-            problem = problem or f"unreadable caption or label ({err.__class__.__name__}: {err})"
-        if not caption and problem is None:
-            problem = "no caption (" + ("no txt or json member" if caption_field is None else
-                                        f"no {caption_field!r} member or json field") + ")"
-        if labelled and label is None and problem is None:
-            problem = "no cls member (the shards' manifest names classes)"
+    problem = index.problems.get(number)
     if image is None:
         problem = problem or f"no image member ({', '.join(wanted)})"
-        index.images.append(None)
     elif image.offset_data + image.size > size:
         problem = problem or "the image is cut off (truncated shard)"
-        index.images.append(None)
-    else:
-        index.images.append(_Range(path, image.offset_data, image.size))
+    index.images.append(None if problem else _Range(path, image.offset_data, image.size))
     if problem is not None:
         index.problems[number] = problem
-    index.captions.append(" ".join(caption.split()))
-    index.labels.append(label)
+    ranges = {ext: _Range(path, m.offset_data, m.size) for ext, m in members.items()
+              if ext in ("txt", "json", "cls") or ext == (caption_field or "").lower()}
+    index.captions.append(_Texts(ranges, caption_field, labelled))
+    index.labels.append(None)
 
 
-def _caption(members: dict[str, tarfile.TarInfo], archive: tarfile.TarFile, field: str | None) -> str:
-    if field is not None and field.lower() in members:
-        return _text(archive, members[field.lower()])
-    if field is None and "txt" in members:
-        return _text(archive, members["txt"])
-    if "json" in members:
-        record = json.loads(_text(archive, members["json"]))
-        value = record.get(field or "caption") if isinstance(record, dict) else None
-        return value if isinstance(value, str) else ""
-    return ""
+class _Texts:
+    """A sample's caption and label, read when the sample is: (caption, label, problem or None)."""
 
+    __slots__ = ("ranges", "field", "labelled")
 
-def _text(archive: tarfile.TarFile, member: tarfile.TarInfo) -> str:
-    return archive.extractfile(member).read().decode("utf-8")
+    def __init__(self, ranges: dict[str, _Range], field: str | None, labelled: bool):
+        self.ranges, self.field, self.labelled = ranges, field, labelled
+
+    def __call__(self) -> tuple[str, int | None, str | None]:
+        try:
+            caption = " ".join(self._caption().split())
+            label = int(self.ranges["cls"]().decode()) if self.labelled and "cls" in self.ranges else None
+        except (ImageError, OSError, ValueError, UnicodeDecodeError) as err:
+            return "", None, f"unreadable caption or label ({err.__class__.__name__}: {err})"
+        if not caption:
+            return "", None, "no caption (" + ("no txt or json member" if self.field is None else
+                                               f"no {self.field!r} member or json field") + ")"
+        if self.labelled and label is None:
+            return caption, None, "no cls member (the shards' manifest names classes)"
+        return caption, label, None
+
+    def _caption(self) -> str:
+        field = (self.field or "").lower()
+        if field and field in self.ranges:
+            return self.ranges[field]().decode("utf-8")
+        if not field and "txt" in self.ranges:
+            return self.ranges["txt"]().decode("utf-8")
+        if "json" in self.ranges:
+            record = json.loads(self.ranges["json"]().decode("utf-8"))
+            value = record.get(self.field or "caption") if isinstance(record, dict) else None
+            return value if isinstance(value, str) else ""
+        return ""
 
 
 class _Range:
@@ -236,5 +242,5 @@ class _Range:
             file.seek(self.offset)
             data = file.read(self.size)
         if len(data) != self.size:
-            raise ImageError(f"{self.path}: member cut off at byte {self.offset + len(data)} (truncated shard)")
+            raise ImageError(f"{self.path.name}: member cut off at byte {self.offset + len(data)} (truncated shard)")
         return data

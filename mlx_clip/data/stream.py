@@ -47,7 +47,7 @@ class ShardIndex:
     """What one opened shard holds, in its own order. `problems[i]` is why sample i is unusable."""
 
     keys: list[str]
-    captions: list[str]
+    captions: list  # str, or a function reading (caption, label, problem) when the sample is read
     images: list[Callable[[], bytes] | None]
     labels: list[int | None]
     problems: dict[int, str] = field(default_factory=dict)
@@ -111,11 +111,14 @@ class ShardedTable(Sequence):
                           "", 0 if self.has_labels else None, index)
         where = f"{shard.name}:{held.keys[local]}"
         problem, reader = held.problems.get(local), held.images[local]
+        caption, label = held.captions[local], held.labels[local]
+        if callable(caption):  # read with the sample (tar shards): its problem is the sample's
+            caption, label, text_problem = caption()
+            problem = problem or text_problem
         if problem is not None or reader is None:
             reader = _fails(f"{where}: {problem or 'no image'}")
-        label = held.labels[local] if self.has_labels else None
-        return Sample(StoredImage(where, reader), held.captions[local], 0 if self.has_labels and label is None else label,
-                      index)
+        label = label if self.has_labels else None
+        return Sample(StoredImage(where, reader), caption, 0 if self.has_labels and label is None else label, index)
 
     def __iter__(self) -> Iterator[Sample]:
         return (self[i] for i in range(len(self)))
