@@ -10,8 +10,6 @@ is passed in: `mlx_clip.conversion.convert` is this function with the engines' c
 
 from __future__ import annotations
 
-import os
-import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +21,7 @@ from mlx_clip.convert.open_clip_config import preprocess_cfg_from_hf
 from mlx_clip.convert.writer import (copy_side_files, open_clip_crops, open_clip_normalisation, write_preprocessor_config,
                             write_stored)
 from mlx_clip.errors import ConvertError
-from mlx_clip.outputs import overlap
+from mlx_clip.outputs import move_into_place, overlap, staging_folder
 
 # (source folder, staged result folder, target format, whether any side holds float16/bfloat16)
 # -> None, or ConvertError when the result does not behave like the source.
@@ -81,25 +79,3 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
                            "to replace it")
 
 
-def staging_folder(dst: Path) -> Path:
-    """A new hidden sibling of `dst` to write into; renamed over `dst` only once verified."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = dst.parent / f".{dst.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    staging.mkdir()
-    return staging
-
-
-def move_into_place(staging: Path, dst: Path) -> None:
-    """Rename `staging` to `dst`, replacing an existing `dst` only once the new one is there."""
-    if not dst.exists():
-        staging.rename(dst)
-        return
-    # Keep the old folder until the new one is in place, so no failure leaves neither.
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-    dst.rename(old)
-    try:
-        staging.rename(dst)
-    except OSError:
-        old.rename(dst)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from mlx_clip.convert.converter import check_destination, move_into_place, staging_folder
+from mlx_clip.convert.converter import check_destination
+from mlx_clip.outputs import move_into_place, staging_folder
 from mlx_clip.convert.writer import copy_side_files, write_preprocessor_config
 from mlx_clip.api import CLIP, load, resolve
 from mlx_clip.conversion import VERIFY_SEED, verify_batch

@@ -9,6 +9,9 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -83,3 +86,27 @@ def check_file(path: str | Path, *, option: str = "--out") -> Path:
         raise ConfigError(f"{option} {path}: is a folder; give a file path")
     check_folder(path.parent, option=f"{option} {path}: its folder")
     return path
+
+
+def staging_folder(dst: Path) -> Path:
+    """A new hidden sibling of `dst` to write into; renamed over `dst` only once verified."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = dst.parent / f".{dst.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    return staging
+
+
+def move_into_place(staging: Path, dst: Path) -> None:
+    """Rename `staging` to `dst`, replacing an existing `dst` only once the new one is there."""
+    if not dst.exists():
+        staging.rename(dst)
+        return
+    # Keep the old folder until the new one is in place, so no failure leaves neither.
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    dst.rename(old)
+    try:
+        staging.rename(dst)
+    except OSError:
+        old.rename(dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

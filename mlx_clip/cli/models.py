@@ -109,9 +109,28 @@ def env(as_json, no_measure):
 @click.option("--steps", type=int, default=None, help="Timed train steps per row (after warm-up).")
 @click.option("--serving", is_flag=True,
               help="Instead: load-test `mlxclip serve` (concurrent clients, micro-batched vs not).")
+@click.option("--data", "data_sizes", default=None, metavar="N,N,...",
+              help="Instead: data loading at these sample counts (e.g. 10000,100000,1000000): time to the first "
+                   "batch, peak RSS and images/s of captions files, parquet and webdataset shards, beside open_clip's "
+                   "webdataset pipeline; into OUT/data.")
 @domain_errors
-def bench(size, out, steps, serving):
+def bench(size, out, steps, serving, data_sizes):
     """Both engines side by side: train images/s, MFU, inference, data pipeline, memory, peers."""
+    if data_sizes:
+        import tempfile
+        from pathlib import Path
+
+        from mlx_clip.benchmarks.data import BATCH_SIZE, run as run_data
+        from mlx_clip.errors import ConfigError
+
+        try:
+            sizes = [int(n.replace("_", "")) for n in data_sizes.split(",") if n.strip()]
+        except ValueError:
+            raise ConfigError(f"--data {data_sizes}: expected sample counts separated by commas") from None
+        if not sizes or min(sizes) < BATCH_SIZE:
+            raise ConfigError(f"--data {data_sizes}: every count must be at least the batch size ({BATCH_SIZE})")
+        run_data(sizes, Path(tempfile.gettempdir()) / "mlxclip-databench", Path(out) / "data", echo=click.echo)
+        return
     if serving:
         from mlx_clip.benchmarks.serving import run as run_serving
 

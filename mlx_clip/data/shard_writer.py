@@ -28,7 +28,7 @@ from mlx_clip.data.sample import Sample
 from mlx_clip.data.shards import IMAGE_EXTENSIONS, MANIFEST, MANIFEST_FORMAT
 from mlx_clip.data.stream import ShardedTable, StoredImage
 from mlx_clip.errors import ConfigError, DataError, ImageError, check_int
-from mlx_clip.outputs import check_folder, refuse_overlap
+from mlx_clip.outputs import check_folder, move_into_place, refuse_overlap, staging_folder
 
 SAMPLES_PER_SHARD = 10_000
 MANIFEST_VERSION = 1
@@ -61,15 +61,13 @@ def write_shards(data_path: str | Path, out_dir: str | Path, *, samples_per_shar
     if isinstance(samples, ShardedTable):  # shards or parquet files named by a pattern or a list
         refuse_overlap(out, [("a file of DATA", shard.path) for shard in samples.shards], option="OUT_DIR")
 
-    staging = out.with_name(f"{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)  # only ever this process's own leftover
-    staging.mkdir(parents=True)
+    staging = staging_folder(out)
     try:
         manifest, image_folders = _write(samples, dataset.class_names, staging, samples_per_shard)
         # Images a captions file names may lie anywhere: replacing OUT_DIR must not remove them.
         refuse_overlap(out, [("the folder of an image of DATA", folder) for folder in sorted(image_folders)],
                        option="OUT_DIR", relations=("is", "contains"))
-        _move_into_place(staging, out)
+        move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _report(manifest, out, echo)
@@ -191,23 +189,6 @@ def _add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     archive.addfile(info, io.BytesIO(data))
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    """Rename `staging` to `out`, keeping a replaced `out` until the new one is there."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        staging.rename(out)
-        return
-    old = out.with_name(f"{out.name}.old-{os.getpid()}")
-    out.rename(old)
-    try:
-        staging.rename(out)
-    except OSError:
-        old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _report(manifest: dict, out: Path, echo: Callable[[str], object]) -> None:

@@ -73,6 +73,7 @@ class ShardedTable(Sequence):
         self.offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)])
         self._open: OrderedDict[int, ShardIndex] = OrderedDict()
         self._lock = threading.Lock()
+        self._opening: dict[int, threading.Lock] = {}
 
     # ---- what a subclass provides --------------------------------------------------------
 
@@ -124,18 +125,24 @@ class ShardedTable(Sequence):
         return (self[i] for i in range(len(self)))
 
     def index_of(self, number: int) -> ShardIndex:
-        """Shard `number`'s index, opened on first use and kept while it is among the last used."""
+        """Shard `number`'s index, opened on first use and kept while it is among the last used.
+        One thread opens a shard while the others wanting it wait (each would index it again);
+        other shards stay readable meanwhile."""
         with self._lock:
-            held = self._open.get(number)
-            if held is not None:
-                self._open.move_to_end(number)
-                return held
-        held = self.open_shard(self.shards[number])  # outside the lock: other shards stay readable
-        with self._lock:
-            self._open[number] = held
-            while len(self._open) > OPEN_SHARDS:
-                self._open.popitem(last=False)
-        return held
+            opening = self._opening.setdefault(number, threading.Lock())
+        with opening:
+            with self._lock:
+                held = self._open.get(number)
+                if held is not None:
+                    self._open.move_to_end(number)
+                    return held
+            held = self.open_shard(self.shards[number])
+            with self._lock:
+                self._open[number] = held
+                while len(self._open) > OPEN_SHARDS:
+                    self._open.popitem(last=False)
+                self._opening.pop(number, None)
+            return held
 
     # ---- held-out split and resume fingerprint --------------------------------------------
 

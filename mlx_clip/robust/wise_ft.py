@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mlx_clip.api import IMAGE_BATCH
-from mlx_clip.convert.converter import move_into_place, staging_folder
+from mlx_clip.outputs import move_into_place, staging_folder
 from mlx_clip.errors import CheckpointError, ConfigError
 from mlx_clip.outputs import check_folder, refuse_overlap
 
