@@ -155,6 +155,7 @@ def index_shard(path: Path, name: str, *, labelled: bool, image_ext: str | None 
     except (tarfile.TarError, OSError) as err:
         raise DataError(f"{name}: cannot open the shard as a tar file ({err})") from None
     size = path.stat().st_size
+    shard = _OpenShard(path)
     with archive:
         members: dict[str, tarfile.TarInfo] = {}
         key = None
@@ -164,18 +165,18 @@ def index_shard(path: Path, name: str, *, labelled: bool, image_ext: str | None 
                 if match is None:
                     continue
                 if match.group(1) != key and key is not None:
-                    _add(index, key, members, path, size, labelled, image_ext, caption_field)
+                    _add(index, key, members, shard, size, labelled, image_ext, caption_field)
                     members = {}
                 key = match.group(1)
                 members[match.group(2).lower()] = member
         except tarfile.TarError as err:
             index.problems[len(index.keys)] = f"the shard is truncated or corrupt after this point ({err})"
         if key is not None:
-            _add(index, key, members, path, size, labelled, image_ext, caption_field)
+            _add(index, key, members, shard, size, labelled, image_ext, caption_field)
     return index
 
 
-def _add(index: ShardIndex, key: str, members: dict[str, tarfile.TarInfo], path: Path, size: int, labelled: bool,
+def _add(index: ShardIndex, key: str, members: dict[str, tarfile.TarInfo], shard: _OpenShard, size: int, labelled: bool,
          image_ext: str | None, caption_field: str | None) -> None:
     number = len(index.keys)
     index.keys.append(key)
@@ -186,24 +187,31 @@ def _add(index: ShardIndex, key: str, members: dict[str, tarfile.TarInfo], path:
         problem = problem or f"no image member ({', '.join(wanted)})"
     elif image.offset_data + image.size > size:
         problem = problem or "the image is cut off (truncated shard)"
-    index.images.append(None if problem else _Range(path, image.offset_data, image.size))
+    index.images.append(None if problem else _Range(shard, image.offset_data, image.size))
     if problem is not None:
         index.problems[number] = problem
-    ranges = {ext: _Range(path, m.offset_data, m.size) for ext, m in members.items()
+    ranges = {ext: _Range(shard, m.offset_data, m.size) for ext, m in members.items()
               if ext in ("txt", "json", "cls") or ext == (caption_field or "").lower()}
     index.captions.append(_Texts(ranges, caption_field, labelled))
     index.labels.append(None)
 
 
 class _Texts:
-    """A sample's caption and label, read when the sample is: (caption, label, problem or None)."""
+    """A sample's caption and label, read when the sample is first read and kept while its shard
+    is open: (caption, label, problem or None)."""
 
-    __slots__ = ("ranges", "field", "labelled")
+    __slots__ = ("ranges", "field", "labelled", "read")
 
     def __init__(self, ranges: dict[str, _Range], field: str | None, labelled: bool):
         self.ranges, self.field, self.labelled = ranges, field, labelled
+        self.read: tuple[str, int | None, str | None] | None = None
 
     def __call__(self) -> tuple[str, int | None, str | None]:
+        if self.read is None:
+            self.read = self._read()
+        return self.read
+
+    def _read(self) -> tuple[str, int | None, str | None]:
         try:
             caption = " ".join(self._caption().split())
             label = int(self.ranges["cls"]().decode()) if self.labelled and "cls" in self.ranges else None
@@ -229,18 +237,31 @@ class _Texts:
         return ""
 
 
+class _OpenShard:
+    """One open file per indexed shard, read with `os.pread`: any thread, any order, no seek
+    shared. It closes when the last member reader of the shard is gone."""
+
+    def __init__(self, path: Path):
+        self.path, self.file = path, open(path, "rb")
+
+    def read(self, offset: int, size: int) -> bytes:
+        return os.pread(self.file.fileno(), size, offset)
+
+    def __del__(self):
+        self.file.close()
+
+
 class _Range:
-    """Reads one member's bytes by offset: any thread, any order, no state shared."""
+    """Reads one member's bytes by offset."""
 
-    __slots__ = ("path", "offset", "size")
+    __slots__ = ("shard", "offset", "size")
 
-    def __init__(self, path: Path, offset: int, size: int):
-        self.path, self.offset, self.size = path, offset, size
+    def __init__(self, shard: _OpenShard, offset: int, size: int):
+        self.shard, self.offset, self.size = shard, offset, size
 
     def __call__(self) -> bytes:
-        with open(self.path, "rb") as file:
-            file.seek(self.offset)
-            data = file.read(self.size)
+        data = self.shard.read(self.offset, self.size)
         if len(data) != self.size:
-            raise ImageError(f"{self.path.name}: member cut off at byte {self.offset + len(data)} (truncated shard)")
+            raise ImageError(f"{self.shard.path.name}: member cut off at byte {self.offset + len(data)} "
+                             "(truncated shard)")
         return data
