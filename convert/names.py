@@ -52,20 +52,21 @@ class Rule:
     transform: Transform
 
 
-def _norm(hf: str, oc: str) -> list[tuple]:
-    return [(f"{hf}.weight", f"{oc}.weight", IDENTITY), (f"{hf}.bias", f"{oc}.bias", IDENTITY)]
+def weight_and_bias(hf: str, oc: str, how=IDENTITY) -> list[tuple]:
+    """The rows of a module with a weight and a bias, moved by `how` (both converters' tables)."""
+    return [(f"{hf}.weight", f"{oc}.weight", how), (f"{hf}.bias", f"{oc}.bias", how)]
 
 
 # One encoder layer: HF suffix(es) <- open_clip suffix.
-_QKV = tuple(f"self_attn.{p}_proj" for p in "qkv")
+QKV_PROJ = tuple(f"self_attn.{p}_proj" for p in "qkv")  # HF's three projections of one fused matrix
 LAYER_TABLE = [
-    (tuple(f"{p}.weight" for p in _QKV), "attn.in_proj_weight", FUSED_QKV),
-    (tuple(f"{p}.bias" for p in _QKV), "attn.in_proj_bias", FUSED_QKV),
-    *_norm("self_attn.out_proj", "attn.out_proj"),
-    *_norm("layer_norm1", "ln_1"),
-    *_norm("layer_norm2", "ln_2"),
-    *_norm("mlp.fc1", "mlp.c_fc"),
-    *_norm("mlp.fc2", "mlp.c_proj"),
+    (tuple(f"{p}.weight" for p in QKV_PROJ), "attn.in_proj_weight", FUSED_QKV),
+    (tuple(f"{p}.bias" for p in QKV_PROJ), "attn.in_proj_bias", FUSED_QKV),
+    *weight_and_bias("self_attn.out_proj", "attn.out_proj"),
+    *weight_and_bias("layer_norm1", "ln_1"),
+    *weight_and_bias("layer_norm2", "ln_2"),
+    *weight_and_bias("mlp.fc1", "mlp.c_fc"),
+    *weight_and_bias("mlp.fc2", "mlp.c_proj"),
 ]
 
 # Everything outside the encoder layers. `{text}` is "" for open_clip's `CLIP` and "text." for
@@ -74,12 +75,12 @@ MODEL_TABLE = [
     ("vision_model.embeddings.patch_embedding.weight", "visual.conv1.weight", IDENTITY),
     ("vision_model.embeddings.class_embedding", "visual.class_embedding", IDENTITY),
     ("vision_model.embeddings.position_embedding.weight", "visual.positional_embedding", IDENTITY),
-    *_norm("vision_model.pre_layrnorm", "visual.ln_pre"),
-    *_norm("vision_model.post_layernorm", "visual.ln_post"),
+    *weight_and_bias("vision_model.pre_layrnorm", "visual.ln_pre"),
+    *weight_and_bias("vision_model.post_layernorm", "visual.ln_post"),
     ("visual_projection.weight", "visual.proj", TRANSPOSE),
     ("text_model.embeddings.token_embedding.weight", "{text}token_embedding.weight", IDENTITY),
     ("text_model.embeddings.position_embedding.weight", "{text}positional_embedding", IDENTITY),
-    *_norm("text_model.final_layer_norm", "{text}ln_final"),
+    *weight_and_bias("text_model.final_layer_norm", "{text}ln_final"),
     ("text_projection.weight", "{text}text_projection", TRANSPOSE),
 ]
 

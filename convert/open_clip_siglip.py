@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mlx_clip.convert.names import FUSED_QKV, IDENTITY, LAYER_TABLE, Transform
+from mlx_clip.convert.names import FUSED_QKV, IDENTITY, LAYER_TABLE, QKV_PROJ, Transform, weight_and_bias
 from mlx_clip.convert.open_clip_config import (_CUSTOM_BLOCK, EXTRAS_KEY, OPEN_CLIP_CONFIG, TEXT_DEFAULTS, TORCH_LAYER_NORM_EPS,
                                       _activation, _check_fixed, _eps, _mlp, _mlp_ratio, _square, kept_or_derived,
                                       tower_cfgs)
@@ -186,14 +186,13 @@ class Rule:
 
 
 def _pair(hf: str, oc: str) -> list[tuple]:
-    return [(f"{hf}.weight", f"{oc}.weight", SAME), (f"{hf}.bias", f"{oc}.bias", SAME)]
+    return weight_and_bias(hf, oc, SAME)
 
 
-_QKV = tuple(f"self_attn.{p}_proj" for p in "qkv")
 # One timm block: HF suffix(es) <- timm suffix(es).
 TRUNK_LAYER = [
-    (tuple(f"{p}.weight" for p in _QKV), "attn.qkv.weight", QKV),
-    (tuple(f"{p}.bias" for p in _QKV), "attn.qkv.bias", QKV),
+    (tuple(f"{p}.weight" for p in QKV_PROJ), "attn.qkv.weight", QKV),
+    (tuple(f"{p}.bias" for p in QKV_PROJ), "attn.qkv.bias", QKV),
     *_pair("self_attn.out_proj", "attn.proj"),
     *_pair("layer_norm1", "norm1"),
     *_pair("layer_norm2", "norm2"),
