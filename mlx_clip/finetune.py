@@ -99,6 +99,9 @@ def held_out_note(data: DomainData, cfg: TrainConfig) -> str | None:
     n = len(data.val)
     if not cfg.evaluate:
         return None
+    if n == 0 and cfg.val_fraction > 0 and hasattr(data.train, "shards"):
+        return ("note: no held-out samples: streamed data is held out in whole shards and this data has one; give "
+                "--val-data for held-out scores before and after")
     if n == 0:
         return ("note: no held-out samples (--val-fraction 0 and no --val-data): no held-out scores are measured "
                 "before and after")

@@ -194,6 +194,18 @@ def test_a_truncated_shard_and_a_corrupt_row_group_are_counted_not_fatal(tmp_pat
     assert seen == set(range(8)) | set(range(16, 24))
 
 
+def test_one_shard_holds_nothing_out_and_says_so(tmp_path):
+    from mlx_clip.finetune import held_out_note, prepare_data
+
+    cfg = small_config(tmp_path / "run", "mlx", data=str(write_shards(tmp_path / "one", shards=1)), val_fraction=0.2)
+    data = prepare_data(cfg)
+    assert len(data.val) == 0 and len(data.train) == 8
+    assert "whole shards" in held_out_note(data, cfg)
+    two = small_config(tmp_path / "run", "mlx", data=str(write_shards(tmp_path / "two", shards=3)), val_fraction=0.2)
+    split = prepare_data(two)
+    assert (len(split.train), len(split.val)) == (16, 8)  # round(0.2 x 3 shards) = 1 shard held out
+
+
 def test_a_shard_that_is_not_a_tar_is_one_error_naming_it(tmp_path):
     folder = write_shards(tmp_path / "shards", shards=2)
     (folder / "shard-000000.tar").write_bytes(b"this is not a tar file" * 100)
