@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import click
 
+from mlx_clip.engine.distributed import PeerLost
 from mlx_clip.engine.policy import DTYPES
 from mlx_clip.errors import MlxClipError
 
@@ -16,6 +18,14 @@ def domain_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except PeerLost as err:
+            click.echo(f"error: {err}", err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # The process group is broken, and its destructors may abort at interpreter exit (gloo
+            # with a send still pending raised SIGABRT after this line, 1 run in 3): every `finally`
+            # on the way here has run, so the process ends now, with the code the line promises.
+            os._exit(err.exit_code)
         except MlxClipError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(err.exit_code)
