@@ -42,16 +42,16 @@ def is_parquet_spec(text: str) -> bool:
 
 
 class ParquetRows(ShardedTable):
-    def __init__(self, shards, *, class_names=None, source="", columns: dict | None = None,
+    def __init__(self, shards, *, class_names=None, columns: dict | None = None,
                  templates: list[str] | None = None):
         """Without a caption column, class data are captioned from `templates` and the class name,
         as class folders are; a row's template is drawn from `default_rng([row group, row])`."""
-        super().__init__(shards, class_names=class_names, source=source)
+        super().__init__(shards, class_names=class_names)
         self.columns = columns or {}
         self.templates = templates
 
     def with_shards(self, shards):
-        return ParquetRows(shards, class_names=self.class_names, source=self.source, columns=self.columns,
+        return ParquetRows(shards, class_names=self.class_names, columns=self.columns,
                            templates=self.templates)
 
     def open_shard(self, shard: Shard) -> ShardIndex:
@@ -161,7 +161,7 @@ def read_parquet(spec: str, *, image_column: str | None = None, caption_column: 
             class_names = _class_names(schema, columns.get("label"))
         name = os.path.relpath(file, root)
         shards += [Shard(file, metadata.row_group(g).num_rows, f"{name}#{g}") for g in range(metadata.num_row_groups)]
-    table = ParquetRows([s for s in shards if s.count], class_names=class_names, source=spec, columns=columns,
+    table = ParquetRows([s for s in shards if s.count], class_names=class_names, columns=columns,
                         templates=templates)
     if not len(table):
         raise DataError(f"{spec}: the parquet files hold no rows")

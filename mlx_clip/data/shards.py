@@ -80,13 +80,12 @@ def shard_paths(spec: str) -> tuple[list[Path], Path]:
 
 
 class TarShards(ShardedTable):
-    def __init__(self, shards, *, class_names=None, source="", image_ext: str | None = None,
-                 caption_field: str | None = None):
-        super().__init__(shards, class_names=class_names, source=source)
+    def __init__(self, shards, *, class_names=None, image_ext: str | None = None, caption_field: str | None = None):
+        super().__init__(shards, class_names=class_names)
         self.image_ext, self.caption_field = image_ext, caption_field
 
     def with_shards(self, shards):
-        return TarShards(shards, class_names=self.class_names, source=self.source, image_ext=self.image_ext,
+        return TarShards(shards, class_names=self.class_names, image_ext=self.image_ext,
                          caption_field=self.caption_field)
 
     def open_shard(self, shard: Shard) -> ShardIndex:
@@ -106,7 +105,7 @@ def read_shards(spec: str, *, image_column: str | None = None, caption_column: s
         shards.append(Shard(path, count, name))
     if not sum(s.count for s in shards):
         raise DataError(f"{spec}: the shards hold no samples")
-    return TarShards(shards, class_names=class_names, source=spec, image_ext=image_column,
+    return TarShards(shards, class_names=class_names, image_ext=image_column,
                      caption_field=caption_column)
 
 

@@ -63,12 +63,9 @@ class Shard:
 class ShardedTable(Sequence):
     """Samples of many shards, read on demand. Subclasses open one shard (`open_shard`)."""
 
-    kind = "captions"
-
-    def __init__(self, shards: Sequence[Shard], *, class_names: list[str] | None = None, source: str = ""):
+    def __init__(self, shards: Sequence[Shard], *, class_names: list[str] | None = None):
         self.shards = list(shards)
         self.class_names = class_names
-        self.source = source
         self.shard_sizes = np.array([s.count for s in self.shards], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)])
         self._open: OrderedDict[int, ShardIndex] = OrderedDict()
@@ -81,7 +78,7 @@ class ShardedTable(Sequence):
         raise NotImplementedError
 
     def with_shards(self, shards: list[Shard]) -> ShardedTable:
-        return type(self)(shards, class_names=self.class_names, source=self.source)
+        return type(self)(shards, class_names=self.class_names)
 
     # ---- Sequence[Sample] ----------------------------------------------------------------
 
