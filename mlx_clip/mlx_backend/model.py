@@ -62,21 +62,33 @@ class CLIPAttention(nn.Module):
         self.v_proj = Linear(hidden_size, hidden_size)
         self.out_proj = Linear(hidden_size, hidden_size)
 
-    def __call__(self, x: mx.array, mask: mx.array | str | None = None) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | str | None = None,
+                 query_rows: mx.array | None = None) -> mx.array:
+        """Self-attention over x (B, L, D); with `query_rows` (B,) only those positions ask (one
+        row each, the result is (B, 1, D)), every position still answering as key and value."""
         batch, length, dim = x.shape
 
         def heads(t: mx.array) -> mx.array:
-            return t.reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, hd)
+            return t.reshape(batch, t.shape[1], self.num_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, hd)
 
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        asking = x if query_rows is None else pick_rows(x, query_rows)
+        q, k, v = heads(self.q_proj(asking)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        if isinstance(mask, str) and query_rows is not None:  # causal, seen from each asking row
+            mask = mx.where(mx.arange(length)[None, :] <= query_rows[:, None], 0.0, -1e30)
+            mask = mask.astype(q.dtype)[:, None, None, :]  # (B, 1, 1, L)
         if use_cpu_math():  # MLX has no fused CPU attention kernel; its unfused softmax is slow
-            scores = (q * self.scale) @ k.transpose(0, 1, 3, 2)  # (B, H, L, L)
+            scores = (q * self.scale) @ k.transpose(0, 1, 3, 2)  # (B, H, Lq, L)
             if isinstance(mask, str):
                 mask = cpu_math.causal_mask(length, scores.dtype)
             out = cpu_math.softmax(scores, mask) @ v
         else:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, dim))
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, asking.shape[1], dim))
+
+
+def pick_rows(x: mx.array, rows: mx.array) -> mx.array:
+    """(B, L, D), (B,) positions -> (B, 1, D): row rows[b] of sample b."""
+    return mx.take_along_axis(x, rows.astype(mx.int32)[:, None, None], axis=1)
 
 
 class CLIPMLP(nn.Module):
@@ -98,8 +110,10 @@ class CLIPEncoderLayer(nn.Module):
         self.mlp = CLIPMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def __call__(self, x: mx.array, mask: mx.array | str | None = None) -> mx.array:
-        x = x + self.self_attn(self.layer_norm1(x), mask)
+    def __call__(self, x: mx.array, mask: mx.array | str | None = None,
+                 query_rows: mx.array | None = None) -> mx.array:
+        residual = x if query_rows is None else pick_rows(x, query_rows)
+        x = residual + self.self_attn(self.layer_norm1(x), mask, query_rows)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -110,14 +124,21 @@ class CLIPEncoder(nn.Module):
         # Set by the engine for activation checkpointing: recompute each layer in the backward pass.
         self.gradient_checkpointing = False
 
-    def __call__(self, x: mx.array, mask: mx.array | str | None = None) -> mx.array:
-        for layer in self.layers:
+    def __call__(self, x: mx.array, mask: mx.array | str | None = None,
+                 pooled_rows: mx.array | None = None) -> mx.array:
+        """x (B, L, D) through every layer; with `pooled_rows` (B,), the one position per sample the
+        tower pools, the last layer computes only those rows and the result is (B, 1, D). Exact:
+        attention, MLP and norms act row by row, so in the last layer no other row reaches the
+        pooled one (at ViT-B/32 that is 10 of the last layer's 12 matmul units, 7% of a tower)."""
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            rows = pooled_rows if index == last else None
             if self.gradient_checkpointing:
                 # nn.utils.checkpoint, not mx.checkpoint: the layer's parameters must be inputs of
                 # the checkpointed function, or their gradients are silently zero.
-                x = checkpoint(layer, lambda h, layer=layer: layer(h, mask))(x)
+                x = checkpoint(layer, lambda h, layer=layer, rows=rows: layer(h, mask, rows))(x)
             else:
-                x = layer(x, mask)
+                x = layer(x, mask, rows)
         return x
 
 
@@ -151,11 +172,8 @@ class CLIPTextTransformer(nn.Module):
 
     def __call__(self, input_ids: mx.array) -> mx.array:
         """(B, L) token ids -> pooled EOT states (B, D), before the projection."""
-        hidden = self.embeddings(input_ids)
-        hidden = self.encoder(hidden, mask="causal")
-        hidden = self.final_layer_norm(hidden)
-        rows = mx.arange(input_ids.shape[0])
-        return hidden[rows, self.eot_positions(input_ids)]
+        hidden = self.encoder(self.embeddings(input_ids), mask="causal", pooled_rows=self.eot_positions(input_ids))
+        return self.final_layer_norm(hidden[:, 0])
 
 
 def resize_grid(patches: mx.array, grid: int, rows: int, cols: int) -> mx.array:
@@ -207,8 +225,8 @@ class CLIPVisionTransformer(nn.Module):
     def __call__(self, pixels: mx.array) -> mx.array:
         """(B, H, W, C) normalized pixels -> pooled class-token states (B, D), before the projection."""
         hidden = self.pre_layrnorm(self.embeddings(pixels))
-        hidden = self.encoder(hidden)
-        return self.post_layernorm(hidden[:, 0, :])
+        class_rows = mx.zeros((pixels.shape[0],), dtype=mx.int32)
+        return self.post_layernorm(self.encoder(hidden, pooled_rows=class_rows)[:, 0])
 
 
 class CLIPModel(nn.Module):

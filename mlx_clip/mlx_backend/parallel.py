@@ -36,6 +36,9 @@ class BatchSplit:
                 outputs.append(fn(piece))
         return mx.concatenate(outputs, axis=0)
 
-    def evaluating(self):
-        """The context to evaluate in: one BLAS thread per stream while the streams run."""
-        return blas_threads(1) if self.streams else contextlib.nullcontext()
+    def evaluating(self, rows: int | None = None):
+        """The context to evaluate a batch of `rows` in (None: one that splits): one BLAS thread
+        per stream while the streams run. A batch too small to split runs on one stream, whose
+        matmuls keep every BLAS thread (a lone image: 140 -> 110 ms at ViT-B/32 on 2 cores)."""
+        splits = self.streams and (rows is None or rows >= 2)
+        return blas_threads(1) if splits else contextlib.nullcontext()

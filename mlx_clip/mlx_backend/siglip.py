@@ -32,8 +32,9 @@ class SiglipTextTransformer(nn.Module):
 
     def __call__(self, input_ids: mx.array) -> mx.array:
         """(B, L) token ids -> (B, P) pooled text states (the embedding before normalisation)."""
-        hidden = self.final_layer_norm(self.encoder(self.embeddings(input_ids)))
-        return self.head(hidden[:, -1, :])
+        last = mx.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=mx.int32)
+        hidden = self.encoder(self.embeddings(input_ids), pooled_rows=last)
+        return self.head(self.final_layer_norm(hidden[:, 0]))
 
 
 class SiglipVisionEmbeddings(nn.Module):
