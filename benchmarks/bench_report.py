@@ -46,9 +46,11 @@ def write_markdown(results: dict, path: Path) -> str:
         lines += ["", "rounds (alternating, images/s): " + "; ".join(
             f"{name} " + ", ".join(f"{row['images_per_s']:.2f}" for row in measured if "images_per_s" in row)
             for name, measured in paired.items()) + " — the rows above show each one's median round"]
-    lines += ["", "| inference | images/s | texts/s |", "|---|---|---|"]
+    lines += ["", f"| inference (float32) | images/s, batch {preset['inference_batch']} | texts/s, batch "
+                  f"{preset['inference_batch']} | lone image, p50 ms | lone text, p50 ms |", "|---|---|---|---|---|"]
     for engine, row in results["inference"].items():
-        lines.append(f"| {engine} | {row['images_per_s']:.1f} | {row['texts_per_s']:.1f} |")
+        lines.append(f"| {engine} | {row['images_per_s']:.1f} | {row['texts_per_s']:.1f} | "
+                     f"{_fmt(row.get('image_latency_ms'), '.1f')} | {_fmt(row.get('text_latency_ms'), '.1f')} |")
     data = results["data_pipeline"]
     if "images_per_s" in data:
         lines += ["", f"data pipeline (JPEG {data['source_size']} px -> decode, random resized crop, normalise to "
@@ -58,7 +60,11 @@ def write_markdown(results: dict, path: Path) -> str:
               f"| MLX fp32 / torch fp32 | {_fmt(ratios['mlx_fp32_over_torch_fp32'], '.2f')} |",
               f"| MLX fp32 / torch's best CPU setting | {_fmt(ratios['mlx_fp32_over_torch_best'], '.2f')} |",
               f"| torch's best / open_clip default | {_fmt(ratios['torch_best_over_open_clip'], '.2f')} |",
-              f"| MLX matmul / best BLAS on the machine | {_fmt(ratios['mlx_matmul_over_best_blas'], '.2f')} |"]
+              f"| MLX matmul / best BLAS on the machine | {_fmt(ratios['mlx_matmul_over_best_blas'], '.2f')} |",
+              f"| inference MLX / torch: images/s | {_fmt(ratios.get('mlx_over_torch_images_per_s'), '.2f')} |",
+              f"| inference MLX / torch: texts/s | {_fmt(ratios.get('mlx_over_torch_texts_per_s'), '.2f')} |",
+              f"| lone image, torch ms / MLX ms | {_fmt(ratios.get('mlx_over_torch_lone_image'), '.2f')} |",
+              f"| lone text, torch ms / MLX ms | {_fmt(ratios.get('mlx_over_torch_lone_text'), '.2f')} |"]
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text

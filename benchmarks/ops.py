@@ -1,6 +1,7 @@
 """MLX against torch op by op, at the shapes of a ViT-B/32 training step on the CPU.
 
     python -m mlx_clip.benchmarks.ops [--batch 16] [--repeats 9] [--out benchmarks/results/ops]
+    python -m mlx_clip.benchmarks.ops --inference [--batches 1,8,32] [--repeats 3]
 
 Each row times one operation (forward, or forward and backward) three ways where they exist:
 MLX's own kernel, the MLX engine's reformulation (`mlx_clip/mlx_backend/cpu_math.py`) and torch.
@@ -159,7 +160,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ops"))
+    parser.add_argument("--inference", action="store_true",
+                        help="Instead: where inference time goes inside each tower's real forward, both "
+                             "engines, at --batches (benchmarks/forward_profile.py).")
+    parser.add_argument("--batches", default="1,8,32", help="With --inference: the batch sizes.")
     args = parser.parse_args(argv)
+    if args.inference:
+        inference_profile(args)
+        return
     mx.set_cache_limit(mx.get_memory_limit())  # as the engine does on the CPU
     torch.set_num_threads(1)  # one core each: what one MLX stream and one torch thread can use
     with blas_threads(1):
@@ -169,6 +177,19 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "ops.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
     (args.out / "ops.md").write_text(text)
+    print(text)
+
+
+def inference_profile(args) -> None:
+    """The engines as they run (their own streams and threads), not one op on one core."""
+    from mlx_clip.api import resolve
+    from mlx_clip.benchmarks import forward_profile
+
+    rows = forward_profile.run(resolve("vit-b32"), forward_profile.parse_batches(args.batches), args.repeats)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "inference.json").write_text(json.dumps(rows, indent=2) + "\n")
+    text = forward_profile.markdown(rows)
+    (args.out / "inference.md").write_text(text)
     print(text)
 
 

@@ -35,15 +35,16 @@ class Preset:
     data_images: int
     source_size: int
     rounds: int  # the two float32 engine rows alternate this many times (the machine's speed drifts)
+    latency_repeats: int  # lone images / texts timed for the batch-1 latency (p50)
 
 
 PRESETS = {
     # CI: seconds per row; the figures show the machinery works, not the machine's speed.
     "tiny": Preset(batch_size=16, steps=5, warmup=2, inference_batch=32, matmul_size=512, data_images=64,
-                   source_size=128, rounds=1),
+                   source_size=128, rounds=1, latency_repeats=5),
     # The real numbers: OpenAI's ViT-B/32 at 224 px, 77-token texts, batch 32.
     "b32": Preset(batch_size=32, steps=3, warmup=2, inference_batch=32, matmul_size=2048, data_images=128,
-                  source_size=512, rounds=2),
+                  source_size=512, rounds=2, latency_repeats=15),
 }
 PAIRED_ROWS = [  # measured in alternation, `rounds` times: the headline ratio comes from these
     ("mlx fp32", "train", {"engine": "mlx", "precision": "fp32"}),
@@ -121,20 +122,23 @@ def run(size: str = "tiny", out: str | Path = "benchmarks/results", *, steps: in
             continue
         args = {"batch_size": preset.batch_size, "steps": steps, "warmup": preset.warmup, **extra}
         rows[name] = train_row(name, phase(f"train step: {name}", task, args), preset.batch_size, peaks)
-    inference = {}
-    for engine in ("mlx", "torch"):
-        result = phase(f"inference: {engine}", "inference",
-                       {"engine": engine, "batch_size": preset.inference_batch, "steps": steps, "warmup": 1})
-        if "error" not in result:
-            inference[engine] = {"images_per_s": preset.inference_batch / statistics.median(result["image_seconds"]),
-                                 "texts_per_s": preset.inference_batch / statistics.median(result["text_seconds"])}
+    inference_rounds: dict[str, list[dict]] = {}
+    for index in range(preset.rounds):  # alternating too: the inference ratios are paired as well
+        for engine in ("mlx", "torch"):
+            label = f"inference: {engine}" + (f" (round {index + 1} of {preset.rounds})" if preset.rounds > 1 else "")
+            result = phase(label, "inference", {"engine": engine, "batch_size": preset.inference_batch, "steps": steps,
+                                                "warmup": 1, "latency_repeats": preset.latency_repeats})
+            if "error" not in result:
+                inference_rounds.setdefault(engine, []).append(inference_row(result, preset.inference_batch))
+    inference = {engine: _median_row(measured, "images_per_s") for engine, measured in inference_rounds.items()}
     data = phase("data pipeline", "data", {"images": preset.data_images, "batch_size": preset.batch_size,
                                            "source_size": preset.source_size, "workers": 2})
     results = {
         "size": size, "preset": preset.__dict__, "steps": steps, "machine": machine, "matmul_peak_gflops": peak,
         "train": list(rows.values()), "inference": inference, "data_pipeline": data,
-        "rounds": rounds,
+        "rounds": rounds, "inference_rounds": inference_rounds,
         "ratios": {
+            **inference_ratios(inference_rounds),
             "mlx_fp32_over_torch_fp32": _paired_ratio(rounds, "mlx fp32", "torch fp32"),
             "mlx_fp32_over_torch_best": _over_best_torch(rows),
             "torch_best_over_open_clip": _best_torch_over(rows, "open_clip fp32"),
@@ -153,12 +157,33 @@ def run(size: str = "tiny", out: str | Path = "benchmarks/results", *, steps: in
     return results
 
 
-def _median_row(measured: list[dict]) -> dict:
+def _median_row(measured: list[dict], key: str = "images_per_s") -> dict:
     """The round with the median speed (its loss, memory and MFU go with it)."""
-    good = [row for row in measured if "images_per_s" in row]
+    good = [row for row in measured if key in row]
     if not good:
         return measured[0]
-    return sorted(good, key=lambda row: row["images_per_s"])[(len(good) - 1) // 2]
+    return sorted(good, key=lambda row: row[key])[(len(good) - 1) // 2]
+
+
+def inference_row(result: dict, batch: int) -> dict:
+    return {"images_per_s": batch / statistics.median(result["image_seconds"]),
+            "texts_per_s": batch / statistics.median(result["text_seconds"]),
+            "image_latency_ms": 1e3 * statistics.median(result["image_latency_seconds"]),
+            "text_latency_ms": 1e3 * statistics.median(result["text_latency_seconds"])}
+
+
+def inference_ratios(rounds: dict[str, list[dict]]) -> dict[str, float | None]:
+    """MLX over torch for each inference figure, the median over rounds of back-to-back pairs;
+    for latencies torch's over MLX's, so that above 1 means MLX is faster everywhere."""
+    pairs = list(zip(rounds.get("mlx", []), rounds.get("torch", [])))
+
+    def ratio(key: str, faster_is_smaller: bool = False) -> float | None:
+        values = [(t[key] / m[key]) if faster_is_smaller else (m[key] / t[key]) for m, t in pairs]
+        return statistics.median(values) if values else None
+
+    return {"mlx_over_torch_images_per_s": ratio("images_per_s"), "mlx_over_torch_texts_per_s": ratio("texts_per_s"),
+            "mlx_over_torch_lone_image": ratio("image_latency_ms", True),
+            "mlx_over_torch_lone_text": ratio("text_latency_ms", True)}
 
 
 def _paired_ratio(rounds: dict, a: str, b: str) -> float | None:

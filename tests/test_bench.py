@@ -74,7 +74,11 @@ def test_bench_tiny_writes_json_markdown_and_png(bench_out):
     losses = np.array([row["loss"] for row in data["train"] if "fp32" in row["name"]])
     assert np.ptp(losses) / losses.mean() <= 1e-5
     for engine in ("mlx", "torch"):
-        assert data["inference"][engine]["images_per_s"] > 0 and data["inference"][engine]["texts_per_s"] > 0
+        inference = data["inference"][engine]
+        for key in ("images_per_s", "texts_per_s", "image_latency_ms", "text_latency_ms"):
+            assert math.isfinite(inference[key]) and inference[key] > 0, (engine, key, inference[key])
+    assert {"mlx_over_torch_images_per_s", "mlx_over_torch_lone_image"} <= set(data["ratios"])
+    assert "lone image, p50 ms" in (tmp_path / "results.md").read_text()
     assert data["data_pipeline"]["images_per_s"] > 0
     assert all(value is not None and value > 0 for value in data["ratios"].values())
     markdown = (tmp_path / "results.md").read_text()
