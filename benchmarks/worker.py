@@ -164,13 +164,13 @@ def _peer_setup(args: dict):
     engine it is compared with runs, and its autocast context for `args["precision"]`."""
     import torch
 
+    from mlx_clip.engine.protocol import engine_class
     from mlx_clip.errors import ConfigError
-    from mlx_clip.torch_backend.model import select_device
 
     precision = args.get("precision", "fp32")
     if precision not in PEER_PRECISIONS:
         raise ConfigError(f"a peer row's precision must be one of {', '.join(PEER_PRECISIONS)}, got {precision!r}")
-    device = select_device(args.get("device"))
+    device = engine_class("torch").select_device(args.get("device"))
     return device, functools.partial(torch.autocast, device.type, dtype=torch.bfloat16,
                                      enabled=precision == "amp_bf16")
 

@@ -37,8 +37,9 @@ FRAMEWORKS = {"mlx": "mlx", "torch": "torch", "transformers": "torch", "timm": "
 # timm, on the meta device, is the architecture of a timm trunk outside the converter's table (lazy).
 FRAMEWORK_EXCEPTIONS = {("mlx_clip.convert.pickle_weights", "torch"), ("mlx_clip.convert.timm_siglip", "timm")}
 BOUNDARY = "mlx_clip.engine.protocol"
-# The op-by-op profile times the engines' own functions, so it looks inside them.
-INSIDE_VIEWS = {"mlx_clip.benchmarks.ops"}
+# The op-by-op profiles time the engines' own functions (the training step's ops, and each tower's
+# forward by ablation of its parts), so they look inside them.
+INSIDE_VIEWS = {"mlx_clip.benchmarks.ops", "mlx_clip.benchmarks.forward_profile"}
 
 # The rooms of mlx_clip/ and the rooms each may import: the architecture as the folders show it.
 # Every room may use the top-level core (errors, version, outputs); the verbs at the top (cli, api,
