@@ -20,7 +20,7 @@ from mlx_clip.convert.open_clip_config import clip_config_from_open_clip, layout
 from mlx_clip.convert.pickle_weights import read_pickled
 from mlx_clip.convert.safetensors_io import Tensor, read_safetensors
 from mlx_clip.convert.shapes import EXTRA_TENSORS, Shape, expected_shapes, is_buffer
-from mlx_clip.model.config import CLIPConfig
+from mlx_clip.model.config import CLIPConfig, describe_quantization
 from mlx_clip.errors import CheckpointError
 
 MAX_LISTED = 5
@@ -74,6 +74,9 @@ def read_stored(folder: str | Path, *, allow_pickle: bool = False) -> StoredChec
     if fmt == "open_clip":
         return _read_open_clip(folder, allow_pickle)
     config = CLIPConfig.from_file(folder / detect.CONFIG)
+    if config.quantization is not None:
+        raise CheckpointError(quantized_refusal(folder, config.quantization,
+                                                "training, the torch engine and conversion read float weights"))
     tensors, label = _read_hf_weights(folder, allow_pickle)
     expected = expected_shapes(config)
     if fmt == "mlx":
@@ -82,6 +85,23 @@ def read_stored(folder: str | Path, *, allow_pickle: bool = False) -> StoredChec
     if fmt == "mlx":
         model = {n: t.with_array(mlx_to_torch(n, t.array)) for n, t in model.items()}
     return StoredCheckpoint(config, model, extras, fmt, folder)
+
+
+def quantization_of(folder: str | Path) -> dict | None:
+    """The "quantization" entry ({"group_size", "bits"}) of an MLX folder written by `convert
+    --quantize` (or mlx-lm's layout), None for float weights; read from config.json alone."""
+    folder = Path(folder)
+    if detect.detect_format(folder) != "mlx":
+        return None
+    return CLIPConfig.from_file(folder / detect.CONFIG).quantization
+
+
+def quantized_refusal(folder: Path, quantization: dict, why: str,
+                      instead: str = "give the float folder they were quantized from") -> str:
+    """The one line for a quantized folder given where float weights are needed: what it holds,
+    why it cannot be used here, and what to do instead."""
+    return (f"{folder} holds MLX-quantized weights ({describe_quantization(quantization)}), which only the MLX "
+            f"engine runs, for inference (embed, eval, index, serve with --backend mlx); {why}: {instead}")
 
 
 def _mlx_shape(name: str, shape: Shape) -> Shape:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mlx_clip.convert import detect
-from mlx_clip.convert.checkpoint import read_stored
+from mlx_clip.convert.checkpoint import quantization_of, quantized_refusal, read_stored
 from mlx_clip.convert.dtypes import cast, check_dtype
 from mlx_clip.convert.open_clip_config import preprocess_cfg_from_hf
 from mlx_clip.convert.writer import (copy_side_files, open_clip_crops, open_clip_normalisation, write_preprocessor_config,
@@ -26,10 +26,13 @@ from mlx_clip.outputs import move_into_place, overlap, staging_folder
 # (source folder, staged result folder, target format, whether any side holds float16/bfloat16)
 # -> None, or ConvertError when the result does not behave like the source.
 Verifier = Callable[[Path, Path, str, bool], None]
+# A last step on the staged folder, before it is verified: MLX's quantization, which needs the
+# engine (`mlx_clip.conversion` passes it).
+Finisher = Callable[[Path], None]
 
 
 def convert(src: str | Path, dst: str | Path, *, to: str, verify: Verifier | None, dtype: str | None = None,
-            allow_pickle: bool = False, overwrite: bool = False) -> Path:
+            allow_pickle: bool = False, overwrite: bool = False, finish: Finisher | None = None) -> Path:
     """Convert the checkpoint folder `src` (any supported format) into `dst` as `to`
     ("mlx" | "hf" | "open_clip"), optionally casting floats to `dtype`. Returns `dst`.
     `verify=None` writes without checking."""
@@ -39,6 +42,10 @@ def convert(src: str | Path, dst: str | Path, *, to: str, verify: Verifier | Non
         check_dtype(dtype)
     src, dst = Path(src), Path(dst)
     check_destination(src, dst, overwrite)
+    quantization = quantization_of(src)
+    if quantization is not None:
+        raise ConvertError(quantized_refusal(src, quantization, f"--to {to} needs float weights, and dequantized "
+                                             "ones are not the weights they were quantized from"))
     stored = read_stored(src, allow_pickle=allow_pickle)
     tensors = {n: cast(t, dtype) for n, t in stored.tensors.items()}
     extras = {n: cast(t, dtype) for n, t in stored.extra_tensors.items()}
@@ -53,6 +60,8 @@ def convert(src: str | Path, dst: str | Path, *, to: str, verify: Verifier | Non
         if to != "open_clip" and "preprocessor_config.json" not in copied and normalisation:
             write_preprocessor_config(staging, config.vision_config.image_size,
                                       siglip=config.is_siglip and not open_clip_crops(config), **normalisation)
+        if finish is not None:
+            finish(staging)
         if verify is not None:
             try:
                 verify(src, staging, to, reduced)

@@ -9,7 +9,7 @@ import numpy as np
 
 from mlx_clip.engine.protocol import Backend, load_backend
 from mlx_clip.model.builtin import builtin_configs, materialize
-from mlx_clip.model.config import read_json
+from mlx_clip.model.config import check_quantize, read_json
 from mlx_clip.errors import ConfigError
 from mlx_clip.model.hub import resolve_model
 from mlx_clip.model.image_processing import OPENAI_MEAN, OPENAI_STD, SIGLIP_MEAN, SIGLIP_STD, open_image, preprocess
@@ -102,9 +102,11 @@ class CLIP:
 
 
 def load(model: str | Path, backend: str = "mlx", *, device: str | None = None, dtype: str | None = None,
-         allow_pickle: bool = False, image_size: int | None = None) -> CLIP:
-    """`image_size`: run the model at that many pixels (position embeddings resampled once)."""
+         allow_pickle: bool = False, image_size: int | None = None, quantize: int | None = None) -> CLIP:
+    """`image_size`: run the model at that many pixels (position embeddings resampled once).
+    `quantize` (8 or 4): the MLX engine runs the Linears with that many bits per weight."""
+    check_quantize(quantize)  # before a hub download or a built-in model is written
     folder = resolve(model, allow_pickle=allow_pickle)
     engine = load_backend(backend, folder, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                          image_size=image_size)
+                          image_size=image_size, quantize=quantize)
     return CLIP(engine, folder)

@@ -14,14 +14,16 @@ from mlx_clip.outputs import check_file
 
 def embed(model: str | Path, *, images: Sequence[str | Path] = (), texts: Sequence[str] = (),
           out: str | Path, backend: str = "mlx", device: str | None = None, dtype: str | None = None,
-          allow_pickle: bool = False, image_size: int | None = None) -> dict[str, np.ndarray]:
+          allow_pickle: bool = False, image_size: int | None = None,
+          quantize: int | None = None) -> dict[str, np.ndarray]:
     if not images and not texts:
         raise ConfigError("nothing to embed: give at least one --image or --text")
     out = Path(out)
     if out.suffix != ".npz":
         raise ConfigError(f"--out must end in .npz, got {out}")
     check_file(out)  # before the model is loaded and every input embedded
-    clip = load(model, backend, device=device, dtype=dtype, allow_pickle=allow_pickle, image_size=image_size)
+    clip = load(model, backend, device=device, dtype=dtype, allow_pickle=allow_pickle, image_size=image_size,
+                quantize=quantize)
     dim = clip.config.projection_dim
     arrays = {
         "image_embeds": clip.encode_images(list(images)) if images else np.zeros((0, dim), np.float32),

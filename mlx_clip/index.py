@@ -136,12 +136,12 @@ def _stat(path: Path) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _previous(out: Path, fingerprint: str) -> dict[str, tuple[dict, np.ndarray]]:
+def _previous(out: Path, fingerprint: str, quantize: int | None = None) -> dict[str, tuple[dict, np.ndarray]]:
     """What an earlier build of `out` holds for this model: path -> (entry, embedding)."""
     if not (out / INDEX_FILE).exists():
         return {}
     old = ImageIndex.load(out)
-    if old.meta.get("model_fingerprint") != fingerprint:
+    if old.meta.get("model_fingerprint") != fingerprint or old.meta.get("quantize") != quantize:
         return {}
     return {e["path"]: (e, row) for e, row in zip(old.entries, old.embeddings)}
 
@@ -167,7 +167,7 @@ def _write(out: Path, entries: list[dict], rows: list[np.ndarray], bad: list[tup
 
 def build_index(image_dir: str | Path, model: str | Path, out: str | Path, *, backend: str = "mlx",
                 batch_size: int = 64, device: str | None = None, dtype: str | None = None,
-                allow_pickle: bool = False, progress: bool = True) -> IndexReport:
+                allow_pickle: bool = False, progress: bool = True, quantize: int | None = None) -> IndexReport:
     from tqdm import tqdm
 
     from mlx_clip.api import load
@@ -183,11 +183,12 @@ def build_index(image_dir: str | Path, model: str | Path, out: str | Path, *, ba
     files = list_images(image_dir)
     if not files:
         raise DataError(f"{image_dir}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in it or below it")
-    clip = load(model, backend, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    clip = load(model, backend, device=device, dtype=dtype, allow_pickle=allow_pickle, quantize=quantize)
     fingerprint = model_fingerprint(clip.folder)
-    previous = _previous(out, fingerprint)
+    # Rows embedded with and without --quantize differ slightly: a rebuild reuses only its own kind.
+    previous = _previous(out, fingerprint, quantize)
     meta = {"format": FORMAT, "version": VERSION, "model": str(model), "model_fingerprint": fingerprint,
-            "image_dir": str(image_dir.resolve()), "dim": clip.config.projection_dim}
+            "quantize": quantize, "image_dir": str(image_dir.resolve()), "dim": clip.config.projection_dim}
 
     entries, rows, todo = [], [], []
     for path in files:

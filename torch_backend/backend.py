@@ -35,7 +35,14 @@ class TorchBackend(EngineBase):
         return select_device(requested)
 
     @classmethod
-    def load(cls, folder, device, *, dtype, allow_pickle, image_size) -> "TorchBackend":
+    def load(cls, folder, device, *, dtype, allow_pickle, image_size, quantize=None) -> "TorchBackend":
+        from mlx_clip.convert.checkpoint import quantization_of, quantized_refusal
+        from mlx_clip.errors import ConfigError
+
+        stored = quantization_of(folder)
+        if stored is not None:  # before torch reads anything: transformers has no MLX-quantized layers
+            raise ConfigError(quantized_refusal(folder, stored, "the torch engine (--backend torch) runs float weights",
+                                                "use --backend mlx, or give the float folder they were quantized from"))
         model, config = load_torch_model(folder, device=device, dtype=dtype, allow_pickle=allow_pickle,
                                          image_size=image_size)
         return cls(model, config, device)

@@ -10,6 +10,7 @@ import click
 
 from mlx_clip.engine.distributed import PeerLost
 from mlx_clip.engine.policy import DTYPES
+from mlx_clip.model.config import QUANTIZE_BITS, QUANTIZE_GROUP_SIZE
 from mlx_clip.errors import MlxClipError
 
 
@@ -50,6 +51,20 @@ device_option = click.option("--device", default=None,
                              help="Override device detection: torch cpu|cuda|cuda:N|mps, mlx cpu|gpu.")
 dtype_option = click.option("--dtype", type=click.Choice(DTYPES), default=None,
                             help="Compute dtype (default: float32).")
+QUANTIZE_HELP = ("MLX engine: run the transformer and projection Linears with "
+                 f"{'- or '.join(map(str, QUANTIZE_BITS))}-bit weights (MLX's affine quantization, group size "
+                 f"{QUANTIZE_GROUP_SIZE}: a scale and a bias per "
+                 f"{QUANTIZE_GROUP_SIZE} weights); embeddings, norms and the patch conv stay float32. Saves weight "
+                 "memory; on a GPU it runs MLX's quantized kernels, on the CPU it dequantizes each layer as it "
+                 "runs and is slower than float32.")
+
+
+def quantize_option(help_text: str = QUANTIZE_HELP):
+    """--quantize 8|4 as an int (None when not given)."""
+    return click.option("--quantize", type=click.Choice([str(b) for b in QUANTIZE_BITS]), default=None,
+                        callback=lambda ctx, param, value: None if value is None else int(value), help=help_text)
+
+
 pickle_option = click.option("--allow-pickle", is_flag=True,
                              help="Allow pytorch_model.bin (read with weights_only=True; never executes code).")
 

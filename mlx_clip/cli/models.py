@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import click
 
-from mlx_clip.cli.common import backend_option, device_option, domain_errors, dtype_option, pickle_option
+from mlx_clip.cli.common import (backend_option, device_option, domain_errors, dtype_option, pickle_option,
+                                 quantize_option)
+from mlx_clip.model.config import QUANTIZE_BITS, QUANTIZE_GROUP_SIZE
 
 
 @click.command()
@@ -19,13 +21,14 @@ from mlx_clip.cli.common import backend_option, device_option, domain_errors, dt
 @pickle_option
 @click.option("--image-size", type=click.IntRange(1), default=None,
               help="Run the model at this many pixels (position embeddings resampled).")
+@quantize_option()
 @domain_errors
-def embed(model, images, texts, out, backend, device, dtype, allow_pickle, image_size):
+def embed(model, images, texts, out, backend, device, dtype, allow_pickle, image_size, quantize):
     """Write L2-normalised image_embeds / text_embeds (float32, one row per input, in order)."""
     from mlx_clip.embed import embed as run
 
     arrays = run(model, images=images, texts=texts, out=out, backend=backend, device=device, dtype=dtype,
-                 allow_pickle=allow_pickle, image_size=image_size)
+                 allow_pickle=allow_pickle, image_size=image_size, quantize=quantize)
     click.echo(f"wrote {out}: image_embeds {arrays['image_embeds'].shape}, text_embeds {arrays['text_embeds'].shape}")
 
 
@@ -37,14 +40,19 @@ def embed(model, images, texts, out, backend, device, dtype, allow_pickle, image
 @pickle_option
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty DST.")
 @click.option("--no-verify", is_flag=True, help="Skip embedding a random batch with source and result.")
+@quantize_option("With --to mlx: write the transformer and projection Linears "
+                 f"{'- or '.join(map(str, QUANTIZE_BITS))}-bit (MLX's affine quantization, group size "
+                 f"{QUANTIZE_GROUP_SIZE}), as mlx-lm stores them: weight, "
+                 "scales and biases per layer and a 'quantization' entry in config.json. The folder loads "
+                 "quantized in the MLX engine without --quantize; training and the torch engine refuse it.")
 @domain_errors
-def convert(src, dst, target, dtype, allow_pickle, overwrite, no_verify):
+def convert(src, dst, target, dtype, allow_pickle, overwrite, no_verify, quantize):
     """Convert a CLIP checkpoint (format detected) to MLX, Hugging Face or open_clip safetensors."""
     from mlx_clip.conversion import convert as run
     from mlx_clip.api import resolve
 
     out = run(resolve(src, allow_pickle=allow_pickle), dst, to=target, dtype=dtype, allow_pickle=allow_pickle,
-              verify=not no_verify, overwrite=overwrite)
+              verify=not no_verify, overwrite=overwrite, quantize=quantize)
     click.echo(f"wrote {out}")
 
 

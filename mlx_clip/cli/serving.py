@@ -8,7 +8,8 @@ import sys
 import click
 
 from mlx_clip.api import IMAGE_BATCH
-from mlx_clip.cli.common import backend_option, device_option, domain_errors, dtype_option, model_option, pickle_option
+from mlx_clip.cli.common import (backend_option, device_option, domain_errors, dtype_option, model_option,
+                                 pickle_option, quantize_option)
 
 
 @click.command()
@@ -17,6 +18,7 @@ from mlx_clip.cli.common import backend_option, device_option, domain_errors, dt
 @device_option
 @dtype_option
 @pickle_option
+@quantize_option()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (loopback unless told).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--index", "index_dir", type=click.Path(file_okay=False), default=None,
@@ -43,7 +45,7 @@ from mlx_clip.cli.common import backend_option, device_option, domain_errors, dt
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
 @domain_errors
-def serve(model, backend, device, dtype, allow_pickle, host, port, index_dir, max_batch_size, max_wait_ms,
+def serve(model, backend, device, dtype, allow_pickle, quantize, host, port, index_dir, max_batch_size, max_wait_ms,
           max_body_mb, max_items, max_labels, max_prompts, max_text_chars, max_concurrent_requests, max_image_pixels,
           no_truncate, api_key, log_level):
     """HTTP API: embeddings (also OpenAI's /v1/embeddings), zero-shot classify, search; docs at /docs.
@@ -58,8 +60,9 @@ def serve(model, backend, device, dtype, allow_pickle, host, port, index_dir, ma
                     max_prompts=max_prompts, max_text_chars=max_text_chars, max_image_pixels=max_image_pixels,
                     max_concurrent_requests=max_concurrent_requests, truncate=not no_truncate)
     settings = ServeSettings(model=model, backend=backend, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                             index=Path(index_dir) if index_dir else None, max_batch_size=max_batch_size,
-                             max_wait_ms=max_wait_ms, limits=limits, api_key=api_key or None)
+                             quantize=quantize, index=Path(index_dir) if index_dir else None,
+                             max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, limits=limits,
+                             api_key=api_key or None)
     run(settings, host=host, port=port, log_level=log_level)
     # The server has shut down cleanly. End the process here rather than through the interpreter's
     # teardown: the engine's native worker threads (MLX's streams) were sometimes destroyed while
@@ -77,9 +80,10 @@ def serve(model, backend, device, dtype, allow_pickle, host, port, index_dir, ma
 @device_option
 @dtype_option
 @pickle_option
+@quantize_option()
 @click.option("--batch-size", type=click.IntRange(1), default=IMAGE_BATCH, show_default=True)
 @domain_errors
-def index(image_dir, model, out, backend, device, dtype, allow_pickle, batch_size):
+def index(image_dir, model, out, backend, device, dtype, allow_pickle, quantize, batch_size):
     """Embed every image under IMAGE_DIR for `serve --index`; a rerun embeds only new or changed files.
     Images the server would refuse (not JPEG, PNG or WebP by their bytes, or unreadable) are
     skipped and listed. Ctrl-C keeps what was embedded (exit 130)."""
@@ -87,7 +91,7 @@ def index(image_dir, model, out, backend, device, dtype, allow_pickle, batch_siz
 
     try:
         report = build_index(image_dir, model, out, backend=backend, device=device, dtype=dtype,
-                             allow_pickle=allow_pickle, batch_size=batch_size)
+                             allow_pickle=allow_pickle, batch_size=batch_size, quantize=quantize)
     except IndexInterrupted as stop:  # what was embedded is written: say how much
         click.echo(f"error: interrupted; kept {stop.kept} of {stop.total} images in {stop.out}; run the same command "
                    "again to embed the rest", err=True)

@@ -72,9 +72,16 @@ class EngineBase:
 
     # --- loading --------------------------------------------------------------------------
     @classmethod
-    def from_folder(cls, folder, *, dtype=None, allow_pickle=False, device=None, image_size=None):
+    def from_folder(cls, folder, *, dtype=None, allow_pickle=False, device=None, image_size=None, quantize=None):
+        """`quantize` (bits): the Linears quantized for inference, which only the MLX engine has."""
+        if quantize is not None and cls.name != "mlx":
+            from mlx_clip.errors import ConfigError
+
+            raise ConfigError(f"--quantize {quantize} runs MLX's quantized layers, in the MLX engine only: use "
+                              f"--backend mlx, or drop --quantize to run the {cls.name} engine in float")
         chosen = cls.select_device(device)  # refused before any weight is read
-        engine = cls.load(folder, chosen, dtype=dtype, allow_pickle=allow_pickle, image_size=image_size)
+        engine = cls.load(folder, chosen, dtype=dtype, allow_pickle=allow_pickle, image_size=image_size,
+                          quantize=quantize)
         engine.source = Path(folder)
         return engine
 
@@ -111,7 +118,7 @@ class EngineBase:
         raise NotImplementedError
 
     @classmethod
-    def load(cls, folder, device, *, dtype, allow_pickle, image_size) -> "EngineBase":
+    def load(cls, folder, device, *, dtype, allow_pickle, image_size, quantize=None) -> "EngineBase":
         raise NotImplementedError
 
     @classmethod

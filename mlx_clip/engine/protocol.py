@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mlx_clip.model.config import CLIPConfig
+from mlx_clip.model.config import CLIPConfig, check_quantize
 from mlx_clip.errors import ConfigError
 
 BACKENDS = ("mlx", "torch")
@@ -89,11 +89,14 @@ def engine_class(name: str) -> type:
 
 
 def load_backend(name: str, folder: str | Path, *, device: str | None = None,
-                 dtype: str | None = None, allow_pickle: bool = False, image_size: int | None = None) -> Backend:
+                 dtype: str | None = None, allow_pickle: bool = False, image_size: int | None = None,
+                 quantize: int | None = None) -> Backend:
     """The engine `name` ("mlx" | "torch") holding the model in `folder` (any supported format);
-    with `image_size`, as a model of that size (`mlx_clip.convert.resolution.at_image_size`)."""
+    with `image_size`, as a model of that size (`mlx_clip.convert.resolution.at_image_size`); with
+    `quantize` (8 or 4), its Linears quantized to that many bits, for inference (MLX only)."""
+    check_quantize(quantize)
     return engine_class(name).from_folder(folder, dtype=dtype, allow_pickle=allow_pickle, device=device,
-                                          image_size=image_size)
+                                          image_size=image_size, quantize=quantize)
 
 
 def describe_engines() -> list[str]:

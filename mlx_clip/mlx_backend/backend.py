@@ -27,10 +27,11 @@ def mlx_dtype(name: str | None):
 
 
 def select_device(requested: str | None = None, *, gpu_available: bool | None = None) -> str:
-    """MLX on a Mac uses the GPU through Metal; its Linux CPU build has only the CPU.
+    """MLX's GPU is Metal on a Mac and CUDA with Linux's `mlx[cuda]` build; its `mlx[cpu]` build
+    has only the CPU.
 
-    `gpu_available` exists so the selection logic can be tested on a machine without Metal."""
-    gpu = mx.metal.is_available() if gpu_available is None else gpu_available
+    `gpu_available` exists so the selection logic can be tested on a machine without a GPU."""
+    gpu = (mx.metal.is_available() or mx.cuda.is_available()) if gpu_available is None else gpu_available
     return choose_device(requested, "mlx", {"gpu": gpu})
 
 
@@ -41,16 +42,28 @@ def build_model(config: CLIPConfig) -> CLIPModel | SiglipModel:
 
 
 def load_mlx_model(folder: str | Path, *, dtype: str | None = None, allow_pickle: bool = False,
-                   image_size: int | None = None) -> CLIPModel:
+                   image_size: int | None = None, quantize: int | None = None) -> CLIPModel:
+    """The model in `folder`; with `quantize`, its Linears quantized to that many bits
+    (`quantize.py`). A folder saved quantized loads quantized, as it was written."""
     from mlx_clip.convert import read_checkpoint
+    from mlx_clip.convert.checkpoint import quantization_of
     from mlx_clip.convert.resolution import at_image_size
+    from mlx_clip.mlx_backend import quantize as quantization
 
-    checkpoint = at_image_size(read_checkpoint(folder, allow_pickle=allow_pickle), image_size)
-    model = build_model(checkpoint.config)
-    weights = [(name, mx.array(torch_to_mlx(name, array))) for name, array in checkpoint.tensors.items()]
-    model.load_weights(weights, strict=True)
+    stored = quantization_of(folder)
+    if stored is not None:
+        quantization.check_requantize(Path(folder), stored, quantize)
+        config, weights = quantization.read_quantized(folder, image_size)
+        model = quantization.load_quantized(build_model(config), weights, str(folder))
+    else:
+        checkpoint = at_image_size(read_checkpoint(folder, allow_pickle=allow_pickle), image_size)
+        model = build_model(checkpoint.config)
+        weights = [(name, mx.array(torch_to_mlx(name, array))) for name, array in checkpoint.tensors.items()]
+        model.load_weights(weights, strict=True)
     if check_dtype(dtype) != "float32":
-        model.set_dtype(mlx_dtype(dtype))
+        model.set_dtype(mlx_dtype(dtype))  # integers stay packed: set_dtype casts floating arrays only
+    if quantize is not None and stored is None:
+        quantization.quantize_model(model, quantize)  # after the cast: scales take the compute dtype
     mx.eval(model.parameters())
     return model
 
@@ -105,8 +118,11 @@ class MLXBackend(EngineBase):
         return select_device(requested)
 
     @classmethod
-    def load(cls, folder, device, *, dtype, allow_pickle, image_size) -> "MLXBackend":
-        return cls(load_mlx_model(folder, dtype=dtype, allow_pickle=allow_pickle, image_size=image_size), device)
+    def load(cls, folder, device, *, dtype, allow_pickle, image_size, quantize=None) -> "MLXBackend":
+        model = load_mlx_model(folder, dtype=dtype, allow_pickle=allow_pickle, image_size=image_size,
+                               quantize=quantize)
+        engine = QuantizedMLXBackend if model.config.quantization is not None else cls
+        return engine(model, device)
 
     @classmethod
     def random(cls, config: CLIPConfig, seed: int = 0) -> "MLXBackend":
@@ -116,11 +132,11 @@ class MLXBackend(EngineBase):
 
     # --- inference --------------------------------------------------------------------------
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        with self.split.evaluating():
+        with self.split.evaluating(len(pixels)):
             return np.array(self._image_features(mx.array(pixels)))
 
     def encode_texts(self, token_ids: np.ndarray) -> np.ndarray:
-        with self.split.evaluating():
+        with self.split.evaluating(len(token_ids)):
             return np.array(self._text_features(mx.array(np.asarray(token_ids, dtype=np.int32))))
 
     def save(self, folder: str | Path, *, to: str | None = None) -> Path:
@@ -244,3 +260,26 @@ class MLXBackend(EngineBase):
         saved = unprefixed(OPTIM, tensors)
         optimizer.state.update(tree_unflatten([(k, saved[k]) for k, _ in tree_flatten(optimizer.state)]))
         mx.eval(module.state, optimizer.state)
+
+
+class QuantizedMLXBackend(MLXBackend):
+    """The MLX engine holding quantized weights (`quantize.py`): it embeds, and saves them as a
+    quantized MLX folder; it never trains (QLoRA is not supported: training stays float32)."""
+
+    def prepare_training(self, cfg) -> None:
+        from mlx_clip.convert.checkpoint import quantized_refusal
+        from mlx_clip.errors import ConfigError
+
+        raise ConfigError(quantized_refusal(self.source, self.config.quantization, "training stays float32",
+                                            "fine-tune the float folder they were quantized from, then "
+                                            "`mlxclip convert --quantize` the result"))
+
+    def save(self, folder: str | Path, *, to: str | None = None) -> Path:
+        if to in (None, "mlx"):
+            return super().save(folder, to=to)
+        from mlx_clip.errors import ConvertError
+        from mlx_clip.model.config import describe_quantization
+
+        raise ConvertError(f"--to {to}: the model's weights are MLX-quantized "
+                           f"({describe_quantization(self.config.quantization)}) and {to} folders hold float weights; "
+                           "save it as mlx, or save the float model it was quantized from")

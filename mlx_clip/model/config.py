@@ -24,6 +24,46 @@ from typing import Any
 from mlx_clip.errors import ConfigError, check_int
 
 SUPPORTED_ACTIVATIONS = ("gelu", "quick_gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+# MLX's affine quantization (`mlx_backend/quantize.py`): the bit widths `--quantize` writes and runs,
+# and its group size, one scale and one bias per 64 consecutive weights of a row (MLX's and mlx-lm's
+# default). A folder's "quantization" entry may hold any width and group size MLX's kernels take.
+QUANTIZE_BITS = (8, 4)
+QUANTIZE_GROUP_SIZE = 64
+MLX_QUANTIZE_BITS = (2, 3, 4, 5, 6, 8)
+MLX_GROUP_SIZES = (32, 64, 128)
+
+
+def check_quantize(bits, name: str = "--quantize") -> int | None:
+    """`bits` if it is one of QUANTIZE_BITS (or None: float weights), else ConfigError naming it."""
+    if bits is None or (isinstance(bits, int) and not isinstance(bits, bool) and bits in QUANTIZE_BITS):
+        return bits
+    raise ConfigError(f"{name} must be one of {', '.join(map(str, QUANTIZE_BITS))} (bits per weight), got {bits!r}")
+
+
+def describe_quantization(quantization: dict[str, Any]) -> str:
+    return f"{quantization['bits']}-bit, group size {quantization['group_size']}"
+
+
+def _check_quantization(value: Any) -> dict[str, Any] | None:
+    """A config.json's "quantization" entry as mlx-lm writes it: {"group_size": G, "bits": B}
+    (and, from newer mlx-lm, "mode": "affine"); None when absent."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"quantization must be an object with group_size and bits, got {value!r}")
+
+    def allowed(number, values) -> bool:
+        return isinstance(number, int) and not isinstance(number, bool) and number in values
+
+    bits, group_size = value.get("bits"), value.get("group_size")
+    if not allowed(bits, MLX_QUANTIZE_BITS):
+        raise ConfigError(f"quantization.bits must be one of {', '.join(map(str, MLX_QUANTIZE_BITS))}, got {bits!r}")
+    if not allowed(group_size, MLX_GROUP_SIZES):
+        raise ConfigError(f"quantization.group_size must be one of {', '.join(map(str, MLX_GROUP_SIZES))}, "
+                          f"got {group_size!r}")
+    if value.get("mode", "affine") != "affine":
+        raise ConfigError(f"quantization.mode must be 'affine' (scales and biases per group), got {value['mode']!r}")
+    return dict(value)
 
 
 def _split_known(cls, data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -241,6 +281,9 @@ class CLIPConfig:
     projection_dim: int = 512
     logit_scale_init_value: float = 2.6592
     model_type: str = "clip"
+    # MLX-quantized weights (mlx-lm's entry, `mlx_backend/quantize.py`): {"group_size", "bits"}, or
+    # None for float weights. Only the MLX engine runs such a folder, and only for inference.
+    quantization: dict[str, Any] | None = None
     extras: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -280,6 +323,10 @@ class CLIPConfig:
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
         _check_positive("config", projection_dim=cfg.projection_dim)
+        try:
+            cfg.quantization = _check_quantization(cfg.quantization)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
         if family == "siglip" and text.projection_size != vision.hidden_size:
             raise ConfigError(f"{source}: text_config.projection_size ({text.projection_size}) must equal "
                               f"vision_config.hidden_size ({vision.hidden_size}): SigLIP compares the two "
@@ -301,6 +348,8 @@ class CLIPConfig:
         })
         if not self.is_siglip:
             out.update(projection_dim=self.projection_dim, logit_scale_init_value=self.logit_scale_init_value)
+        if self.quantization is not None:
+            out["quantization"] = dict(self.quantization)
         return out
 
     def save(self, folder: str | Path) -> Path:

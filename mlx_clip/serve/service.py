@@ -40,6 +40,7 @@ class ServeSettings:
     device: str | None = None
     dtype: str | None = None
     allow_pickle: bool = False
+    quantize: int | None = None  # bits of the MLX engine's quantized Linears; None: float
     index: Path | None = None
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
@@ -88,7 +89,8 @@ class ModelService:
 
     def _load(self) -> None:
         s = self.settings
-        clip = load(s.model, s.backend, device=s.device, dtype=s.dtype, allow_pickle=s.allow_pickle)
+        clip = load(s.model, s.backend, device=s.device, dtype=s.dtype, allow_pickle=s.allow_pickle,
+                    quantize=s.quantize)
         if s.index is not None:
             from mlx_clip.index import ImageIndex
 
@@ -110,6 +112,8 @@ class ModelService:
         return {
             "model": self.settings.model,
             "engine": self.settings.backend,
+            # {"group_size", "bits"} of an MLX-quantized model (a quantized folder or --quantize), else None.
+            "quantization": clip.config.quantization if clip else None,
             "ready": self.ready,
             "embedding_dim": clip.config.projection_dim if clip else None,
             "image_size": clip.image_size if clip else None,
