@@ -46,11 +46,14 @@ def write_markdown(results: dict, path: Path) -> str:
         lines += ["", "rounds (alternating, images/s): " + "; ".join(
             f"{name} " + ", ".join(f"{row['images_per_s']:.2f}" for row in measured if "images_per_s" in row)
             for name, measured in paired.items()) + " — the rows above show each one's median round"]
-    lines += ["", f"| inference (float32) | images/s, batch {preset['inference_batch']} | texts/s, batch "
-                  f"{preset['inference_batch']} | lone image, p50 ms | lone text, p50 ms |", "|---|---|---|---|---|"]
+    lines += ["", f"| inference (float32 unless n-bit) | images/s, batch {preset['inference_batch']} | texts/s, batch "
+                  f"{preset['inference_batch']} | lone image, p50 ms | lone text, p50 ms | weights |",
+              "|---|---|---|---|---|---|"]
     for engine, row in results["inference"].items():
+        weights = row.get("weight_bytes")
         lines.append(f"| {engine} | {row['images_per_s']:.1f} | {row['texts_per_s']:.1f} | "
-                     f"{_fmt(row.get('image_latency_ms'), '.1f')} | {_fmt(row.get('text_latency_ms'), '.1f')} |")
+                     f"{_fmt(row.get('image_latency_ms'), '.1f')} | {_fmt(row.get('text_latency_ms'), '.1f')} | "
+                     f"{_fmt(None if weights is None else weights / 2 ** 20, '.1f')} MiB |")
     data = results["data_pipeline"]
     if "images_per_s" in data:
         lines += ["", f"data pipeline (JPEG {data['source_size']} px -> decode, random resized crop, normalise to "
@@ -65,6 +68,11 @@ def write_markdown(results: dict, path: Path) -> str:
               f"| inference MLX / torch: texts/s | {_fmt(ratios.get('mlx_over_torch_texts_per_s'), '.2f')} |",
               f"| lone image, torch ms / MLX ms | {_fmt(ratios.get('mlx_over_torch_lone_image'), '.2f')} |",
               f"| lone text, torch ms / MLX ms | {_fmt(ratios.get('mlx_over_torch_lone_text'), '.2f')} |"]
+    for key, value in ratios.items():  # the quantized rows against MLX float32, as many widths as were run
+        if key.startswith("mlx_") and "bit_over_fp32_" in key:
+            bits, what = key[len("mlx_"):].split("bit_over_fp32_")
+            label = {"images_per_s": "images/s", "texts_per_s": "texts/s", "weight_bytes": "weight memory"}[what]
+            lines.append(f"| MLX {bits}-bit / MLX float32: {label} | {_fmt(value, '.2f')} |")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text

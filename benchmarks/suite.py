@@ -2,7 +2,8 @@
 
 For one model config, batch, resolution and data: train-step images/s of each engine (median of N
 timed steps after warm-up) in float32 and, for torch, bfloat16 autocast; the same step as open_clip
-and plain transformers users run it; inference images/s and texts/s; data-pipeline images/s; peak
+and plain transformers users run it; inference images/s, texts/s and lone-request latency (and the
+MLX engine's `--quantize` widths, with their weight memory); data-pipeline images/s; peak
 memory; MFU against the matmul peak measured in the same run; the loss after the steps. Every row
 runs in its own interpreter (`mlx_clip.benchmarks.worker`). Writes `results.json`, `results.md`, `results.png`.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from mlx_clip.environment import report as machine_report
 from mlx_clip.errors import ConfigError
+from mlx_clip.model.config import QUANTIZE_BITS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,6 +133,12 @@ def run(size: str = "tiny", out: str | Path = "benchmarks/results", *, steps: in
             if "error" not in result:
                 inference_rounds.setdefault(engine, []).append(inference_row(result, preset.inference_batch))
     inference = {engine: _median_row(measured, "images_per_s") for engine, measured in inference_rounds.items()}
+    for bits in QUANTIZE_BITS:  # once each, after the paired rows: compared with the MLX float32 row above
+        result = phase(f"inference: mlx {bits}-bit", "inference",
+                       {"engine": "mlx", "quantize": bits, "batch_size": preset.inference_batch, "steps": steps,
+                        "warmup": 1, "latency_repeats": preset.latency_repeats})
+        if "error" not in result:
+            inference[f"mlx {bits}-bit"] = inference_row(result, preset.inference_batch)
     data = phase("data pipeline", "data", {"images": preset.data_images, "batch_size": preset.batch_size,
                                            "source_size": preset.source_size, "workers": 2})
     results = {
@@ -139,6 +147,7 @@ def run(size: str = "tiny", out: str | Path = "benchmarks/results", *, steps: in
         "rounds": rounds, "inference_rounds": inference_rounds,
         "ratios": {
             **inference_ratios(inference_rounds),
+            **quantized_ratios(inference),
             "mlx_fp32_over_torch_fp32": _paired_ratio(rounds, "mlx fp32", "torch fp32"),
             "mlx_fp32_over_torch_best": _over_best_torch(rows),
             "torch_best_over_open_clip": _best_torch_over(rows, "open_clip fp32"),
@@ -169,7 +178,8 @@ def inference_row(result: dict, batch: int) -> dict:
     return {"images_per_s": batch / statistics.median(result["image_seconds"]),
             "texts_per_s": batch / statistics.median(result["text_seconds"]),
             "image_latency_ms": 1e3 * statistics.median(result["image_latency_seconds"]),
-            "text_latency_ms": 1e3 * statistics.median(result["text_latency_seconds"])}
+            "text_latency_ms": 1e3 * statistics.median(result["text_latency_seconds"]),
+            "weight_bytes": result.get("weight_bytes")}
 
 
 def inference_ratios(rounds: dict[str, list[dict]]) -> dict[str, float | None]:
@@ -184,6 +194,18 @@ def inference_ratios(rounds: dict[str, list[dict]]) -> dict[str, float | None]:
     return {"mlx_over_torch_images_per_s": ratio("images_per_s"), "mlx_over_torch_texts_per_s": ratio("texts_per_s"),
             "mlx_over_torch_lone_image": ratio("image_latency_ms", True),
             "mlx_over_torch_lone_text": ratio("text_latency_ms", True)}
+
+
+def quantized_ratios(inference: dict[str, dict]) -> dict[str, float | None]:
+    """Each quantized MLX row over the MLX float32 row: images/s, texts/s and weight memory."""
+    base = inference.get("mlx", {})
+    out = {}
+    for bits in QUANTIZE_BITS:
+        row = inference.get(f"mlx {bits}-bit", {})
+        for key in ("images_per_s", "texts_per_s", "weight_bytes"):
+            known = row.get(key) is not None and base.get(key)
+            out[f"mlx_{bits}bit_over_fp32_{key}"] = row[key] / base[key] if known else None
+    return out
 
 
 def _paired_ratio(rounds: dict, a: str, b: str) -> float | None:

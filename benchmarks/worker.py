@@ -121,10 +121,22 @@ def train(args: dict) -> dict:
             "flops_per_image": train_flops_per_pair(engine.config, TEXT_LENGTH)}
 
 
+def weight_bytes(engine) -> int:
+    """Bytes of the engine's parameters as it holds them (a quantized model's packed integers,
+    scales and biases, and what it keeps in float)."""
+    params = engine.model.parameters()
+    if isinstance(params, dict):  # MLX: a nested dict of arrays
+        from mlx.utils import tree_flatten
+
+        return sum(int(array.nbytes) for _, array in tree_flatten(params))
+    return sum(p.numel() * p.element_size() for p in params)
+
+
 def inference(args: dict) -> dict:
     """Throughput at the batch size, then a lone request's latency (batch 1, as a server answers
-    one client): `latency_repeats` single images and single 77-token texts, each timed alone."""
-    engine = load_backend(args["engine"], resolve(SIZES[args["size"]]))
+    one client): `latency_repeats` single images and single 77-token texts, each timed alone.
+    With `quantize` (bits), the MLX engine's quantized Linears (`--quantize`)."""
+    engine = load_backend(args["engine"], resolve(SIZES[args["size"]]), quantize=args.get("quantize"))
     batch = synthetic_batch(engine.config, args["batch_size"])
     images, _ = timed(lambda: engine.encode_images(batch.pixels), args["steps"], args["warmup"])
     texts, _ = timed(lambda: engine.encode_texts(batch.input_ids), args["steps"], args["warmup"])
@@ -133,7 +145,8 @@ def inference(args: dict) -> dict:
     image_latency, _ = timed(lambda: engine.encode_images(lone_image), repeats, 2)
     text_latency, _ = timed(lambda: engine.encode_texts(lone_text), repeats, 2)
     return {"image_seconds": images, "text_seconds": texts, "image_latency_seconds": image_latency,
-            "text_latency_seconds": text_latency, "memory": {"peak_rss_bytes": peak_rss()}}
+            "text_latency_seconds": text_latency, "weight_bytes": weight_bytes(engine),
+            "memory": {"peak_rss_bytes": peak_rss()}}
 
 
 def _torch_peer_step(model, loss_of, lr: float, after: Callable[[], None] | None = None):

@@ -78,6 +78,13 @@ def test_bench_tiny_writes_json_markdown_and_png(bench_out):
         for key in ("images_per_s", "texts_per_s", "image_latency_ms", "text_latency_ms"):
             assert math.isfinite(inference[key]) and inference[key] > 0, (engine, key, inference[key])
     assert {"mlx_over_torch_images_per_s", "mlx_over_torch_lone_image"} <= set(data["ratios"])
+    # The quantized rows hold fewer weight bytes than float32 (their exact count is test_quantize's);
+    # the tiny model's float32 token embedding is most of it, so the ratio is near 1 here (0.97).
+    for bits in (8, 4):
+        row = data["inference"][f"mlx {bits}-bit"]
+        assert row["images_per_s"] > 0 and row["text_latency_ms"] > 0, row
+        assert 0 < data["ratios"][f"mlx_{bits}bit_over_fp32_weight_bytes"] < 1, data["ratios"]
+        assert f"| MLX {bits}-bit / MLX float32: weight memory |" in (tmp_path / "results.md").read_text()
     assert "lone image, p50 ms" in (tmp_path / "results.md").read_text()
     assert data["data_pipeline"]["images_per_s"] > 0
     assert all(value is not None and value > 0 for value in data["ratios"].values())

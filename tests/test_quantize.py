@@ -115,6 +115,23 @@ def test_which_layers_are_quantized(name):
     assert engine.config.quantization == {"group_size": 64, "bits": 4}
 
 
+@pytest.mark.parametrize("name", ["tiny", "vit-b32"])
+def test_weight_memory_is_what_the_bits_imply(name):
+    """Counted from the float model's own Linears: each quantized weight takes `bits`, plus a float32
+    scale and bias per 64 weights; everything else stays float32. (ViT-B/32: 577.1 MiB float32,
+    238.9 at 8 bits, 180.1 at 4; its 101 MB float32 token embedding is most of what remains.)"""
+    from mlx_clip.benchmarks.worker import weight_bytes
+
+    folder = resolve(name)
+    float_engine = load_backend("mlx", folder)
+    linears = [m.weight.shape for _, m in float_engine.model.named_modules() if isinstance(m, nn.Linear)]
+    total = weight_bytes(float_engine)
+    for bits in (8, 4):
+        quantized_bytes = sum(o * i * bits // 8 + 2 * 4 * o * (i // 64) for o, i in linears)
+        expected = total - sum(4 * o * i for o, i in linears) + quantized_bytes
+        assert weight_bytes(load_backend("mlx", folder, quantize=bits)) == expected
+
+
 # --- accuracy ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_embeddings_stay_close_to_float32(tiny, bits):
@@ -226,3 +243,30 @@ def test_index_with_quantize_and_a_rebuild_without(tiny, images, tmp_path):
     # Float rows are not the quantized rows: a rebuild without --quantize embeds every image again.
     result = CliRunner().invoke(main, ["index", str(images[0].parent), "--model", str(tiny), "--out", str(out)])
     assert result.exit_code == 0 and "3 embedded, 0 unchanged" in result.output, result.output
+
+
+def test_quantize_benchmark_reports_each_width_against_float32(tiny, tmp_path):
+    """`python -m mlx_clip.benchmarks.quantize`: the cosines are recomputed here from `embed`'s own
+    output, and the top-1 change is the difference of the two zero-shot figures it reports."""
+    from mlx_clip.benchmarks.quantize import main as bench_main, markdown
+
+    data = tmp_path / "val"
+    rng = np.random.default_rng(0)
+    for name in ("red", "blue", "green"):
+        (data / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(data / name / f"{i}.png")
+    out = tmp_path / "q.json"
+    bench_main([str(tiny), "--data", str(data), "--repeats", "1", "--batch-size", "4", "--json", str(out)])
+    results = json.loads(out.read_text())
+    images = sorted(data.glob("*/*.png"))
+    float_embeds = load(tiny).encode_images(images)
+    for bits in ("8", "4"):
+        row = results[bits]
+        assert row["weight_bytes"] < results["float32"]["weight_bytes"]
+        assert row["images"] == 9 and row["images_per_s"] > 0 and row["texts_per_s"] > 0
+        cosine = np.sum(load(tiny, quantize=int(bits)).encode_images(images) * float_embeds, axis=-1)
+        assert row["image_cosine"]["min"] == pytest.approx(cosine.min(), abs=1e-6)
+        assert row["image_cosine"]["mean"] == pytest.approx(cosine.mean(), abs=1e-6)
+        assert row["top1_change"] == pytest.approx(row["zero_shot_top1"] - results["float32"]["zero_shot_top1"])
+        assert f"| {bits}-bit |" in markdown(results)
