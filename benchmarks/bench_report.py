@@ -29,13 +29,16 @@ def write_markdown(results: dict, path: Path) -> str:
         "", machine_line(results["machine"]), "",
         f"matmul peak in this run (n={peak.get('size')}): float32 MLX {_fmt(peak.get('mlx_float32'), '.0f')}, "
         f"torch {_fmt(peak.get('torch_float32'), '.0f')}, numpy {_fmt(peak.get('numpy_float32'), '.0f')} GFLOP/s; "
-        f"bfloat16 torch {_fmt(peak.get('torch_bfloat16'), '.0f')} GFLOP/s",
+        f"bfloat16 torch {_fmt(peak.get('torch_bfloat16'), '.0f')} GFLOP/s"
+        + (f" (n={peak['torch_bfloat16_size']}: the slow path, measured small)"
+           if peak.get("torch_bfloat16_size", peak.get("size")) != peak.get("size") else ""),
         "", "| train step | images/s | vs torch fp32 | MFU | loss after steps | loss vs torch fp32 | peak memory |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in results["train"]:
-        if "error" in row:
-            lines.append(f"| {row['name']} | failed: {row['error']} | | | | | |")
+        if "error" in row or "skipped" in row:
+            reason = f"failed: {row['error']}" if "error" in row else f"skipped: {row['skipped']}"
+            lines.append(f"| {row['name']} | {reason} | | | | | |")
             continue
         speed = row["images_per_s"] / torch_fp32["images_per_s"] if torch_fp32 else None
         loss_gap = abs(row["loss"] - torch_fp32["loss"]) / abs(torch_fp32["loss"]) if torch_fp32 else None

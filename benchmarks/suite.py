@@ -123,6 +123,11 @@ def run(size: str = "tiny", out: str | Path = "benchmarks/results", *, steps: in
         if task in ("open_clip", "transformers") and not available({"open_clip": "open_clip"}.get(task, task)):
             continue
         args = {"batch_size": preset.batch_size, "steps": steps, "warmup": preset.warmup, **extra}
+        reason = _too_slow(name, rows.get("torch fp32", {}), peaks, steps + preset.warmup)
+        if reason:
+            echo(f"          train step: {name}: skipped ({reason})")
+            rows[name] = {"name": name, "skipped": reason}
+            continue
         rows[name] = train_row(name, phase(f"train step: {name}", task, args), preset.batch_size, peaks)
     inference_rounds: dict[str, list[dict]] = {}
     for index in range(preset.rounds):  # alternating too: the inference ratios are paired as well
@@ -164,6 +169,22 @@ def run(size: str = "tiny", out: str | Path = "benchmarks/results", *, steps: in
     echo(markdown)
     echo(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} in {results['seconds']:.0f} s")
     return results
+
+
+ROW_SECONDS = 300  # a row expected to take longer than this is skipped, with the estimate as the reason
+
+
+def _too_slow(name: str, torch_fp32: dict, peaks: dict, steps: int) -> str | None:
+    """Why a bfloat16 row is not run: its steps estimated from the torch float32 step and the two
+    matmul peaks of this run take more than ROW_SECONDS (a CPU without bfloat16 instructions)."""
+    if "bf16" not in name or "step_seconds" not in torch_fp32 or not peaks["bfloat16"]:
+        return None
+    slower = peaks["float32"] / peaks["bfloat16"]
+    estimate = torch_fp32["step_seconds"] * slower * steps
+    if estimate <= ROW_SECONDS:
+        return None
+    return (f"bfloat16 matmuls run {slower:.0f}x slower than float32 on this CPU, so its {steps} steps would take "
+            f"~{estimate / 60:.0f} min")
 
 
 def _median_row(measured: list[dict], key: str = "images_per_s") -> dict:

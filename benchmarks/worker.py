@@ -294,6 +294,10 @@ def data_pipeline(args: dict) -> dict:
             "source_size": args["source_size"], "image_size": config.vision_config.image_size}
 
 
+BFLOAT16_PROBE_SIZE = 256
+BFLOAT16_SECONDS = 10  # the longest the full-size bfloat16 measurement (a warm-up and five) may take
+
+
 def matmul_peak(args: dict) -> dict:
     """The machine's matmul peak in this run: MLX (through the loaded BLAS), torch and numpy, float32,
     and torch's bfloat16; the best float32 figure is the MFU denominator."""
@@ -301,9 +305,18 @@ def matmul_peak(args: dict) -> dict:
     rng = np.random.default_rng(SEED)
     a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
     times, _ = timed(lambda: a @ b, 5, 1)
-    return {"size": n, "mlx_float32": engine_class("mlx").matmul_gflops(n),
-            "torch_float32": engine_class("torch").matmul_gflops(n),
-            "torch_bfloat16": engine_class("torch").matmul_gflops(n, dtype="bfloat16"),
+    torch_engine = engine_class("torch")
+    torch_float32 = torch_engine.matmul_gflops(n)
+    # A CPU without bfloat16 instructions (no AVX512-BF16 or AMX) runs torch's bfloat16 matmuls
+    # slowly (12-19 GFLOP/s on a 2-core AMD EPYC with AVX2 at n=512, and `a @ b` took over five
+    # minutes for six products at n=2048 there). A small probe first; the full size unless the probe
+    # says it would take longer than BFLOAT16_SECONDS (then the figure is the probe's, and says so).
+    bfloat16_size = min(n, BFLOAT16_PROBE_SIZE)
+    torch_bfloat16 = torch_engine.matmul_gflops(bfloat16_size, repeats=3, dtype="bfloat16")
+    if bfloat16_size < n and 6 * 2 * n ** 3 / (torch_bfloat16 * 1e9) <= BFLOAT16_SECONDS:
+        bfloat16_size, torch_bfloat16 = n, torch_engine.matmul_gflops(n, dtype="bfloat16")
+    return {"size": n, "mlx_float32": engine_class("mlx").matmul_gflops(n), "torch_float32": torch_float32,
+            "torch_bfloat16": torch_bfloat16, "torch_bfloat16_size": bfloat16_size,
             "numpy_float32": 2 * n ** 3 / statistics.median(times) / 1e9}
 
 

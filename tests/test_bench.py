@@ -125,3 +125,19 @@ def test_serving_load_benchmark_tiny(bench_out):
         assert row["requests_per_s"] <= row["clients"] / (row["p50_ms"] / 1000) * 2, row
     assert set(data["ratios"]) == {"mlx", "torch"}
     assert "| mlx | batched | 16 |" in (tmp_path / "serving.md").read_text()
+
+
+def test_a_bfloat16_row_too_slow_for_the_cpu_is_skipped_with_its_estimate():
+    """On a CPU without bfloat16 instructions torch's bfloat16 matmuls run several times slower than
+    float32 (a 2-core AMD EPYC with AVX2: 12-19 GFLOP/s against 47), and a b32 step row would take
+    most of ROW_SECONDS or more. Estimated from this run's
+    own torch float32 step and the two matmul peaks, the row is skipped and the table says why."""
+    from mlx_clip.benchmarks.suite import ROW_SECONDS, _too_slow
+
+    fp32 = {"step_seconds": 10.0}
+    reason = _too_slow("torch amp_bf16", fp32, {"float32": 100.0, "bfloat16": 1.25}, 5)
+    assert reason == "bfloat16 matmuls run 80x slower than float32 on this CPU, so its 5 steps would take ~67 min"
+    fast = {"float32": 100.0, "bfloat16": 100.0 * 10.0 * 5 / ROW_SECONDS}  # exactly at the limit: run it
+    assert _too_slow("torch amp_bf16", fp32, fast, 5) is None
+    assert _too_slow("torch fp32", fp32, {"float32": 100.0, "bfloat16": 0.1}, 5) is None
+    assert _too_slow("torch amp_bf16", {"error": "x"}, {"float32": 100.0, "bfloat16": 0.1}, 5) is None
