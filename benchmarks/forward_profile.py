@@ -14,8 +14,6 @@ part causes), so compare the totals engine to engine and the parts within an eng
 from __future__ import annotations
 
 import contextlib
-import statistics
-import time
 from collections.abc import Callable
 
 TOWERS = ("image", "text")
@@ -31,13 +29,9 @@ TORCH_PARTS = {
 
 
 def _median_ms(run: Callable[[], object], repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    from mlx_clip.engine.base import median_seconds
+
+    return 1e3 * median_seconds(run, repeats)
 
 
 def _inputs(config, batch: int):
@@ -76,48 +70,50 @@ def _ablated(part: str):
 MLX_PARTS = ("layer norms", "activation", "attention softmax", "attention core", "MLP")
 
 
-def mlx_rows(folder, batches, repeats: int) -> list[dict]:
+def _rows(engine_name: str, folder, batches, repeats: int, parts_of) -> list[dict]:
+    """One row per batch and tower: the engine's whole encode call, then `parts_of(engine, tower,
+    inputs, total)`'s breakdown of it (a dict merged into the row)."""
     from mlx_clip.engine.protocol import load_backend
-    from mlx_clip.mlx_backend.backend import MLXBackend
 
-    engine = load_backend("mlx", folder)
+    engine = load_backend(engine_name, folder)
     rows = []
     for batch in batches:
         inputs = _inputs(engine.config, batch)
         for tower in TOWERS:
             encode = getattr(engine, f"encode_{tower}s")
             total = _median_ms(lambda: encode(inputs[tower]), repeats)
-            parts = {}
-            for part in MLX_PARTS:
-                with _ablated(part):
-                    variant = MLXBackend(engine.model)  # compiled anew, tracing the ablated classes
-                    parts[part] = total - _median_ms(lambda: getattr(variant, f"encode_{tower}s")(inputs[tower]),
-                                                     repeats)
-            rows.append({"engine": "mlx", "tower": tower, "batch": batch, "total_ms": total, "parts_ms": parts})
+            rows.append({"engine": engine_name, "tower": tower, "batch": batch, "total_ms": total,
+                         **parts_of(engine, tower, inputs[tower], total)})
     return rows
+
+
+def mlx_rows(folder, batches, repeats: int) -> list[dict]:
+    from mlx_clip.mlx_backend.backend import MLXBackend
+
+    def ablations(engine, tower: str, inputs, total: float) -> dict:
+        parts = {}
+        for part in MLX_PARTS:
+            with _ablated(part):
+                variant = MLXBackend(engine.model)  # compiled anew, tracing the ablated classes
+                parts[part] = total - _median_ms(lambda: getattr(variant, f"encode_{tower}s")(inputs), repeats)
+        return {"parts_ms": parts}
+
+    return _rows("mlx", folder, batches, repeats, ablations)
 
 
 def torch_rows(folder, batches, repeats: int) -> list[dict]:
     import torch
 
-    from mlx_clip.engine.protocol import load_backend
+    def profiled(engine, tower: str, inputs, total: float) -> dict:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            getattr(engine, f"encode_{tower}s")(inputs)
+        self_ms = {event.key: event.self_cpu_time_total / 1e3 for event in profile.key_averages()}
+        seen = sum(self_ms.values())
+        parts = {part: sum(self_ms.get(name, 0.0) for name in names) for part, names in TORCH_PARTS.items()}
+        parts["everything else"] = seen - sum(parts.values())
+        return {"parts_ms": parts, "profiled_ms": seen}
 
-    engine = load_backend("torch", folder)
-    rows = []
-    for batch in batches:
-        inputs = _inputs(engine.config, batch)
-        for tower in TOWERS:
-            encode = getattr(engine, f"encode_{tower}s")
-            total = _median_ms(lambda: encode(inputs[tower]), repeats)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-                encode(inputs[tower])
-            self_ms = {event.key: event.self_cpu_time_total / 1e3 for event in profile.key_averages()}
-            profiled = sum(self_ms.values())
-            parts = {part: sum(self_ms.get(name, 0.0) for name in names) for part, names in TORCH_PARTS.items()}
-            parts["everything else"] = profiled - sum(parts.values())
-            rows.append({"engine": "torch", "tower": tower, "batch": batch, "total_ms": total, "parts_ms": parts,
-                         "profiled_ms": profiled})
-    return rows
+    return _rows("torch", folder, batches, repeats, profiled)
 
 
 def run(folder, batches=(1, 8, 32), repeats: int = 3) -> list[dict]:

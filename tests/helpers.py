@@ -101,3 +101,14 @@ def hf_features(model, pixels_nhwc, ids, *, normalize: bool = True):
     if normalize:
         image, text = torch.nn.functional.normalize(image, dim=-1), torch.nn.functional.normalize(text, dim=-1)
     return image.numpy(), text.numpy()
+
+
+def assert_refused(result, *needles, code: int = 2) -> str:
+    """A CLI result refused as users see it: exit `code`, exactly one `error:` line holding every
+    needle, no traceback. Returns that line."""
+    assert result.exit_code == code, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]

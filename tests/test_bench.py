@@ -141,3 +141,22 @@ def test_a_bfloat16_row_too_slow_for_the_cpu_is_skipped_with_its_estimate():
     assert _too_slow("torch amp_bf16", fp32, fast, 5) is None
     assert _too_slow("torch fp32", fp32, {"float32": 100.0, "bfloat16": 0.1}, 5) is None
     assert _too_slow("torch amp_bf16", {"error": "x"}, {"float32": 100.0, "bfloat16": 0.1}, 5) is None
+
+
+def test_inference_profile_covers_both_towers_and_engines():
+    """`ops --inference`'s rows on the tiny model: every (engine, tower, batch) measured, torch's parts
+    adding up to what its profiler saw, MLX's parts one per ablation, and the table naming each."""
+    from mlx_clip.api import resolve
+    from mlx_clip.benchmarks.forward_profile import MLX_PARTS, markdown, run
+
+    rows = run(resolve("tiny"), batches=(1, 4), repeats=1)
+    assert {(r["engine"], r["tower"], r["batch"]) for r in rows} == {
+        (e, t, b) for e in ("mlx", "torch") for t in ("image", "text") for b in (1, 4)}
+    for row in rows:
+        assert row["total_ms"] > 0
+        if row["engine"] == "torch":
+            assert sum(row["parts_ms"].values()) == pytest.approx(row["profiled_ms"])
+        else:
+            assert set(row["parts_ms"]) == set(MLX_PARTS)
+    table = markdown(rows)
+    assert table.count("\n| image |") == 2 and table.count("\n| text |") == 2

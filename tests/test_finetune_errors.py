@@ -5,20 +5,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from mlx_clip.cli import main
+from tests.helpers import assert_refused
 
 
 def finetune(tmp_path, *args):
     result = CliRunner().invoke(main, ["finetune", "--out", str(tmp_path / "run"), "--steps", "2",
                                        "--no-evaluate", *args])
     return result
-
-
-def assert_refused(result, *needles):
-    assert result.exit_code == 2, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.output, result.output
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 def write_image(path):

@@ -17,6 +17,7 @@ from mlx_clip.training.run_folder import RunFolder
 from mlx_clip.cli import main
 from mlx_clip.training.trainer import Interrupted
 from tests.train_helpers import assert_same_weights, final_weights, run, small_config
+from tests.helpers import assert_refused
 
 TINY_RUN = ["--model", "tiny", "--steps", "2", "--batch-size", "8", "--warmup-steps", "1", "--num-workers", "0",
             "--no-evaluate", "--save-every", "0"]
@@ -24,14 +25,6 @@ TINY_RUN = ["--model", "tiny", "--steps", "2", "--batch-size", "8", "--warmup-st
 
 def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_refused(result, *needles, code=2):
-    assert result.exit_code == code, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.output, result.output
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 def tree(folder: Path) -> dict[str, bytes]:

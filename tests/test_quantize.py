@@ -28,6 +28,7 @@ from mlx_clip.engine.protocol import load_backend
 from mlx_clip.errors import ConfigError
 from mlx_clip.mlx_backend import quantize as quantize_module
 from mlx_clip.mlx_backend.quantize import QuantizedLinear
+from tests.helpers import assert_refused
 
 NATIVE_TOL = 1e-5
 # Lowest per-row cosine of the tiny model's embeddings to its float32 ones, on 16 seeded synthetic
@@ -58,15 +59,6 @@ def images(tmp_path_factory):
         pixels = rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"{i}.png")
     return sorted(folder.glob("*.png"))
-
-
-def refused(result, *needles):
-    assert result.exit_code == 2, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.output, result.output
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 # --- the layer -----------------------------------------------------------------------------------
@@ -179,20 +171,20 @@ def test_a_quantized_folder_keeps_its_width(quantized_folder):
 def test_torch_engine_refuses_the_flag(tiny, tmp_path):
     result = CliRunner().invoke(main, ["embed", "--model", str(tiny), "--text", "a cat", "--out",
                                        str(tmp_path / "e.npz"), "--backend", "torch", "--quantize", "8"])
-    refused(result, "--quantize 8", "MLX engine only", "--backend mlx")
+    assert_refused(result, "--quantize 8", "MLX engine only", "--backend mlx")
 
 
 def test_torch_engine_refuses_a_quantized_folder(quantized_folder, tmp_path):
     result = CliRunner().invoke(main, ["embed", "--model", str(quantized_folder), "--text", "a cat", "--out",
                                        str(tmp_path / "e.npz"), "--backend", "torch"])
-    refused(result, str(quantized_folder), "8-bit, group size 64", "--backend torch", "--backend mlx")
+    assert_refused(result, str(quantized_folder), "8-bit, group size 64", "--backend torch", "--backend mlx")
 
 
 def test_conversion_to_float_formats_refused(tiny, quantized_folder, tmp_path):
     result = CliRunner().invoke(main, ["convert", str(quantized_folder), str(tmp_path / "hf"), "--to", "hf"])
-    refused(result, str(quantized_folder), "--to hf", "float folder")
+    assert_refused(result, str(quantized_folder), "--to hf", "float folder")
     result = CliRunner().invoke(main, ["convert", str(tiny), str(tmp_path / "hf"), "--to", "hf", "--quantize", "4"])
-    refused(result, "--quantize 4", "--to hf", "--to mlx")
+    assert_refused(result, "--quantize 4", "--to hf", "--to mlx")
     assert not (tmp_path / "hf").exists()
 
 
@@ -205,7 +197,7 @@ def test_training_a_quantized_folder_refused(quantized_folder, tmp_path):
     result = CliRunner().invoke(main, ["finetune", "--model", str(quantized_folder), "--data", str(data),
                                        "--backend", "mlx", "--out", str(tmp_path / "run"), "--steps", "2",
                                        "--batch-size", "2", "--no-evaluate"])
-    refused(result, str(quantized_folder), "training stays float32", "convert --quantize")
+    assert_refused(result, str(quantized_folder), "training stays float32", "convert --quantize")
 
 
 def test_quantize_takes_8_or_4(tiny, tmp_path):
