@@ -159,12 +159,17 @@ def test_a_build_flushes_by_time_so_a_crash_keeps_its_work(photos, tmp_path, mon
     assert (resumed.reused, resumed.embedded) == (4, 3)
 
 
+IMAGES_TO_INTERRUPT = 1500
+
+
 def test_ctrl_c_keeps_the_work_says_so_in_one_line_and_exits_130(tmp_path):
     root, out = tmp_path / "many", tmp_path / "idx"
     root.mkdir()
     photo = photo_variants(tmp_path / "one")[0].read_bytes()
-    for i in range(300):
-        (root / f"{i:03d}.jpg").write_bytes(photo)
+    # Enough images that the build is still running when the signal lands: at batch 1 the tiny
+    # model embeds 300 in ~2.4 s here, and 300 was once too few (the build finished first).
+    for i in range(IMAGES_TO_INTERRUPT):
+        (root / f"{i:04d}.jpg").write_bytes(photo)
     proc = subprocess.Popen([sys.executable, "-m", "mlx_clip", "index", str(root), "--model", "tiny", "--out", str(out),
                              "--batch-size", "1"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     stderr: list[str] = []
@@ -172,7 +177,7 @@ def test_ctrl_c_keeps_the_work_says_so_in_one_line_and_exits_130(tmp_path):
     reader.start()
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
-        done = [int(n) for n in re.findall(r"(\d+)/300", "".join(stderr))]
+        done = [int(n) for n in re.findall(rf"(\d+)/{IMAGES_TO_INTERRUPT}", "".join(stderr))]
         if done and max(done) >= 10:
             break
         time.sleep(0.05)
@@ -184,14 +189,15 @@ def test_ctrl_c_keeps_the_work_says_so_in_one_line_and_exits_130(tmp_path):
     assert code == 130, (code, err[-2000:])
     assert "Traceback" not in err and "Aborted" not in err, err[-2000:]
     last = re.split(r"[\r\n]+", err.strip())[-1]
-    match = re.fullmatch(r"error: interrupted; kept (\d+) of 300 images in (.+); run the same command again to "
+    match = re.fullmatch(rf"error: interrupted; kept (\d+) of {IMAGES_TO_INTERRUPT} images in (.+); "
+                         r"run the same command again to "
                          r"embed the rest", last)
     assert match, (last, stdout)
     kept = int(match.group(1))
-    assert 10 <= kept < 300 and Path(match.group(2)) == out
+    assert 10 <= kept < IMAGES_TO_INTERRUPT and Path(match.group(2)) == out
     assert len(ImageIndex.load(out)) == kept
     resumed = build_index(root, "tiny", out, progress=False)
-    assert (resumed.reused, resumed.embedded) == (kept, 300 - kept)
+    assert (resumed.reused, resumed.embedded) == (kept, IMAGES_TO_INTERRUPT - kept)
 
 
 def test_blocked_search_equals_a_full_sort(monkeypatch, rng):
