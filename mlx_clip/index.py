@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import contextlib
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,27 +210,28 @@ def build_index(image_dir: str | Path, model: str | Path, out: str | Path, *, ba
     dim = clip.config.projection_dim
     since_flush, flushed_at = 0, time.monotonic()
     try:
-        for start in range(0, len(todo), batch_size):
-            chunk, pixels, kept = todo[start:start + batch_size], [], []
-            for path, entry in chunk:
-                why = _refused(path)
-                if why is not None:
-                    bad.append((entry["path"], why))
-                    continue
-                try:
-                    pixels.append(clip.preprocess([path])[0])
-                    kept.append(entry)
-                except ImageError as err:
-                    bad.append((entry["path"], str(err).split(": ", 1)[-1]))
-            if pixels:
-                embedded = clip.engine.encode_images(np.stack(pixels))
-                entries.extend(kept)
-                rows.extend(embedded)
-            bar.update(len(chunk))
-            since_flush += len(chunk)
-            if since_flush >= FLUSH_EVERY or time.monotonic() - flushed_at >= FLUSH_SECONDS:
-                _write(out, entries, rows, bad, meta, dim)
-                since_flush, flushed_at = 0, time.monotonic()
+        with _interrupting_signals():
+            for start in range(0, len(todo), batch_size):
+                chunk, pixels, kept = todo[start:start + batch_size], [], []
+                for path, entry in chunk:
+                    why = _refused(path)
+                    if why is not None:
+                        bad.append((entry["path"], why))
+                        continue
+                    try:
+                        pixels.append(clip.preprocess([path])[0])
+                        kept.append(entry)
+                    except ImageError as err:
+                        bad.append((entry["path"], str(err).split(": ", 1)[-1]))
+                if pixels:
+                    embedded = clip.engine.encode_images(np.stack(pixels))
+                    entries.extend(kept)
+                    rows.extend(embedded)
+                bar.update(len(chunk))
+                since_flush += len(chunk)
+                if since_flush >= FLUSH_EVERY or time.monotonic() - flushed_at >= FLUSH_SECONDS:
+                    _write(out, entries, rows, bad, meta, dim)
+                    since_flush, flushed_at = 0, time.monotonic()
     except KeyboardInterrupt:
         bar.close()
         _write(out, entries, rows, bad, meta, dim)
@@ -235,6 +239,27 @@ def build_index(image_dir: str | Path, model: str | Path, out: str | Path, *, ba
     bar.close()
     _write(out, entries, rows, bad, meta, dim)
     return IndexReport(len(entries), len(entries) - reused, reused, removed, bad, out)
+
+
+@contextlib.contextmanager
+def _interrupting_signals():
+    """Ctrl-C and SIGTERM (`kill`, `timeout`, a container's stop) raise KeyboardInterrupt while the
+    build runs, so either keeps what was embedded, as the trainer's checkpoint does; also where the
+    process started with SIGINT ignored (a background job of a script), which Python would honour
+    by never raising KeyboardInterrupt. Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _refused(path: Path) -> str | None:
