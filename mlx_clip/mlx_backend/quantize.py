@@ -38,13 +38,11 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from mlx_clip.convert import detect
-from mlx_clip.convert.checkpoint import Checkpoint
+from mlx_clip.convert.checkpoint import Checkpoint, _listed
 from mlx_clip.convert.resolution import POSITIONS, at_image_size
 from mlx_clip.errors import CheckpointError, ConfigError
 from mlx_clip.mlx_backend.model import use_cpu_math
 from mlx_clip.model.config import QUANTIZE_GROUP_SIZE, CLIPConfig, check_quantize, describe_quantization
-
-MAX_LISTED = 5
 
 
 class QuantizedLinear(nn.Module):
@@ -155,18 +153,13 @@ def load_quantized(model: nn.Module, weights: dict[str, mx.array], label: str) -
 
 
 def _check_names(weights: dict[str, mx.array], expected: dict[str, mx.array], label: str) -> None:
-    def listed(names) -> str:
-        names = sorted(names)
-        more = f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
-        return ", ".join(names[:MAX_LISTED]) + more
-
     missing, unexpected = expected.keys() - weights.keys(), weights.keys() - expected.keys()
     if missing:
         raise CheckpointError(f"{label}: {len(missing)} tensors that config.json implies are missing: "
-                              f"{listed(missing)}")
+                              f"{_listed(missing)}")
     if unexpected:
         raise CheckpointError(f"{label}: {len(unexpected)} tensors that config.json does not describe: "
-                              f"{listed(unexpected)}")
+                              f"{_listed(unexpected)}")
     for name, array in expected.items():
         found = weights[name]
         if found.shape != array.shape or (array.dtype == mx.uint32) != (found.dtype == mx.uint32):
