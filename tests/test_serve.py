@@ -92,7 +92,7 @@ def assert_error(response: httpx.Response, status: int, kind: str | None = None)
 def test_health_info_and_docs(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     info = httpx.get(server.url + "/info").json()
-    assert info["engine"] == server.backend and info["embedding_dim"] == 64 and info["index"] == {"images": 6}
+    assert info["engine"] == server.backend and info["embedding_dim"] == 64 and info["index"] == {"images": 6, "thumbnails": True}
     assert info["limits"]["max_items"] == MAX_ITEMS
     assert httpx.get(server.url + "/docs").status_code == 200
     paths = httpx.get(server.url + "/openapi.json").json()["paths"]
@@ -317,7 +317,8 @@ def test_memory_stays_bounded_under_bad_input(server, photos):
 def test_api_key_is_required_everywhere_but_health(strict_server):
     url = strict_server.url
     assert httpx.get(url + "/health").status_code == 200
-    for method, route in (("get", "/info"), ("get", "/metrics"), ("get", "/docs"), ("post", "/v1/embed/texts")):
+    for method, route in (("get", "/info"), ("get", "/metrics"), ("get", "/docs"), ("post", "/v1/embed/texts"),
+                          ("get", "/v1/thumbnails/0")):
         assert_error(getattr(httpx, method)(url + route), 401, "unauthorized")
     wrong = httpx.get(url + "/info", headers={"Authorization": "Bearer nope"})
     assert_error(wrong, 401, "unauthorized")
@@ -338,6 +339,8 @@ def test_search_without_an_index_says_how_to_get_one(strict_server):
     got = httpx.post(strict_server.url + "/v1/search", json={"text": "a"},
                      headers={"Authorization": "Bearer s3cret"}, timeout=60)
     assert "--index" in assert_error(got, 404, "no_index")["error"]
+    thumbnail = httpx.get(strict_server.url + "/v1/thumbnails/0", headers={"Authorization": "Bearer s3cret"})
+    assert "--index" in assert_error(thumbnail, 404, "no_index")["error"]
 
 
 def test_serve_refuses_a_missing_model_in_one_line(tmp_path):

@@ -42,14 +42,15 @@ from mlx_clip.cli.common import (backend_option, device_option, domain_errors, d
 @click.option("--no-truncate", is_flag=True, help="Refuse texts over the context (422) instead of cutting them.")
 @click.option("--api-key", envvar="MLXCLIP_API_KEY", show_envvar=True, default=None,
               help="Require 'Authorization: Bearer KEY' on every route but /health.")
+@click.option("--no-ui", is_flag=True, help="Serve the API only, without the web page at /.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
 @domain_errors
 def serve(model, backend, device, dtype, allow_pickle, quantize, host, port, index_dir, max_batch_size, max_wait_ms,
           max_body_mb, max_items, max_labels, max_prompts, max_text_chars, max_concurrent_requests, max_image_pixels,
-          no_truncate, api_key, log_level):
-    """HTTP API: embeddings (also OpenAI's /v1/embeddings), zero-shot classify, search; docs at /docs.
-    Ctrl-C or SIGTERM shuts it down cleanly (exit 0)."""
+          no_truncate, api_key, no_ui, log_level):
+    """HTTP API: embeddings (also OpenAI's /v1/embeddings), zero-shot classify, search; docs at /docs,
+    a web page to search and classify at /. Ctrl-C or SIGTERM shuts it down cleanly (exit 0)."""
     from pathlib import Path
 
     from mlx_clip.serve.limits import Limits
@@ -62,7 +63,7 @@ def serve(model, backend, device, dtype, allow_pickle, quantize, host, port, ind
     settings = ServeSettings(model=model, backend=backend, device=device, dtype=dtype, allow_pickle=allow_pickle,
                              quantize=quantize, index=Path(index_dir) if index_dir else None,
                              max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, limits=limits,
-                             api_key=api_key or None)
+                             api_key=api_key or None, ui=not no_ui)
     run(settings, host=host, port=port, log_level=log_level)
     # The server has shut down cleanly. End the process here rather than through the interpreter's
     # teardown: the engine's native worker threads (MLX's streams) were sometimes destroyed while

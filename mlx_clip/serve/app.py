@@ -1,9 +1,10 @@
 """The HTTP API: `create_app(settings)` -> a FastAPI app serving one model.
 
 Routes: `/v1/embed/images`, `/v1/embed/texts`, `/v1/embeddings` (OpenAI's shape), `/v1/classify`,
-`/v1/search`, `/health`, `/info`, `/metrics`. Errors are `{"error": ..., "type": ...}`, and OpenAI's
+`/v1/search`, `/v1/thumbnails/{row}`, `/health`, `/info`, `/metrics`, and the web page (`/` and its
+two static files, `page.py`) unless `--no-ui`. Errors are `{"error": ..., "type": ...}`, and OpenAI's
 shape on OpenAI's route (`errors.py`). The server reads no file and fetches no URL that a request
-names.
+names: a thumbnail is asked for by its row in the index (`thumbnails.py`).
 
 The event loop only moves bytes: every route hands its CPU work (parsing, base64, decoding,
 tokenizing, classifier arithmetic, search, encoding the answer) to the service's CPU pool or its
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
@@ -90,6 +91,11 @@ def create_app(settings: ServeSettings, *, on_load_failure: Callable[[str], None
 
     async def json_answer(payload: dict) -> Response:
         return Response(await cpu(_json_bytes, payload), media_type="application/json")
+
+    if settings.ui:
+        from mlx_clip.serve.page import add_page
+
+        add_page(app)
 
     @app.get("/health", summary="200 when the model is loaded and serving, 503 otherwise")
     async def health():
@@ -208,5 +214,16 @@ def create_app(settings: ServeSettings, *, on_load_failure: Callable[[str], None
         else:
             query = (await svc.embed_texts([check_text(req.text, "text", limits)]))[0][0]
         return {"results": await svc.search(query, req.k), "model": settings.model}
+
+    @app.get("/v1/thumbnails/{row}", summary="A search result's image, at most 256 pixels a side (JPEG)",
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+    async def thumbnail(request: Request, row: int = Path(description="The `row` of a /v1/search result")):
+        svc = require_ready()
+        svc.require_index()
+        data, etag = await cpu(svc.thumbnails.get, row)
+        cache = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=cache)
+        return Response(data, media_type="image/jpeg", headers=cache)
 
     return app

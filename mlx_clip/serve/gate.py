@@ -13,8 +13,10 @@ from mlx_clip.serve.error_shapes import error_response
 from mlx_clip.serve.server_metrics import ServerMetrics
 from mlx_clip.serve.service import ServeSettings
 
-OPEN_ROUTES = ("/health",)  # answered without an API key, and never refused for load
-UNLIMITED_ROUTES = ("/health", "/metrics")
+# Answered without an API key: /health, and the web page's static files (no data in them; the page
+# asks for the key once it has loaded, and sends it on every API call).
+OPEN_ROUTES = ("/health", "/", "/ui/app.js", "/ui/style.css")
+UNLIMITED_ROUTES = OPEN_ROUTES + ("/metrics",)  # never refused for load
 
 
 class BodyTooLarge(HTTPException):

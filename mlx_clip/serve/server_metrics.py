@@ -5,7 +5,8 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 ROUTES = ("/v1/embed/images", "/v1/embed/texts", "/v1/embeddings", "/v1/classify", "/v1/search",
-          "/health", "/info", "/metrics", "/docs", "/openapi.json")
+          "/v1/thumbnails", "/health", "/info", "/metrics", "/docs", "/openapi.json", "/", "/ui/app.js",
+          "/ui/style.css")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -31,6 +32,8 @@ class ServerMetrics:
     @staticmethod
     def route(path: str) -> str:
         """The label for `path`: a known route, else `other` (unknown paths must not grow the series)."""
+        if path.startswith("/v1/thumbnails/"):  # one series for every row
+            return "/v1/thumbnails"
         return path if path in ROUTES else "other"
 
     def record(self, route: str, status: int, seconds: float) -> None:

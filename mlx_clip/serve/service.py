@@ -46,6 +46,7 @@ class ServeSettings:
     max_wait_ms: float = 5.0
     limits: Limits = field(default_factory=Limits)
     api_key: str | None = None
+    ui: bool = True  # the web page at / (`--no-ui` leaves only the API)
 
 
 class ModelService:
@@ -53,6 +54,7 @@ class ModelService:
         self.settings, self.metrics = settings, metrics
         self.clip: CLIP | None = None
         self.index = None
+        self.thumbnails = None
         self.error: str | None = None
         # The engine is created and called from this one thread: neither engine is thread-safe, and
         # MLX keeps its default stream per thread.
@@ -94,7 +96,10 @@ class ModelService:
         if s.index is not None:
             from mlx_clip.index import ImageIndex
 
+            from mlx_clip.serve.thumbnails import Thumbnails
+
             self.index = ImageIndex.load(s.index, expect_model=clip.folder)
+            self.thumbnails = Thumbnails(self.index, s.limits.max_image_pixels)
         self.clip = clip
 
     async def stop(self) -> None:
@@ -121,7 +126,8 @@ class ModelService:
             "batching": {"max_batch_size": self.settings.max_batch_size, "max_wait_ms": self.settings.max_wait_ms},
             "limits": self.settings.limits.describe(),
             "classify_templates": list(DEFAULT_CLASSIFY_TEMPLATES),
-            "index": None if self.index is None else {"images": len(self.index)},
+            "index": None if self.index is None else {"images": len(self.index),
+                                                      "thumbnails": self.thumbnails.root is not None},
         }
 
     @property
@@ -200,7 +206,8 @@ class ModelService:
 
     async def search(self, query: np.ndarray, k: int) -> list[dict]:
         scores, rows = await self.cpu(self.require_index().search, query[None], k)
-        return [{"path": self.index.paths[r], "score": float(s)} for r, s in zip(rows[0], scores[0])]
+        # The row names the image to /v1/thumbnails/{row}, which reads no path a request names.
+        return [{"path": self.index.paths[r], "score": float(s), "row": int(r)} for r, s in zip(rows[0], scores[0])]
 
 
 def batch_bucket(rows: int) -> int:
