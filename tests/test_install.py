@@ -39,7 +39,8 @@ def test_the_wheel_has_one_top_level_package(wheel):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"mlx_clip"}
     for module in ("mlx_clip/convert/converter.py", "mlx_clip/torch_backend/backend.py",
-                   "mlx_clip/benchmarks/worker.py", "mlx_clip/assets/bpe_simple_vocab_16e6.txt.gz"):
+                   "mlx_clip/benchmarks/worker.py", "mlx_clip/assets/bpe_simple_vocab_16e6.txt.gz",
+                   "mlx_clip/serve/ui/index.html", "mlx_clip/serve/ui/app.js", "mlx_clip/serve/ui/style.css"):
         assert module in names
 
 
