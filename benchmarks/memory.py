@@ -117,9 +117,9 @@ def run(out: str | Path, *, model: str = "small", batches=(16, 64, 256, 1024), m
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    from mlx_clip.evaluation.results import _figure
+    from mlx_clip.evaluation.figures import figure
 
-    fig = _figure(8, 4.5)
+    fig = figure(8, 4.5)
     ax = fig.subplots()
     for engine in sorted({r["engine"] for r in rows}):
         for mode, marker in zip(MODES, "osd"):

@@ -13,9 +13,11 @@ import csv
 import io
 import json
 import logging
+import re
 import shutil
 import tracemalloc
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -246,7 +248,10 @@ def test_evaluate_writes_clip_benchmark_results_with_control(setup, tmp_path):
     assert saved[1]["metrics"]["acc1"] == pytest.approx(reference_probe_acc1(setup, saved[1]), abs=1 / 36 + 1e-9)
     md = (out / "eval.md").read_text()
     assert "zeroshot_retrieval" in md and f"{saved[3]['metrics']['acc1']:.4f}" in md
-    assert len(list(out.glob("*.png"))) == 4  # confusion + per-class for target and control
+    # confusion + per-class for target and control, the recall@K curve for the captions
+    assert sorted(p.name.rsplit("-", 1)[1] for p in out.glob("*.png")) == [
+        "confusion.png", "confusion.png", "per_class.png", "per_class.png", "recall.png"]
+    assert f"]({next(out.glob('*-recall.png')).name})" in md
 
     probe = linear_probe_eval(load(setup["model"]), load_dataset(demo["target"]), load_dataset(demo["target"]))
     assert probe == {**results[1]["metrics"], **{k: v for k, v in results[1].items() if k not in
@@ -286,12 +291,28 @@ def test_compare_writes_the_metric_by_metric_difference(setup, tmp_path):
         for key in ("acc1", "acc5", "mean_per_class_recall"):
             assert saved["delta"][key] == pytest.approx(tuned_r["metrics"][key] - base["metrics"][key], abs=1e-12)
         assert files.figures[0].read_bytes()[:4] == b"\x89PNG"
+        # Zero-shot results carry per_class: the per-class chart and the deltas, class by class.
+        assert files.figures[1].name == f"{files.json.stem}-per_class.png"
+        assert files.figures[1].read_bytes()[:4] == b"\x89PNG"
+        names = base["class_names"]
+        assert tuned_r["class_names"] == names and list(saved["per_class_delta"]) == names
+        for name, b, t in zip(names, base["per_class"], tuned_r["per_class"]):
+            want = None if b is None or t is None else pytest.approx(t - b, abs=1e-12)
+            assert saved["per_class_delta"][name] == want
     # A random tiny CLIP predicts nearly one class everywhere, so the scores can coincide; which
     # classes it predicts shows that the second model really is another one.
     assert result.base[0]["confusion_matrix"] != result.finetuned[0]["confusion_matrix"]
     md = result.markdown.read_text()
     assert md.count("| metric | base | fine-tuned |") == 2 and "control" in md
     assert (out / "base.json").is_file() and (out / "finetuned.json").is_file()
+    # compare.md shows every pair's figures (grouped metrics and per class), by relative links
+    # that resolve from its own folder to the files write_comparison wrote.
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert all(not Path(unquote(link)).is_absolute() for link in links)
+    linked = [(result.markdown.parent / unquote(link)).resolve() for link in links]
+    assert all(p.is_file() for p in linked)
+    written = [p.resolve() for files in result.files for p in files.figures]
+    assert len(written) == 4 and linked == written
 
 
 # --- streaming memory ---------------------------------------------------------------------------

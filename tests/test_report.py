@@ -81,7 +81,10 @@ def test_write_report_files_and_contents(tmp_path):
                  "| image_retrieval_recall@1 | 0.6000 |", "| text_retrieval_recall@1 | 0.3333 |",
                  "## pets · ViT-B-32 · zeroshot_classification"):
         assert line in md, line
-    assert len(files.figures) == 2  # confusion + per-class, none for retrieval
+    # confusion + per-class for classification, the recall@K curve for retrieval
+    assert [p.name for p in files.figures] == ["eval-0-pets-ViT-B-32-confusion.png",
+                                               "eval-0-pets-ViT-B-32-per_class.png",
+                                               "eval-1-flickr-mini-ViT-B-32-recall.png"]
     for png in files.figures:
         assert_png(png)
         assert f"]({png.name})" in md
@@ -100,7 +103,7 @@ def test_not_applicable_metric_is_null_in_every_json_and_n_a_in_markdown(tmp_pat
 
 
 def test_comparison_figure_marks_not_applicable_metrics():
-    from mlx_clip.evaluation.results import _comparison_figure
+    from mlx_clip.evaluation.figures import _comparison_figure
 
     base = {"acc1": 0.5, "acc5": None, "mean_per_class_recall": 0.5}
     tuned = {"acc1": 0.75, "acc5": None, "mean_per_class_recall": 0.6}
@@ -132,6 +135,7 @@ def test_write_comparison(tmp_path):
     assert data["base"]["model"] == "base" and data["finetuned"]["model"] == "tuned"
     md = files.markdown.read_text()
     assert "| acc1 | 0.5000 | 0.7500 | +0.2500 |" in md and "`tuned`" in md
+    assert [p.name for p in files.figures] == ["cmp.png"]  # no per-class chart without per_class
     assert_png(files.figures[0])
 
 

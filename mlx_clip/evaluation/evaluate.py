@@ -14,9 +14,11 @@ JSON, "n/a" in Markdown and print.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from mlx_clip.api import CLIP, IMAGE_BATCH, TEXT_BATCH, load
 from mlx_clip.data.records import Dataset, load_dataset, split_samples
@@ -290,7 +292,7 @@ class Comparison:
     base: list[dict]
     finetuned: list[dict]
     files: list[ReportFiles]  # one per (dataset, task) pair
-    markdown: Path | None  # every pair's table in one file
+    markdown: Path | None  # every pair's table, and links to its figures, in one file
 
 
 def compare(base_model, finetuned_model, data, *, out: str | Path, backend: str = "mlx", templates=None,
@@ -300,7 +302,8 @@ def compare(base_model, finetuned_model, data, *, out: str | Path, backend: str 
             caption_column: str | None = None, image_size: int | None = None,
             split: str | None = None, quantize: int | None = None) -> Comparison:
     """Evaluate both models on the same data (one at a time, so only one is in memory) and write,
-    per dataset and task, the metric-by-metric table with fine-tuned − base."""
+    per dataset and task, the metric-by-metric table with fine-tuned − base and its figures;
+    `compare.md` gathers the tables and links the figures."""
     from mlx_clip.evaluation.results import compare_table
 
     jobs = load_jobs(data, control=control, templates=templates, classes=classes, tasks=tasks,
@@ -317,12 +320,18 @@ def compare(base_model, finetuned_model, data, *, out: str | Path, backend: str 
     folder = out.parent if out.suffix == ".json" else out
     write_report(runs[0], folder / "base.json")
     write_report(runs[1], folder / "finetuned.json")
+    markdown = folder / "compare.md"
     files, md = [], ["# Base vs fine-tuned", "",
                      f"base = `{base_model}`, fine-tuned = `{finetuned_model}`", ""]
     for i, (b, f) in enumerate(zip(*runs, strict=True)):
         stem = f"compare-{i}-{b['role']}-{b['task']}"
         files.append(write_comparison(b, f, folder / f"{stem}.json"))
-        md += [f"## {b['role']}: {b['dataset']} · {b['task']}", "", compare_table(b, f), ""]
-    markdown = folder / "compare.md"
+        label = f"{b['role']}: {b['dataset']} · {b['task']}"
+        md += [f"## {label}", "", compare_table(b, f), ""]
+        # The pair's figures (metrics side by side; per class when both sides have it), linked
+        # relative to compare.md so the folder can be moved or served as it is.
+        for png in files[-1].figures:
+            kind = "per-class accuracy" if png.stem.endswith("-per_class") else "metrics"
+            md += [f"![{kind}, {label}]({quote(Path(os.path.relpath(png, markdown.parent)).as_posix())})", ""]
     markdown.write_text("\n".join(md))
     return Comparison(runs[0], runs[1], files, markdown)

@@ -1,16 +1,15 @@
 """Evaluation results as files a person can read: JSON, a Markdown summary, PNG figures.
 
 Holds one evaluation's report (`results_json`, `write_report`, CLIP_benchmark's per-result files)
-and the base vs fine-tuned comparison (`compare_table`, `write_comparison`). Its value, JSON and
-figure helpers (`_plain`, `_write_json`, `_metrics_of`, `_figure`, ...) are shared by the other
-reports: the WiSE-FT curve (mlx_clip.robust.wise_ft_report) and the training run's figures.
+and the base vs fine-tuned comparison (`compare_table`, `write_comparison`); the figures they link
+are drawn by mlx_clip.evaluation.figures. Its value and JSON helpers (`_plain`, `_write_json`,
+`_metrics_of`, ...) are shared by the other reports: the WiSE-FT curve
+(mlx_clip.robust.wise_ft_report) and the training run's figures.
 
 Result dicts are shaped like CLIP_benchmark's output (`{"dataset", "model", "task", "metrics"}`),
 so its tooling reads ours. JSON is strict: NaN (a class without samples, a metric that does not
 apply, such as acc5 over 5 classes or fewer, where CLIP_benchmark writes NaN) is written as null,
 and shown as "n/a" in Markdown and figures; "—" marks a metric one side of a comparison lacks.
-Figures are drawn on matplotlib's Agg canvas through the object API, which
-leaves the process's pyplot backend alone.
 """
 
 from __future__ import annotations
@@ -26,6 +25,22 @@ from typing import Any
 import numpy as np
 
 from mlx_clip.errors import DataError
+from mlx_clip.evaluation.figures import (
+    _class_names,
+    _comparison_figure,
+    _is_number,
+    _metrics_of,
+    _per_class_moves,
+    _per_class_note,
+    _per_class_pairs,
+    _plot_confusion,
+    _plot_per_class,
+    _plot_per_class_compare,
+    _plot_recall,
+    _recall_at_k,
+    _recall_note,
+    _title,
+)
 
 __all__ = [
     "TASKS",
@@ -37,8 +52,7 @@ __all__ = [
 ]
 
 TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
-_MAX_TICK_LABELS = 50  # beyond this, class names on a heatmap axis overlap into a black band
-_MAX_BARS = 60  # beyond this, the per-class chart shows the worst classes only
+_MOVES_ROWS = 10  # the comparison's Markdown lists this many most improved and most hurt classes
 
 
 @dataclass(frozen=True)
@@ -66,9 +80,6 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
 
 def _fmt(v: Any) -> str:
     if v is None:
@@ -91,16 +102,6 @@ def _slug(s: str) -> str:
 def _write_json(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-
-
-def _metrics_of(d: Mapping, name: str) -> Mapping:
-    """A result dict's "metrics", or the dict itself when it is already a metrics dict."""
-    if not isinstance(d, Mapping):
-        raise DataError(f"{name} must be a dict of metrics, got {type(d).__name__}")
-    m = d.get("metrics", d)
-    if not isinstance(m, Mapping):
-        raise DataError(f"{name}['metrics'] must be a dict, got {type(m).__name__}")
-    return m
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -131,75 +132,6 @@ def results_json(dataset: str, model: str, task: str, metrics: Mapping, **extra:
     if len(set(sizes.values())) > 1:
         raise DataError(f"class_names, per_class and confusion_matrix disagree on C: {sizes}")
     return out
-
-
-def _class_names(result: Mapping, c: int) -> list[str]:
-    return [str(n) for n in result.get("class_names") or [f"class {i}" for i in range(c)]]
-
-
-def _title(result: Mapping) -> str:
-    return f"{result['dataset']} · {result['model']} · {result['task']}"
-
-
-# --- figures ----------------------------------------------------------------------------------
-
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _plot_confusion(result: Mapping, path: Path) -> None:
-    cm = np.asarray(result["confusion_matrix"], dtype=np.int64)
-    c = cm.shape[0]
-    names = _class_names(result, c)
-    support = cm.sum(axis=1, keepdims=True)
-    # Colour by share of the true class so rare classes are as visible as common ones.
-    share = np.divide(cm, support, out=np.zeros(cm.shape), where=support > 0)
-    side = min(4 + 0.35 * c, 20)
-    fig = _figure(side + 1.5, side)
-    ax = fig.add_subplot()
-    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(im, ax=ax, label="share of the true class's samples")
-    if c <= _MAX_TICK_LABELS:
-        ax.set_xticks(range(c), names, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(c), [f"{n} (n={k})" for n, k in zip(names, support[:, 0])], fontsize=8)
-    if c <= 20:
-        for i, j in zip(*np.nonzero(cm)):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if share[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(f"Confusion matrix (counts)\n{_title(result)}")
-    fig.savefig(path, dpi=110)
-
-
-def _plot_per_class(result: Mapping, path: Path) -> None:
-    acc = np.array([np.nan if v is None else v for v in result["per_class"]], dtype=float)
-    names = np.array(_class_names(result, len(acc)))
-    keep = np.nonzero(~np.isnan(acc))[0]
-    note = ""
-    if len(keep) < len(acc):
-        note = f"; {len(acc) - len(keep)} classes without samples left out"
-    if len(keep) > _MAX_BARS:
-        keep = keep[np.argsort(acc[keep], kind="stable")[:_MAX_BARS]]
-        note += f"; the {_MAX_BARS} lowest shown"
-    keep = keep[::-1]  # barh draws bottom-up: first class on top
-    fig = _figure(8, 1.5 + 0.28 * max(len(keep), 1))
-    ax = fig.add_subplot()
-    ax.barh(range(len(keep)), acc[keep], color="tab:blue")
-    ax.set_yticks(range(len(keep)), names[keep], fontsize=8)
-    mean = float(np.nanmean(acc)) if len(keep) else float("nan")
-    ax.axvline(mean, color="tab:red", linestyle="--", label=f"mean per-class recall {mean:.3f}")
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("top-1 accuracy within the class (recall)")
-    ax.set_title(f"Per-class accuracy{note}\n{_title(result)}", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.savefig(path, dpi=110)
 
 
 # --- Markdown ---------------------------------------------------------------------------------
@@ -245,6 +177,18 @@ def write_clip_benchmark_files(results: Sequence[Mapping], folder: Path) -> list
     return written
 
 
+def _report_figures(result: Mapping) -> list[tuple[str, Any]]:
+    """(file suffix, plot function) for each figure `result` has the data for."""
+    figures = []
+    if result.get("confusion_matrix") is not None:
+        figures.append(("confusion", _plot_confusion))
+    if result.get("per_class") is not None:
+        figures.append(("per_class", _plot_per_class))
+    if result.get("task") == "zeroshot_retrieval" and any(_recall_at_k(result).values()):
+        figures.append(("recall", _plot_recall))
+    return figures
+
+
 def write_report(results: Sequence[Mapping], out_json: Path) -> ReportFiles:
     """Write `out_json` (a list of result dicts), `<stem>.md` beside it and one PNG per figure."""
     out_json = Path(out_json)
@@ -263,13 +207,13 @@ def write_report(results: Sequence[Mapping], out_json: Path) -> ReportFiles:
     for i, r in enumerate(results):
         md += [f"## {_title(r)}", "", *_metrics_table(r["metrics"]), ""]
         stem = f"{out_json.stem}-{i}-{_slug(r['dataset'])}-{_slug(r['model'])}"
-        for key, kind, plot in (("confusion_matrix", "confusion", _plot_confusion),
-                                ("per_class", "per_class", _plot_per_class)):
-            if r.get(key) is not None:
-                png = out_json.with_name(f"{stem}-{kind}.png")
-                plot(r, png)
-                figures.append(png)
-                md += [f"![{kind.replace('_', ' ')}: {_title(r)}]({png.name})", ""]
+        for kind, plot in _report_figures(r):
+            png = out_json.with_name(f"{stem}-{kind}.png")
+            plot(r, png)
+            figures.append(png)
+            md += [f"![{kind.replace('_', ' ')}: {_title(r)}]({png.name})", ""]
+            if kind == "recall" and _recall_note(r):
+                md += [f"Recall@K curve: {_recall_note(r)}.", ""]
         if r.get("per_class") is not None:
             md += ["### Per class", "", *_per_class_table(r), ""]
     markdown = out_json.with_suffix(".md")
@@ -305,42 +249,47 @@ def compare_table(base: Mapping, finetuned: Mapping) -> str:
     return "\n".join(lines)
 
 
-def _comparison_figure(b: Mapping, f: Mapping, title: str):
-    """Grouped bars per metric; a metric that is n/a (None) on a side gets "n/a" in place of its bar."""
-    def score(v: Any) -> bool:  # only scores on a 0..1 scale share one axis (accuracies, recalls)
-        return _is_number(v) and 0 <= v <= 1
 
-    keys = [k for k in b if k in f and all(score(v) or v is None for v in (b[k], f[k]))]
-    fig = _figure(max(6, 1.1 * len(keys) + 2), 4.5)
-    ax = fig.add_subplot()
-    for side, values, dx in (("base", b, -0.2), ("fine-tuned", f, 0.2)):
-        shown = [i for i, k in enumerate(keys) if values[k] is not None]
-        ax.bar([i + dx for i in shown], [values[keys[i]] for i in shown], 0.4, label=side,
-               color="tab:blue" if side == "base" else "tab:orange")
-    for i, k in enumerate(keys):
-        missing = [dx for dx, v in ((-0.2, b[k]), (0.2, f[k])) if v is None]
-        for dx in ([0.0] if len(missing) == 2 else missing):
-            ax.text(i + dx, 0.02, "n/a", ha="center", va="bottom", color="gray")
-    ax.set_xticks(range(len(keys)), keys, rotation=30, ha="right")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("score")
-    ax.set_title(title)
-    ax.legend()
-    return fig
+def _per_class_delta(base: Mapping, tuned: Mapping) -> dict[str, float | None]:
+    """{class: fine-tuned − base accuracy}, in the base's class order; None where a side has no samples."""
+    return {n: None if x is None or y is None else y - x for n, x, y in _per_class_pairs(base, tuned)}
+
+
+def _moves_table(base: Mapping, tuned: Mapping, rows: int = _MOVES_ROWS) -> list[str]:
+    """The classes the fine-tune moved most: the `rows` most improved and `rows` most hurt."""
+    moves = _per_class_moves(base, tuned)
+    row = "| {} | {:.4f} | {:.4f} | {:+.4f} |".format
+    lines = ["| class | base | fine-tuned | Δ (fine-tuned − base) |", "|---|---:|---:|---:|"]
+    if len(moves) <= 2 * rows:
+        return lines + [row(*m) for m in moves]
+    return lines + [row(*m) for m in moves[:rows]] + ["| … | | | |"] + [row(*m) for m in moves[-rows:]]
 
 
 def write_comparison(base: Mapping, finetuned: Mapping, out_json: Path) -> ReportFiles:
-    """Write {"base", "finetuned", "delta"} JSON, a Markdown table and a grouped bar chart."""
+    """Write {"base", "finetuned", "delta"} JSON, a Markdown table and a grouped bar chart; when
+    both results carry `per_class`, also "per_class_delta" ({class: fine-tuned − base}), a table
+    of the classes moved most and `<stem>-per_class.png`. Classes are matched by name."""
     out_json = Path(out_json)
     table = compare_table(base, finetuned)
     b, f = _plain(base), _plain(finetuned)
     bm, fm = _metrics_of(b, "base"), _metrics_of(f, "finetuned")
-    _write_json({"base": b, "finetuned": f, "delta": _deltas(bm, fm)}, out_json)
+    per_class = b.get("per_class") is not None and f.get("per_class") is not None
+    data = {"base": b, "finetuned": f, "delta": _deltas(bm, fm)}
+    if per_class:
+        data["per_class_delta"] = _per_class_delta(b, f)  # refuses mismatched classes before any file
+    _write_json(data, out_json)
     title = f"Base vs fine-tuned: {b.get('dataset', '')} {b.get('task', '')}".strip()
     png = out_json.with_suffix(".png")
     _comparison_figure(bm, fm, title).savefig(png, dpi=110)
     models = f"base = `{b.get('model', 'base')}`, fine-tuned = `{f.get('model', 'fine-tuned')}`"
     md = [f"# {title}", "", models, "", table, "", f"![{title}]({png.name})", ""]
+    figures = [png]
+    if per_class:
+        figures.append(out_json.with_name(f"{out_json.stem}-per_class.png"))
+        _plot_per_class_compare(b, f, title, figures[-1])
+        note = _per_class_note(b, f, 2 * _MOVES_ROWS)
+        md += ["## Per class: the largest moves", "", *([f"{note[0].upper()}{note[1:]}.", ""] if note else []),
+               *_moves_table(b, f), "", f"![per class: {title}]({figures[-1].name})", ""]
     markdown = out_json.with_suffix(".md")
     markdown.write_text("\n".join(md))
-    return ReportFiles(out_json, markdown, (png,))
+    return ReportFiles(out_json, markdown, tuple(figures))

@@ -9,6 +9,8 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
+from mlx_clip.evaluation.figures import figure
+
 LABELS = {"base": "base (stage A)", "fine-tune": "fine-tune", "wise-ft": "WiSE-FT", "lp-ft": "LP-FT",
           "l2-sp": "L2-SP"}
 
@@ -65,11 +67,7 @@ def markdown(result, preset) -> str:
 
 
 def plot(result, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure(11, 4.5)
     left, right = fig.subplots(1, 2)
     pts = result.wise_ft["points"]
     alphas = [p["alpha"] for p in pts]

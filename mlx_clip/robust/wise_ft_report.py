@@ -1,8 +1,8 @@
 """The WiSE-FT curve report: target and control scores per mixing coefficient alpha, the alpha
 chosen under a control floor, written as JSON, a Markdown table and a PNG curve.
 
-The JSON, number and figure helpers are evaluation's report writers' (mlx_clip.evaluation.results),
-so this report reads and looks like the others.
+The JSON and number helpers are evaluation's report writers' (mlx_clip.evaluation.results) and the
+canvas is its figures' (mlx_clip.evaluation.figures), so this report reads and looks like the others.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_clip.errors import DataError
-from mlx_clip.evaluation.results import ReportFiles, _figure, _is_number, _metrics_of, _plain, _write_json
+from mlx_clip.evaluation.figures import figure
+from mlx_clip.evaluation.results import ReportFiles, _is_number, _metrics_of, _plain, _write_json
 
 __all__ = ["WiseFtReport", "wise_ft_curve_report"]
 
@@ -59,7 +60,7 @@ def _choose_alpha(pts: list[dict], metric: str, floor: float | None) -> tuple[di
 
 def _plot_curve(pts: list[dict], metric: str, floor: float | None, best: dict | None,
                 path: Path) -> None:
-    fig = _figure(7, 4.5)
+    fig = figure(7, 4.5)
     ax = fig.add_subplot()
     a = [p["alpha"] for p in pts]
     ax.plot(a, [p["target"][metric] for p in pts], "o-", label=f"target (fine-tune domain) {metric}")

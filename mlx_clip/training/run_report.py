@@ -2,22 +2,27 @@
 logit scale, throughput, memory against the step), `evaluation.png` (each evaluation metric
 against the step) and `report.md` (config, data counts, bad images, best and final metrics,
 time). Everything comes from what the run folder already holds: `config.json`, `metrics.jsonl`,
-`bad_images.txt`, `best/best.json`."""
+`bad_images.txt`, `best/best.json`, and the figures of evaluations written into it (`mlxclip eval
+--out RUN_DIR/eval`, `--compare`, a WiSE-FT sweep), which the report links."""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from mlx_clip.errors import ConfigError
+from mlx_clip.evaluation.figures import figure
 from mlx_clip.training.monitor import MetricsLog
-from mlx_clip.evaluation.results import _figure
 
 TRAINING_PANELS = (("loss", "loss"), ("lr", "learning rate"), ("logit_scale", "logit scale"),
                    ("images_per_s", "images / s"), ("memory", "memory (GiB)"))
 _MEMORY_KEYS = ("peak_bytes", "peak_rss_bytes", "active_bytes")
+# Run-folder entries that hold models, checkpoints and event files, never an evaluation's figures.
+_NOT_EVALUATIONS = ("checkpoints", "final", "best", "tensorboard")
 
 
 @dataclass
@@ -25,6 +30,7 @@ class RunReport:
     markdown: Path
     figures: list[Path]
     summary: dict
+    evaluation_figures: list[Path] = field(default_factory=list)  # found in the run folder, linked
 
 
 def _finite(value) -> bool:
@@ -77,7 +83,7 @@ def summarize(run: Path) -> dict:
 
 def _plot_training(records: list[dict], path: Path) -> None:
     steps = [r for r in records if "loss" in r]
-    fig = _figure(11, 6)
+    fig = figure(11, 6)
     axes = fig.subplots(2, 3).ravel()
     for ax, (key, title) in zip(axes, TRAINING_PANELS):
         if key == "memory":
@@ -100,7 +106,7 @@ def _plot_evaluation(records: list[dict], path: Path) -> bool:
     keys = sorted({k for e in evals for k, v in e["eval"].items() if _finite(v)})
     if not keys:
         return False
-    fig = _figure(7, 4)
+    fig = figure(7, 4)
     ax = fig.subplots()
     for key in keys:
         points = [(e["step"], e["eval"][key]) for e in evals if _finite(e["eval"].get(key))]
@@ -111,6 +117,33 @@ def _plot_evaluation(records: list[dict], path: Path) -> bool:
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=110)
     return True
+
+
+def _is_run_report(folder: Path) -> bool:
+    return (folder / "report.md").is_file() and (folder / "summary.json").is_file()
+
+
+def evaluation_figures(run: Path, out: Path) -> list[Path]:
+    """Every PNG under `run` that an evaluation wrote there, sorted by path: all of them but those
+    in the model, checkpoint and TensorBoard folders and in run reports (`out`, or an earlier one)."""
+    out = out.resolve()
+    found = []
+    for png in sorted(run.rglob("*.png")):
+        if png.relative_to(run).parts[0] in _NOT_EVALUATIONS:
+            continue
+        if png.parent.resolve() == out or _is_run_report(png.parent):
+            continue
+        found.append(png)
+    return found
+
+
+def _evaluation_section(run: Path, out: Path, figures: list[Path]) -> list[str]:
+    lines = ["", "## Evaluation figures", ""]
+    if not figures:
+        return lines + [f"No evaluation figures under {run} (`mlxclip eval --out {run}/eval` writes them there)."]
+    # Relative to the report, so that the run folder can be moved or shared as a whole.
+    links = [Path(os.path.relpath(png.resolve(), out.resolve())).as_posix() for png in figures]
+    return lines + [f"- [{png.relative_to(run).as_posix()}]({quote(link)})" for png, link in zip(figures, links)]
 
 
 def _fmt(value) -> str:
@@ -155,7 +188,9 @@ def write_run_report(run: str | Path, out: str | Path | None = None) -> RunRepor
     lines += ["", "## Config", "", "| option | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in cfg.items()]
     lines += ["", *[f"![{p.stem}]({p.name})" for p in figures]]
+    found = evaluation_figures(run, out)
+    lines += _evaluation_section(run, out, found)
     markdown = out / "report.md"
     markdown.write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    return RunReport(markdown, figures, summary)
+    return RunReport(markdown, figures, summary, found)
