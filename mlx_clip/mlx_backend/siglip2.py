@@ -1,0 +1,227 @@
+"""NaFlex SigLIP 2 in MLX (`transformers.Siglip2Model`, model_type "siglip2"). Parameter paths
+equal its state-dict keys and every tensor has the same layout (the patch embedding is a Linear),
+so a state dict loads by name alone (`load_state_dict`).
+
+Ported from `transformers/models/siglip2/modeling_siglip2.py`; tests hold it to that file. What
+differs from SigLIP (`siglip.py`, whose text tower, encoder layers and pooling head are reused):
+- images arrive as patches: (B, L, p*p*C) rows of flattened patches, a (B, L) mask of the real ones
+  and each image's (rows, cols) grid (`mlx_clip.model.naflex.naflex_inputs` makes them);
+- the square position table is resized to each image's grid with torch's antialiased bilinear
+  filter (`F.interpolate(mode="bilinear", align_corners=False, antialias=True)`), here one matmul
+  with constant weights computed in numpy (`position_weights`), so it is exact and differentiable;
+- padded patches are masked as keys in every encoder layer and in the attention-pooling head.
+
+The configs are `mlx_clip.model.naflex.Siglip2Config` and its towers' (read by their fields: the
+engine does not import that module).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlx_clip.errors import ConfigError, check_int
+from mlx_clip.mlx_backend import cpu_math
+from mlx_clip.mlx_backend.model import CLIPEncoder, Linear, normalize, use_cpu_math
+from mlx_clip.mlx_backend.siglip import (MultiheadAttention, SiglipMultiheadAttentionPoolingHead,
+                                         SiglipTextTransformer)
+
+# Added to the attention scores of padded keys: large rather than -inf, so that no row can turn
+# into inf - inf = nan (as `cpu_math.causal_mask`).
+_MASKED = -1e30
+
+
+def antialiased_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) float64 matrix M with M @ x the resize of x along its first axis by torch's
+    `F.interpolate(mode="bilinear", align_corners=False, antialias=True)`: a triangle filter
+    widened by the scale when shrinking (aten/src/ATen/native/cpu/UpSampleKernel.cpp,
+    `_compute_weights_aa`), each row normalized to sum 1."""
+    check_int("in_size", in_size, minimum=1)
+    check_int("out_size", out_size, minimum=1)
+    scale = in_size / out_size
+    support = scale if scale >= 1.0 else 1.0  # bilinear's half-width 1, widened when shrinking
+    inverse = 1.0 / scale if scale >= 1.0 else 1.0
+    matrix = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        first = max(int(center - support + 0.5), 0)  # int() truncates, as the C++ cast
+        last = min(int(center + support + 0.5), in_size)
+        taps = np.arange(first, last)
+        weights = np.maximum(0.0, 1.0 - np.abs((taps - center + 0.5) * inverse))
+        matrix[i, first:last] = weights / weights.sum()
+    return matrix
+
+
+@lru_cache(maxsize=1024)
+def _grid_weights(grid: int, rows: int, cols: int) -> np.ndarray:
+    """(rows * cols, grid * grid): output (r, c) = sum over (i, j) of A_rows[r, i] A_cols[c, j]
+    table[i, j], both grids flattened row-major."""
+    weights = np.kron(antialiased_bilinear_matrix(grid, rows), antialiased_bilinear_matrix(grid, cols))
+    weights.flags.writeable = False
+    return weights
+
+
+def position_weights(spatial_shapes: np.ndarray | Sequence[Sequence[int]], grid: int, length: int) -> np.ndarray:
+    """(B, length, grid * grid) float32 W such that W @ table, with `table` the (grid * grid, D)
+    position embeddings, is each image's embeddings resized to its (rows, cols) and padded to
+    `length`. Padding rows repeat the image's first position, as transformers'
+    `Siglip2VisionEmbeddings.resize_positional_embeddings` does (the mask hides them anyway).
+    Computed in float64: transformers' float32 weights are ~1e-6 off for a 16-wide grid."""
+    shapes = np.asarray(spatial_shapes).reshape(-1, 2)
+    out = np.zeros((len(shapes), length, grid * grid), np.float32)
+    for index, (rows, cols) in enumerate(shapes.tolist()):
+        if rows < 1 or cols < 1 or rows * cols > length:
+            raise ConfigError(f"spatial_shapes[{index}] must be a positive grid of at most {length} patches, "
+                              f"got {rows}x{cols}")
+        weights = _grid_weights(grid, rows, cols)
+        out[index, :rows * cols] = weights
+        out[index, rows * cols:] = weights[0]
+    return out
+
+
+def key_padding_mask(pixel_attention_mask: mx.array, dtype: mx.Dtype) -> mx.array:
+    """(B, L) 1 = real patch, 0 = padding -> (B, 1, 1, L) additive mask on the keys."""
+    keep = pixel_attention_mask.astype(mx.bool_)[:, None, None, :]
+    return mx.where(keep, 0.0, _MASKED).astype(dtype)
+
+
+class Siglip2VisionEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.grid = math.isqrt(cfg.num_patches)
+        patch_dim = cfg.patch_size * cfg.patch_size * cfg.num_channels  # a patch flattened as (p, p, C)
+        self.patch_embedding = Linear(patch_dim, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
+
+    def __call__(self, pixel_values: mx.array, weights: mx.array) -> mx.array:
+        """(B, L, p*p*C) patches, (B, L, g*g) resize weights -> (B, L, D)."""
+        table = self.position_embedding.weight  # (g*g, D), the (g, g) grid row-major
+        patches = self.patch_embedding(pixel_values.astype(table.dtype))
+        # transformers resizes in float32 and casts the result to the table's dtype.
+        positions = (weights.astype(mx.float32) @ table.astype(mx.float32)).astype(table.dtype)
+        return patches + positions
+
+
+class MaskedMultiheadAttention(MultiheadAttention):
+    """`MultiheadAttention` (same parameters) that takes an additive key mask, as torch's
+    `key_padding_mask`."""
+
+    def __call__(self, query: mx.array, memory: mx.array, mask: mx.array | None = None) -> mx.array:
+        batch, queries, dim = query.shape
+        w_q, w_k, w_v = mx.split(self.in_proj_weight, 3, axis=0)
+        b_q, b_k, b_v = mx.split(self.in_proj_bias, 3, axis=0)
+
+        def heads(t: mx.array) -> mx.array:
+            return t.reshape(batch, t.shape[1], self.num_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, hd)
+
+        def project(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
+            return heads(cpu_math.linear(x, weight, bias) if use_cpu_math() else mx.addmm(bias, x, weight.T))
+
+        q, k, v = project(query, w_q, b_q), project(memory, w_k, b_k), project(memory, w_v, b_v)
+        if use_cpu_math():
+            out = cpu_math.softmax((q * self.scale) @ k.transpose(0, 1, 3, 2), mask) @ v  # (B, H, Q, hd)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, queries, dim))
+
+
+class Siglip2MultiheadAttentionPoolingHead(SiglipMultiheadAttentionPoolingHead):
+    """SigLIP's head (same parameters) whose probe attends to the real patches only."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.attention = MaskedMultiheadAttention(cfg.hidden_size, cfg.num_attention_heads)
+
+    def __call__(self, hidden: mx.array, mask: mx.array | None = None) -> mx.array:
+        probe = mx.broadcast_to(self.probe, (hidden.shape[0], 1, hidden.shape[-1])).astype(hidden.dtype)
+        pooled = self.attention(probe, hidden, mask)  # (B, 1, D)
+        pooled = pooled + self.mlp(self.layernorm(pooled))
+        return pooled[:, 0]
+
+
+class Siglip2VisionTransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embeddings = Siglip2VisionEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.head = Siglip2MultiheadAttentionPoolingHead(cfg)
+
+    def __call__(self, pixel_values: mx.array, pixel_attention_mask: mx.array, weights: mx.array) -> mx.array:
+        """(B, L, p*p*C) patches, (B, L) mask, (B, L, g*g) position weights (`position_weights`)
+        -> (B, D) pooled image states. Pure MLX, so it compiles with the weights as an input."""
+        hidden = self.embeddings(pixel_values, weights)
+        mask = key_padding_mask(pixel_attention_mask, hidden.dtype)
+        hidden = self.post_layernorm(self.encoder(hidden, mask))
+        return self.head(hidden, mask)
+
+
+class Siglip2Model(nn.Module):
+    """`config`: a `mlx_clip.model.naflex.Siglip2Config`."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.text_model = SiglipTextTransformer(config.text_config)
+        self.vision_model = Siglip2VisionTransformer(config.vision_config)
+        self.logit_scale = mx.zeros((1,))
+        self.logit_bias = mx.zeros((1,))
+
+    def position_weights(self, spatial_shapes: Any, length: int) -> mx.array:
+        """(B, 2) (rows, cols) per image, on the host (numpy, a list, or an evaluated mx.array) ->
+        the (B, length, g*g) resize weights the vision tower takes."""
+        return mx.array(position_weights(np.asarray(spatial_shapes), self.vision_model.embeddings.grid, length))
+
+    def get_image_features(self, pixel_values: mx.array, pixel_attention_mask: mx.array,
+                           spatial_shapes: Any) -> mx.array:
+        """(B, L, p*p*C), (B, L), (B, 2) -> (B, D) pooled image states, before normalisation."""
+        pixel_values, pixel_attention_mask = mx.array(pixel_values), mx.array(pixel_attention_mask)
+        weights = self.position_weights(spatial_shapes, pixel_values.shape[1])
+        return self.vision_model(pixel_values, pixel_attention_mask, weights)
+
+    def get_text_features(self, input_ids: mx.array) -> mx.array:
+        """(B, T) token ids -> (B, D) pooled text states (last position), before normalisation."""
+        return self.text_model(mx.array(input_ids))
+
+    def __call__(self, input_ids: mx.array, pixel_values: mx.array, pixel_attention_mask: mx.array,
+                 spatial_shapes: Any) -> dict[str, mx.array]:
+        image_embeds = normalize(self.get_image_features(pixel_values, pixel_attention_mask, spatial_shapes))
+        text_embeds = normalize(self.get_text_features(input_ids))
+        logits_per_text = (text_embeds @ image_embeds.T) * mx.exp(self.logit_scale) + self.logit_bias
+        return {"image_embeds": image_embeds, "text_embeds": text_embeds,
+                "logits_per_image": logits_per_text.T, "logits_per_text": logits_per_text}
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.text_model.encoder.gradient_checkpointing = enabled
+        self.vision_model.encoder.gradient_checkpointing = enabled
+
+
+def _to_mx(value: Any) -> mx.array:
+    """A numpy array, an mx.array or a torch tensor (duck-typed: this engine never imports torch)."""
+    if isinstance(value, mx.array):
+        return value
+    if hasattr(value, "detach"):  # a torch tensor: numpy has no bfloat16, so widen it and narrow back
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            return mx.array(value.float().numpy()).astype(mx.bfloat16)
+        value = value.numpy()
+    return mx.array(np.asarray(value))
+
+
+def load_state_dict(model: Siglip2Model, state: Mapping[str, Any], strict: bool = True) -> Siglip2Model:
+    """Load a `transformers.Siglip2Model` state dict (torch tensors, numpy or mx arrays) by name:
+    every layout is already MLX's. With `strict`, missing, extra or misshapen tensors raise."""
+    model.load_weights([(name, _to_mx(value)) for name, value in state.items()], strict=strict)
+    mx.eval(model.parameters())
+    return model
+
+
+def from_torch_state_dict(config, state: Mapping[str, Any]) -> Siglip2Model:
+    """A new MLX model holding the weights of a `transformers.Siglip2Model` state dict."""
+    return load_state_dict(Siglip2Model(config), state)
