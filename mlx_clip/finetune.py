@@ -16,6 +16,7 @@ from mlx_clip.data.fingerprint import fingerprint
 from mlx_clip.data.loader import BatchLoader
 from mlx_clip.data.records import Dataset, load_dataset, split_samples
 from mlx_clip.engine.distributed import launched
+from mlx_clip.engine.policy import format_layer_decay_table
 from mlx_clip.errors import DataError
 from mlx_clip.outputs import check_folder, overlap, refuse_overlap
 from mlx_clip.model.tokenizer import load_tokenizer
@@ -174,6 +175,7 @@ class FinetuneResult:
     before: dict[str, float] | None
     after: dict[str, float] | None
     run: RunFolder
+    after_ema: dict[str, float] | None = None  # --ema-decay: the same evaluation of final-ema/
 
 
 def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evaluate: bool | None = None,
@@ -214,6 +216,10 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
     echo(f"{engine.name} engine, {engine.trainable_count():,} trainable parameters, {len(data.train)} training "
          f"samples, {len(data.val)} held out, {total} steps of {cfg.batch_size}"
          + (f" ({cfg.batch_size // world.size} on each of {world.size} processes)" if world.size > 1 else ""))
+    layer_decay = None
+    if cfg.layer_decay != 1:
+        layer_decay = {"decay": cfg.layer_decay, "groups": engine.layer_decay_table()}
+        echo(format_layer_decay_table(layer_decay["groups"], cfg.layer_decay))
     if cfg.buckets:
         shown = ", ".join(f"{h}x{w}: {n}" for (h, w), n in loader.bucket_counts() if n)
         echo(f"aspect-ratio buckets (height x width: samples): {shown}; each epoch leaves out fewer than "
@@ -225,8 +231,9 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
             trainer.restore(checkpoint)
             echo(f"resumed from {checkpoint} at step {trainer.step}")
         else:
-            trainer.log_start({"engine": engine.name, "train_samples": len(data.train), "val_samples": len(data.val),
-                               "trainable_parameters": engine.trainable_count(), "total_steps": total})
+            facts = {"engine": engine.name, "train_samples": len(data.train), "val_samples": len(data.val),
+                     "trainable_parameters": engine.trainable_count(), "total_steps": total}
+            trainer.log_start({**facts, "layer_decay": layer_decay} if layer_decay else facts)
             before = trainer.evaluate_before()
     except KeyboardInterrupt:
         where = "the checkpoint is unchanged; continue with --resume latest" if cfg.resume else \
@@ -239,14 +246,17 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
             write_bad_images(run, loader)
     try:
         after = evaluator(engine) if evaluator else None
+        after_ema = trainer.evaluate_ema() if after else None
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted during the final evaluation; training is complete: {result.final_model}") \
             from None
     if after:
-        trainer.finish(after, echo)
-        echo(summary_table(before, after))
+        trainer.finish(after, echo, after_ema)
+        echo(summary_table(before, after, after_ema))
     echo(f"final model: {result.final_model}")
-    return FinetuneResult(result, before, after, run)
+    if result.final_ema is not None:
+        echo(f"final model, weights' moving average (--ema-decay {cfg.ema_decay}): {result.final_ema}")
+    return FinetuneResult(result, before, after, run, after_ema)
 
 
 def _build(cfg: TrainConfig, data: DomainData, run: RunFolder, progress, evaluate: bool | None,
@@ -296,9 +306,11 @@ def write_bad_images(run: RunFolder, loader: BatchLoader) -> None:
         print(f"skipped {len(bad)} unreadable image(s); listed in {run.root / 'bad_images.txt'}")
 
 
-def summary_table(before: dict | None, after: dict) -> str:
-    rows = ["| metric | before | after |", "|---|---|---|"]
+def summary_table(before: dict | None, after: dict, after_ema: dict | None = None) -> str:
+    ema = after_ema is not None
+    rows = ["| metric | before | after |" + (" after (EMA) |" if ema else ""), "|---|---|---|" + ("---|" if ema else "")]
     for key, value in after.items():
         prior = f"{before[key]:.4f}" if before and key in before else "—"
-        rows.append(f"| {key} | {prior} | {value:.4f} |")
+        averaged = (f" {after_ema[key]:.4f} |" if key in after_ema else " — |") if ema else ""
+        rows.append(f"| {key} | {prior} | {value:.4f} |{averaged}")
     return "\n".join(rows)

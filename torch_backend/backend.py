@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mlx_clip.convert.writer import write_model_folder
-from mlx_clip.engine.base import ANCHOR, MODEL, OPTIM, PROBE_FLAG, STATE_FILE, EngineBase, Training, prefixed, unprefixed
+from mlx_clip.engine.base import (ANCHOR, EMA, MODEL, OPTIM, PROBE_FLAG, STATE_FILE, EngineBase, Training, prefixed,
+                                  unprefixed)
 from mlx_clip.model.config import CLIPConfig
 from mlx_clip.torch_backend.lora import merged
 from mlx_clip.torch_backend.model import load_torch_model, select_device
@@ -113,7 +115,7 @@ class TorchBackend(EngineBase):
 
         training = self.training
         return enter_phase(training.module, self.train_config, self.plan, phase, training.anchors, self.device,
-                           training.scaler, self.world)
+                           training.scaler, self.world, training.ema)
 
     def join(self) -> None:
         """Under torchrun (WORLD_SIZE > 1), join the process group; on CUDA each rank takes the
@@ -157,6 +159,24 @@ class TorchBackend(EngineBase):
     def trainable_count(self) -> int:
         return sum(p.numel() for _, p in self._trainable())
 
+    def parameter_sizes(self, trainable: bool = True) -> dict[str, int]:
+        named = self._trainable() if trainable else self.training.module.named_parameters()
+        return {name: p.numel() for name, p in named}
+
+    @contextmanager
+    def ema_weights(self):
+        """The weights' moving average in the model, in the model's dtypes, for the duration; the
+        trained tensors themselves (which the optimizer state is keyed on) come back afterwards."""
+        params = dict(self.training.module.named_parameters())
+        trained = {name: params[name].data for name in self.training.ema}
+        for name, average in self.training.ema.items():
+            params[name].data = average.to(trained[name].dtype, copy=True)
+        try:
+            yield
+        finally:
+            for name, data in trained.items():
+                params[name].data = data
+
     def train_step(self, batch, lr: float) -> dict:
         rows = self.world.shard(len(batch.input_ids))  # this rank's slice; the labels stay global
         pixels = torch.from_numpy(batch.pixels_of(rows)).permute(0, 3, 1, 2).to(self.device, self._dtype())
@@ -175,7 +195,8 @@ class TorchBackend(EngineBase):
 
         training = self.training
         tensors = {**prefixed(MODEL, ((k, v.detach().contiguous()) for k, v in training.module.state_dict().items())),
-                   **prefixed(ANCHOR, ((k, v.contiguous()) for k, v in (training.anchors or {}).items()))}
+                   **prefixed(ANCHOR, ((k, v.contiguous()) for k, v in (training.anchors or {}).items())),
+                   **prefixed(EMA, ((k, v.contiguous()) for k, v in (training.ema or {}).items()))}
         if self.phased:  # LP-FT: the phase decides which optimizer state there is
             tensors[PROBE_FLAG] = torch.tensor(self.phase == "probe", dtype=torch.uint8)
         if training.scaler is not None:
@@ -202,6 +223,9 @@ class TorchBackend(EngineBase):
             saved = unprefixed(ANCHOR, tensors)
             for name, anchor in (training.anchors or {}).items():
                 anchor.copy_(saved[name])
+            saved = unprefixed(EMA, tensors)
+            for name, average in (training.ema or {}).items():
+                average.copy_(saved[name])
         scaler = training.scaler
         if scaler is not None and "scaler/scale" in tensors:
             scaler.load_state_dict({**scaler.state_dict(), "scale": float(tensors["scaler/scale"]),

@@ -10,7 +10,7 @@ import torch
 
 from mlx_clip.engine.base import Training
 from mlx_clip.engine.policy import PROBED, TrainingPlan, default_loss
-from mlx_clip.engine.policy import LOGIT_SCALE_MAX, decays
+from mlx_clip.engine.policy import LOGIT_SCALE_MAX, decays, lr_scales, tower_depths
 from mlx_clip.torch_backend.loss import LOSSES
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor, bool]]
@@ -44,28 +44,32 @@ def prepare(clip, cfg, plan: TrainingPlan, device: torch.device, world=None) -> 
     adapted in place.
 
     With L2-SP (`cfg.l2_to_base`), the starting value of every tensor the run trains (in any
-    phase) is copied aside; the engine saves and restores it with the optimizer state."""
+    phase) is copied aside; with `cfg.ema_decay`, a float32 copy starts those tensors' moving
+    average; the engine saves and restores both with the optimizer state."""
     module = TrainModule(clip, plan.logit_bias).to(device)
     apply_plan(clip, plan)
     if cfg.gradient_checkpointing:
         set_activation_checkpointing(clip, True)
     module.train()
     anchors = {n: p.detach().clone() for n, p in trainable(module)} if cfg.l2_to_base else None
+    ema = {n: p.detach().float().clone() for n, p in trainable(module)} if cfg.ema_decay else None
     # float16's narrow range needs loss scaling; bfloat16 has float32's exponent and does not.
     scaler = torch.amp.GradScaler(device.type) if cfg.autocast_dtype == "float16" else None
-    return enter_phase(module, cfg, plan, plan.phase_at(0), anchors, device, scaler, world)
+    return enter_phase(module, cfg, plan, plan.phase_at(0), anchors, device, scaler, world, ema)
 
 
 def enter_phase(module: TrainModule, cfg, plan: TrainingPlan, phase: str, anchors: dict | None,
-                device: torch.device, scaler: torch.amp.GradScaler | None, world=None) -> Training:
+                device: torch.device, scaler: torch.amp.GradScaler | None, world=None,
+                ema: dict | None = None) -> Training:
     """A fresh optimizer and step for `phase` ("probe" | "full", see `policy`): at LP-FT's switch
-    every parameter starts with empty AdamW state, as in `mlx_backend/train.py`; the L2-SP anchors
-    and the loss scaler carry over."""
+    every parameter starts with empty AdamW state, as in `mlx_backend/train.py`; the L2-SP anchors,
+    the weights' EMA and the loss scaler carry over."""
     if plan.probe_steps:
         set_probe(module.clip, phase == "probe")
     optimizer = make_optimizer(module, cfg)
-    step = make_train_step(module, optimizer, cfg, plan, device=device, scaler=scaler, anchors=anchors, world=world)
-    return Training(module, optimizer, step, scaler=scaler, anchors=anchors)
+    step = make_train_step(module, optimizer, cfg, plan, device=device, scaler=scaler, anchors=anchors, world=world,
+                           ema=ema)
+    return Training(module, optimizer, step, scaler=scaler, anchors=anchors, ema=ema)
 
 
 def set_probe(clip, probe: bool) -> None:
@@ -105,17 +109,26 @@ def adam_steps(optimizer: torch.optim.AdamW, param: torch.Tensor) -> float:
     return float(state["step"]) if "step" in state else 0.0
 
 
+def layer_lr_scales(module: TrainModule, cfg) -> dict[str, float]:
+    """Each trained parameter's lr multiplier (`policy.lr_scales`; all 1.0 without layer decay)."""
+    return lr_scales([n for n, _ in trainable(module)], cfg.layer_decay, tower_depths(module.clip.config))
+
+
 def make_optimizer(module: TrainModule, cfg) -> torch.optim.AdamW:
+    """One group per (weight decay, lr scale): the step sets each group's lr to lr x its scale."""
     named = trainable(module)
-    groups = [{"params": [p for n, p in named if decays(n, p.ndim)], "weight_decay": cfg.weight_decay},
-              {"params": [p for n, p in named if not decays(n, p.ndim)], "weight_decay": 0.0}]
+    scales = layer_lr_scales(module, cfg)
+    groups = [{"params": [p for n, p in named if decays(n, p.ndim) == decayed and scales[n] == scale],
+               "weight_decay": cfg.weight_decay if decayed else 0.0, "lr_scale": scale}
+              for decayed in (True, False) for scale in sorted(set(scales.values()), reverse=True)]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              foreach=False)
 
 
 def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan: TrainingPlan, *,
                     device: torch.device, scaler: torch.amp.GradScaler | None = None,
-                    anchors: dict[str, torch.Tensor] | None = None, world=None) -> Step:
+                    anchors: dict[str, torch.Tensor] | None = None, world=None,
+                    ema: dict[str, torch.Tensor] | None = None) -> Step:
     """`step(pixels, ids, labels, lr) -> (loss, grad_norm, ok)`; a non-finite step changes nothing.
 
     With a `world` of several processes (`mlx_clip.engine.distributed`), pixels and ids are this rank's
@@ -123,6 +136,10 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
 
     Mixed precision (`cfg.autocast_dtype`) runs the towers under `torch.autocast`, with float32
     master weights and optimizer state; the loss is computed in float32 (see `loss._logits`).
+
+    Layer-wise lr decay scales each parameter group's lr (and so its L2-SP pull); `ema` (float32,
+    by name) moves toward the new weights after every update the optimizer really made, as in
+    `mlx_backend/train.py`.
     """
     loss_fn = LOSSES[cfg.loss or default_loss(module.clip.config)]
     options = dict(plan.loss_options)
@@ -130,6 +147,7 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
     params = [p for _, p in named]
     clip = module.clip
     l2sp = cfg.l2_to_base if anchors is not None else 0.0
+    scales = layer_lr_scales(module, cfg)
     autocast_dtype = getattr(torch, cfg.autocast_dtype) if cfg.autocast_dtype else None
 
     def embed(pixels, ids):
@@ -212,19 +230,19 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
 
     def step(pixels, ids, labels, lr):
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         optimizer.zero_grad(set_to_none=True)
         loss = backward(pixels, ids, labels)
         if scaler:
             scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         ok = bool(torch.isfinite(loss) and torch.isfinite(norm))
+        taken = adam_steps(optimizer, params[0])
         if l2sp and ok:
             # L2-SP (Li et al. 2018), decoupled as AdamW's weight decay: w -= lr * lambda * (w - w0),
             # every term at the weights before this step, applied only if the optimizer steps.
             with torch.no_grad():
-                pulls = [(p, (p - anchors[n]) * (lr * l2sp)) for n, p in named]
-            taken = adam_steps(optimizer, params[0])
+                pulls = [(p, (p - anchors[n]) * (lr * scales[n] * l2sp)) for n, p in named]
         if scaler:
             # An overflow of the scaled float16 gradients is the scaler's business: it skips the
             # update and lowers the scale. The step counts as non-finite only if the loss is.
@@ -234,13 +252,18 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
             ok = bool(torch.isfinite(loss))
         elif ok:
             optimizer.step()
-        if l2sp and ok and adam_steps(optimizer, params[0]) != taken:
+        stepped = ok and adam_steps(optimizer, params[0]) != taken  # the float16 scaler may have skipped it
+        if l2sp and stepped:
             with torch.no_grad():
                 for p, pull in pulls:
                     p.sub_(pull)
         if ok:
             with torch.no_grad():
                 clip.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+        if ema is not None and stepped:
+            with torch.no_grad():
+                for n, p in named:  # ema + (1 - decay) * (p - ema): timm's ModelEmaV3 lerp, in float32
+                    ema[n].add_((p.float() - ema[n]).mul_(1 - cfg.ema_decay))
         return loss.detach(), norm, ok
 
     return step

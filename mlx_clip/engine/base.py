@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from mlx_clip.engine.distributed import World
-from mlx_clip.engine.policy import TrainingPlan, for_model, training_plan
+from mlx_clip.engine.policy import TrainingPlan, for_model, layer_decay_table, tower_depths, training_plan
 
 # What every engine's save_state writes into a checkpoint folder, and the prefixes of its keys:
-# the trained module's weights, the optimizer's state, L2-SP's anchors (torch; MLX keeps them in
-# its optimizer state), and LP-FT's phase, which decides which optimizer state there is.
+# the trained module's weights, the optimizer's state, L2-SP's anchors and the weights' moving
+# average (torch; MLX keeps both in its optimizer state, under "anchor" and "ema"), and LP-FT's
+# phase, which decides which optimizer state there is.
 STATE_FILE = "engine_state.safetensors"
-MODEL, OPTIM, ANCHOR = "model/", "optim/", "anchor/"
+MODEL, OPTIM, ANCHOR, EMA = "model/", "optim/", "anchor/", "ema/"
 PROBE_FLAG = "phase/probe"
 
 
@@ -55,6 +56,7 @@ class Training:
     step: Callable  # (pixels, input ids, positive ids, lr) -> (loss, grad norm, ok)
     scaler: Any = None  # torch's loss scaler under float16 mixed precision
     anchors: dict | None = None  # L2-SP: the starting value of each trained tensor (torch)
+    ema: dict | None = None  # --ema-decay: each trained tensor's float32 moving average (torch)
 
 
 class EngineBase:
@@ -112,6 +114,13 @@ class EngineBase:
         """Whether the run has LP-FT's two phases (its checkpoints then record the phase)."""
         return bool(self.plan and self.plan.probe_steps)
 
+    def layer_decay_table(self) -> list[dict]:
+        """The run's layer-wise lr decay, one row per (tower, layer): tower, layer, lr_scale,
+        parameters. LP-FT's probe phase trains only the top, at scale 1: the rows are those of its
+        second phase, which trains everything."""
+        sizes = self.parameter_sizes(trainable=not self.phased)
+        return layer_decay_table(sizes, self.train_config.layer_decay, tower_depths(self.config))
+
     # --- hooks ----------------------------------------------------------------------------
     @classmethod
     def select_device(cls, requested: str | None):
@@ -133,4 +142,13 @@ class EngineBase:
         raise NotImplementedError
 
     def enter_phase(self, phase: str) -> Training:
+        raise NotImplementedError
+
+    def parameter_sizes(self, trainable: bool = True) -> dict[str, int]:
+        """Name -> element count of the trained module's parameters (only those training now)."""
+        raise NotImplementedError
+
+    def ema_weights(self):
+        """A context in which the model holds the moving average of its trained weights (in the
+        model's dtypes), the trained ones restored on leaving; needs `ema_decay`."""
         raise NotImplementedError

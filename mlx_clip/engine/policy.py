@@ -175,3 +175,76 @@ def training_plan(cfg) -> TrainingPlan:
         return TrainingPlan(frozen, lora, kept, SIGLIP_LOGIT_BIAS_INIT, probe_steps=probe)
     options = (("label_smoothing", cfg.label_smoothing), ("hard_negative_beta", cfg.hard_negative_beta))
     return TrainingPlan(frozen, lora, kept, None, options, probe)
+
+
+# --- layer-wise learning-rate decay ----------------------------------------------------------
+# BEiT (Bao et al. 2021) and timm's `param_groups_layer_decay`: within each tower, embeddings are
+# layer 0, encoder layer i is i + 1 and everything after the last layer is depth + 1; a parameter's
+# lr is scaled by decay ** (depth + 1 - layer), so the top trains at --lr and each layer below it
+# a factor `decay` slower. Each tower counts its own depth (SigLIP's towers may differ).
+
+# The model's top-level children that belong to a tower; anything else (logit_scale, logit_bias)
+# sits after both towers and trains at the full rate.
+TOWER_OF = {"vision_model": "vision", "visual_projection": "vision", "text_model": "text", "text_projection": "text"}
+_ENCODER_LAYER = re.compile(r"encoder\.layers\.(\d+)\.")
+_BELOW_LAYERS = ("embeddings.", "pre_layrnorm.")  # CLIP's vision tower normalises before its first layer
+
+
+@dataclass(frozen=True)
+class LayerPlace:
+    """Where a parameter sits for layer-wise lr decay."""
+
+    tower: str  # "vision", "text", or "shared" (after both towers)
+    layer: int  # 0 below the encoder, i + 1 in encoder layer i, top after the last layer
+    top: int  # the tower's depth + 1
+
+    def lr_scale(self, decay: float) -> float:
+        return decay ** (self.top - self.layer)
+
+
+def tower_depths(config) -> dict[str, int]:
+    """Encoder layers per tower of a model config (ours or transformers', same field names)."""
+    return {"vision": config.vision_config.num_hidden_layers, "text": config.text_config.num_hidden_layers}
+
+
+def layer_place(name: str, depths: dict[str, int]) -> LayerPlace:
+    """The place of parameter `name`, a path in the model or in an engine's TrainModule ("clip."
+    first). LoRA's tensors inside encoder layer i are in layer i + 1, as the Linear they adapt."""
+    path = name.removeprefix("clip.")
+    root, _, rest = path.partition(".")
+    tower = TOWER_OF.get(root)
+    if tower is None:
+        top = max(depths.values()) + 1
+        return LayerPlace("shared", top, top)
+    top = depths[tower] + 1
+    layer = _ENCODER_LAYER.match(rest)
+    if layer:
+        return LayerPlace(tower, int(layer.group(1)) + 1, top)
+    if rest.startswith(_BELOW_LAYERS):
+        return LayerPlace(tower, 0, top)
+    return LayerPlace(tower, top, top)
+
+
+def lr_scales(names, decay: float, depths: dict[str, int]) -> dict[str, float]:
+    """Parameter name -> its lr multiplier (all 1.0 at decay 1)."""
+    return {name: layer_place(name, depths).lr_scale(decay) for name in names}
+
+
+def layer_decay_table(sizes: dict[str, int], decay: float, depths: dict[str, int]) -> list[dict]:
+    """One row per (tower, layer) that holds any of `sizes` (name -> element count): tower,
+    layer, lr_scale, parameters; towers in order, layers bottom up."""
+    rows: dict[tuple[str, int], dict] = {}
+    for name, size in sizes.items():
+        place = layer_place(name, depths)
+        row = rows.setdefault((place.tower, place.layer), {"tower": place.tower, "layer": place.layer,
+                                                           "lr_scale": place.lr_scale(decay), "parameters": 0})
+        row["parameters"] += int(size)
+    order = {"vision": 0, "text": 1, "shared": 2}
+    return [rows[key] for key in sorted(rows, key=lambda key: (order[key[0]], key[1]))]
+
+
+def format_layer_decay_table(rows: list[dict], decay: float) -> str:
+    lines = [f"layer-wise lr decay {decay}: lr x decay ** (depth + 1 - layer), per tower",
+             f"  {'tower':8s} {'layer':>5s} {'lr scale':>10s} {'parameters':>12s}"]
+    lines += [f"  {r['tower']:8s} {r['layer']:5d} {r['lr_scale']:10.6f} {r['parameters']:12,d}" for r in rows]
+    return "\n".join(lines)

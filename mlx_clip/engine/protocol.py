@@ -45,6 +45,16 @@ class Backend(Protocol):
     def trainable_count(self) -> int:
         """Parameters the optimizer updates."""
 
+    def parameter_sizes(self, trainable: bool = True) -> dict[str, int]:
+        """Name -> element count of the trained module's parameters (only those training now)."""
+
+    def layer_decay_table(self) -> list[dict]:
+        """`--layer-decay`'s lr scale per (tower, layer), with its parameter count (`policy.lr_scales`)."""
+
+    def ema_weights(self) -> Any:
+        """With `--ema-decay`: a context in which the model holds the moving average of its trained
+        weights, the trained ones restored on leaving (how `final-ema/` is written and evaluated)."""
+
     def train_step(self, batch: Any, lr: float) -> dict:
         """One update on a `data.loader.Batch`: {loss, grad_norm, ok, logit_scale}. A step with
         a non-finite loss or gradient (ok False) changes no weight and no optimizer state."""

@@ -4,6 +4,7 @@ checkpoint folder into `model.CLIPModel` (or `siglip.SiglipModel`), encodes nump
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -161,8 +162,9 @@ class MLXBackend(EngineBase):
     def enter_phase(self, phase: str) -> Training:
         from mlx_clip.mlx_backend.train import enter_phase
 
-        anchors = self.training.optimizer.state.get("anchor")
-        return enter_phase(self.training.module, self.train_config, self.plan, phase, anchors, self.split, self.group)
+        state = self.training.optimizer.state
+        return enter_phase(self.training.module, self.train_config, self.plan, phase, state.get("anchor"), self.split,
+                           self.group, state.get("ema"))
 
     def join(self) -> None:
         """Under mlx.launch (MLX_RANK set), join the group its backend describes (ring, MPI, NCCL)."""
@@ -212,6 +214,25 @@ class MLXBackend(EngineBase):
 
     def trainable_count(self) -> int:
         return sum(int(np.prod(p.shape)) for _, p in tree_flatten(self.training.module.trainable_parameters()))
+
+    def parameter_sizes(self, trainable: bool = True) -> dict[str, int]:
+        module = self.training.module
+        tree = module.trainable_parameters() if trainable else module.parameters()
+        return {name: int(np.prod(p.shape)) for name, p in tree_flatten(tree)}
+
+    @contextmanager
+    def ema_weights(self):
+        """The weights' moving average in the model, in the model's dtypes, for the duration; the
+        trained weights (and the compiled step's state) come back untouched afterwards."""
+        module = self.training.module
+        averages = tree_flatten(self.training.optimizer.state["ema"])
+        params = dict(tree_flatten(module.parameters()))
+        trained = [(name, params[name]) for name, _ in averages]
+        module.update(tree_unflatten([(name, value.astype(params[name].dtype)) for name, value in averages]))
+        try:
+            yield
+        finally:
+            module.update(tree_unflatten(trained))
 
     def train_step(self, batch, lr: float) -> dict:
         module, optimizer, step = self.training.module, self.training.optimizer, self.training.step

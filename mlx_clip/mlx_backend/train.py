@@ -21,7 +21,7 @@ from mlx_clip.mlx_backend.model import CLIPModel, normalize
 from mlx_clip.mlx_backend.parallel import BatchSplit
 from mlx_clip.engine.base import Training
 from mlx_clip.engine.policy import PROBED, TrainingPlan, default_loss
-from mlx_clip.engine.policy import LOGIT_SCALE_MAX, decays
+from mlx_clip.engine.policy import LOGIT_SCALE_MAX, decays, lr_scales, tower_depths
 
 Step = Callable[[mx.array, mx.array, mx.array, mx.array], tuple[mx.array, mx.array, mx.array]]
 
@@ -48,27 +48,32 @@ def prepare(clip: CLIPModel, cfg, plan: TrainingPlan, split: BatchSplit | None =
     adapted in place.
 
     With L2-SP (`cfg.l2_to_base`), the starting value of every tensor the run trains (in any
-    phase) is kept in the optimizer state under "anchor", so it is saved and restored with it."""
+    phase) is kept in the optimizer state under "anchor", so it is saved and restored with it; with
+    `cfg.ema_decay`, so is the moving average of those tensors, under "ema", in float32."""
     module = TrainModule(clip, plan.logit_bias)
     module.train()
     apply_plan(clip, plan)
     clip.set_gradient_checkpointing(cfg.gradient_checkpointing)
     anchors = module.trainable_parameters() if cfg.l2_to_base else None
-    return enter_phase(module, cfg, plan, plan.phase_at(0), anchors, split, group)
+    ema = tree_map(lambda p: p.astype(mx.float32), module.trainable_parameters()) if cfg.ema_decay else None
+    return enter_phase(module, cfg, plan, plan.phase_at(0), anchors, split, group, ema)
 
 
 def enter_phase(module: TrainModule, cfg, plan: TrainingPlan, phase: str, anchors: dict | None = None,
-                split: BatchSplit | None = None, group=None) -> Training:
+                split: BatchSplit | None = None, group=None, ema: dict | None = None) -> Training:
     """A fresh optimizer and a compiled step for `phase` ("probe" | "full", see `policy`).
 
     LP-FT's switch to "full" builds both anew: every parameter starts with empty Adam moments
     and step 0 (so bias correction restarts), as the second stage of Kumar et al.'s recipe starts
-    a new optimizer from the probed model. The L2-SP anchors carry over unchanged."""
+    a new optimizer from the probed model. The L2-SP anchors and the weights' EMA carry over
+    unchanged."""
     if plan.probe_steps:
         set_probe(module.clip, phase == "probe")
     optimizer = make_optimizer(module, cfg)
     if anchors is not None:
         optimizer.state["anchor"] = anchors
+    if ema is not None:
+        optimizer.state["ema"] = ema
     compute_dtype = None
     if cfg.autocast_dtype and mx.default_device() == mx.cpu:
         warnings.warn(f"--precision {cfg.precision}: MLX's CPU backend multiplies {cfg.autocast_dtype} matrices at "
@@ -141,6 +146,11 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
     the global batch and labels the global batch's: the embeddings are all-gathered (MLX's VJP of
     `all_gather` hands each rank its own slice of the cotangent, open_clip's gather-with-grad), the
     loss is the global batch's, and the gradients are summed over the ranks (`global_gradients`).
+
+    Layer-wise lr decay (`cfg.layer_decay`, `policy.lr_scales`) multiplies each parameter's lr, so
+    its weight decay, Adam step and L2-SP pull, as torch's AdamW does with one lr per group. With
+    `cfg.ema_decay`, a successful step also moves each trained tensor's float32 moving average
+    toward its new value (timm's ModelEmaV3 lerp); a non-finite step leaves it as it was.
     """
     loss_fn = LOSSES[cfg.loss or default_loss(module.clip.config)]
     options = dict(plan.loss_options)
@@ -149,6 +159,8 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
     decay_mask = dict(tree_flatten(tree_map_with_path(lambda path, p: decays(path, p.ndim),
                                                       module.trainable_parameters())))
     beta1, beta2, eps = cfg.beta1, cfg.beta2, cfg.eps
+    scales = lr_scales(decay_mask, cfg.layer_decay, tower_depths(module.clip.config))
+    ema_decay = cfg.ema_decay
 
     def compute_loss(module, pixels, ids, labels):
         clip = module.clip
@@ -167,6 +179,8 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
 
     def update(name, param, grad, moments, scalars, anchor):
         lr, c1, c2, keep1, new1, keep2, new2 = scalars
+        if scales[name] != 1.0:  # at 1, the graph (and every bit) is that of a run without decay
+            lr, c1 = lr * scales[name], c1 * scales[name]
         m = keep1 * moments["m"] + new1 * grad
         v = keep2 * moments["v"] + new2 * mx.square(grad)
         decayed = param * (1 - lr * cfg.weight_decay) if decay_mask[name] else param
@@ -207,6 +221,9 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
         params = dict(tree_flatten(module.trainable_parameters()))
         moments = dict(tree_flatten(optimizer.state, is_leaf=lambda node: isinstance(node, dict) and "m" in node))
         anchors = dict(tree_flatten(optimizer.state["anchor"])) if l2sp else {}
+        averages = dict(tree_flatten(optimizer.state["ema"])) if ema_decay else {}
+        # 0 on a non-finite step: ema + 0 * (param - ema) is ema, bit for bit.
+        ema_weight = mx.where(ok, 1 - ema_decay, 0.0) if ema_decay else None
         new_params, new_moments = [], []
         for name, grad in grads.items():
             # as torch.nn.utils.clip_grad_norm_: always scale by min(1, c / (n + 1e-6))
@@ -214,9 +231,14 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
             param, moment = update(name, params[name], grad, moments[name], scalars, anchors.get(name))
             new_params.append((name, param))
             new_moments.append((name, moment))
+            if ema_decay:
+                average = averages[name]
+                averages[name] = average + ema_weight * (param.astype(mx.float32) - average)
         module.update(tree_unflatten(new_params))
         # Updated in place: the compiled function captures this dict object, not the name.
         optimizer.state.update(tree_unflatten(new_moments))
+        if ema_decay:  # whole: in LP-FT's probe phase it also holds the frozen towers' averages
+            optimizer.state["ema"] = tree_unflatten(list(averages.items()))
         optimizer.state["step"] = mx.where(ok, steps, optimizer.state["step"])
         optimizer.state["learning_rate"] = mx.where(ok, lr, optimizer.state["learning_rate"])
         return loss, norm, ok

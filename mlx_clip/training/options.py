@@ -85,6 +85,15 @@ class TrainConfig:
     l2_to_base: float = field(default=0.0, metadata={
         "help": "L2-SP (Li et al. 2018): pull every trained tensor toward its value at the start of the run, "
                 "decoupled like the weight decay (w -= lr * l2_to_base * (w - w0)); 0: off."})
+    layer_decay: float = field(default=1.0, metadata={
+        "help": "Layer-wise lr decay (BEiT, timm's param_groups_layer_decay), e.g. 0.75: in each tower the "
+                "embeddings are layer 0, encoder layer i is i+1 and what follows the last layer (final norm, "
+                "projection, heads, logit scale) is depth+1; each parameter's lr is --lr x decay ** (depth + 1 - "
+                "layer). In (0, 1]; 1: off."})
+    ema_decay: float | None = field(default=None, metadata={
+        "help": "Keep an exponential moving average of the trained weights (timm's ModelEmaV3), e.g. 0.999: "
+                "after each update ema = decay * ema + (1 - decay) * weights, in float32; saved with every "
+                "checkpoint, written to OUT/final-ema and evaluated beside final/. In (0, 1); unset: off."})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     beta2: float = field(default=0.98, metadata={"help": "AdamW beta2 (CLIP's 0.98)."})
     eps: float = field(default=1e-6, metadata={"help": "AdamW epsilon."})
@@ -217,6 +226,15 @@ class TrainConfig:
                   name, "must be in [0, 1)")
         for name in ("beta1", "beta2"):
             check(0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
+
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        if not (number(self.layer_decay) and 0 < self.layer_decay <= 1):
+            raise ConfigError(f"layer_decay (--layer-decay) must be in (0, 1], e.g. 0.75 (1: every layer at --lr), "
+                              f"got {self.layer_decay!r}")
+        if self.ema_decay is not None and not (number(self.ema_decay) and 0 < self.ema_decay < 1):
+            raise ConfigError(f"ema_decay (--ema-decay) must be in (0, 1), e.g. 0.999, got {self.ema_decay!r}")
         if self.max_control_drop is not None:
             check(0 <= self.max_control_drop <= 1, "max_control_drop", "must be in [0, 1]")
         check(0 < self.crop_scale_min <= 1, "crop_scale_min", "must be in (0, 1]")

@@ -6,6 +6,7 @@
     OUT/checkpoints/step-000100/{engine_state.safetensors, trainer.json}
     OUT/checkpoints/latest     name of the newest complete checkpoint
     OUT/final/                 the fine-tuned model (Hugging Face folder)
+    OUT/final-ema/             with --ema-decay: the same model with the weights' moving average
 
 A checkpoint is written into a temporary folder, flushed, and renamed into place; only then does
 `latest` move (itself replaced atomically). A kill at any moment leaves the previous checkpoint
@@ -57,9 +58,11 @@ class RunFolder:
         self.checkpoints = self.root / "checkpoints"
         self.metrics_path = self.root / "metrics.jsonl"
         self.final = self.root / "final"
+        self.final_ema = self.root / "final-ema"
 
     # What a run leaves in its folder; another run may not mix into them.
-    RUN_FILES = ("metrics.jsonl", "checkpoints", "final", "best", "bad_images.txt", "config.json", "tensorboard")
+    RUN_FILES = ("metrics.jsonl", "checkpoints", "final", "final-ema", "best", "bad_images.txt", "config.json",
+                 "tensorboard")
 
     def existing(self) -> list[str]:
         """The run files already in the folder."""
@@ -69,7 +72,7 @@ class RunFolder:
         """Whether the run in this folder got anywhere: a checkpoint, a model, or a logged step.
         A run refused or interrupted before its first step leaves only its config and start
         record, which a new run may replace without --overwrite."""
-        if self.complete_checkpoints() or self.final.exists() or self.best.exists():
+        if self.complete_checkpoints() or self.final.exists() or self.final_ema.exists() or self.best.exists():
             return True
         try:
             lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []

@@ -32,6 +32,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     nan_steps: int = 0
     evaluations: list[dict] = field(default_factory=list)
+    final_ema: Any = None  # with --ema-decay: the folder of the model holding the weights' moving average
 
 
 def _resolutions(cfg: TrainConfig, engine: Backend) -> list[tuple[int, int]] | None:
@@ -149,6 +150,8 @@ class Trainer:
                         break
             self.save_checkpoint()
             result.final_model = self.engine.save(self.run.final, to="hf") if self.world.is_main else self.run.final
+            if self.cfg.ema_decay:
+                result.final_ema = self._save_ema() if self.world.is_main else self.run.final_ema
         except TrainingStopped:  # Interrupted included: both have saved what they should
             raise
         except KeyboardInterrupt:  # a second Ctrl-C: stop at once, even mid-save
@@ -167,6 +170,10 @@ class Trainer:
             self._signals.restore()
         result.steps, result.nan_steps = self.step, self.nan_steps
         return result
+
+    def _save_ema(self):
+        with self.engine.ema_weights():
+            return self.engine.save(self.run.final_ema, to="hf")
 
     def _should_stop(self) -> bool:
         stop = self._signals.requested or (self.stop_after is not None and self.step >= self.stop_after)
@@ -232,11 +239,22 @@ class Trainer:
         self.log.write({"step": 0, "eval": self.baseline})
         return self.baseline
 
-    def finish(self, after: dict, echo: Callable[[str], None] = print) -> None:
-        """The final evaluation: logged, considered for --keep-best; the log is closed."""
+    def finish(self, after: dict, echo: Callable[[str], None] = print, after_ema: dict | None = None) -> None:
+        """The final evaluation: logged, considered for --keep-best; the log is closed. The EMA
+        model's is logged apart, as "eval_ema": it is another model than the one trained, which
+        --keep-best and the curves of "eval" follow."""
         self.log.write({"step": self.step, "eval": after})
+        if after_ema is not None:
+            self.log.write({"step": self.step, "eval_ema": after_ema})
         self.keep_best.consider(after, self.step, echo)
         self.log.close()
+
+    def evaluate_ema(self) -> dict | None:
+        """The held-out metrics of the weights' moving average (--ema-decay), by the same evaluation."""
+        if not (self.evaluate and self.cfg.ema_decay):
+            return None
+        with self.engine.ema_weights():
+            return self.evaluate(self.engine)
 
     def _first_evaluation(self) -> dict | None:
         """A resumed run's metrics before training, from its log (the forgetting guard's baseline)."""
