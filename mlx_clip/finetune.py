@@ -232,7 +232,8 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
             echo(f"resumed from {checkpoint} at step {trainer.step}")
         else:
             facts = {"engine": engine.name, "train_samples": len(data.train), "val_samples": len(data.val),
-                     "trainable_parameters": engine.trainable_count(), "total_steps": total}
+                     "trainable_parameters": engine.trainable_count(), "total_steps": total,
+                     **_shared_captions(data.train, cfg.multi_positive)}
             trainer.log_start({**facts, "layer_decay": layer_decay} if layer_decay else facts)
             before = trainer.evaluate_before()
     except KeyboardInterrupt:
@@ -314,3 +315,16 @@ def summary_table(before: dict | None, after: dict, after_ema: dict | None = Non
         averaged = (f" {after_ema[key]:.4f} |" if key in after_ema else " — |") if ema else ""
         rows.append(f"| {key} | {prior} | {value:.4f} |{averaged}")
     return "\n".join(rows)
+
+
+def _shared_captions(samples, multi_positive: bool) -> dict:
+    """The start record's count of training pairs whose caption another image shares (false
+    negatives without multi-positive targets): for captions data held as a table; class folders
+    already pair by class, and a stream is not read ahead to count."""
+    from mlx_clip.data.duplicates import shared_caption_count
+    from mlx_clip.data.table import SampleTable
+
+    if not isinstance(samples, SampleTable) or samples.labels is not None:
+        return {}
+    return {"shared_captions": shared_caption_count(samples.captions, samples.image_ids),
+            "shared_captions_are": "positives" if multi_positive else "negatives (--no-multi-positive)"}

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from mlx_clip.data.duplicates import positive_groups
 from mlx_clip.data.sample import Sample
 from mlx_clip.errors import ConfigError
 from mlx_clip.model.image_processing import normalize, preprocess, random_resized_crop
@@ -24,6 +25,10 @@ class Batch:
     image_ids: np.ndarray  # (B,) int64: captions of one image share an id
     indices: np.ndarray  # (B,) int64 positions in the sample list
     multi_positive: bool = True
+    # Captions data: ids equal where pairs share their image or their caption (`duplicates.positive_groups`).
+    caption_groups: np.ndarray | None = None
+    # --patch-dropout: (B, kept) sorted patch indices each image keeps this step (the trainer's draw).
+    patch_keep: np.ndarray | None = None
     # The rows of the global batch `pixels` holds when each process decoded only its own share
     # (`BatchLoader(share=...)`); None: all of them.
     pixel_rows: slice | None = None
@@ -39,11 +44,14 @@ class Batch:
     @property
     def positive_ids(self) -> np.ndarray:
         """(B,) ids whose equality marks positive pairs for the loss: the class for class-folder
-        data (FLYP-style), else the image (several captions of one image are all positives).
-        Without `multi_positive`, only each pair itself (CLIP's one-hot targets)."""
+        data (FLYP-style), else the image and the caption (several captions of one image, and
+        different images captioned alike, are positives of each other). Without `multi_positive`,
+        only each pair itself (CLIP's one-hot targets)."""
         if not self.multi_positive:
             return np.arange(len(self.indices), dtype=np.int64)
-        return self.labels if self.labels is not None else self.image_ids
+        if self.labels is not None:
+            return self.labels
+        return self.caption_groups if self.caption_groups is not None else self.image_ids
 
 
 @dataclass(frozen=True)
@@ -77,11 +85,14 @@ def collate(samples: Sequence[Sample], indices: list[int], pixels: list[np.ndarr
     if input_ids.shape[0] != len(chosen):
         raise ConfigError(f"tokenize returned {input_ids.shape[0]} rows for {len(chosen)} captions")
     labels = np.array([s.label for s in chosen], dtype=np.int64) if samples.has_labels else None
+    image_ids = np.array([s.image_id for s in chosen], dtype=np.int64)
+    groups = positive_groups(image_ids, [s.caption for s in chosen]) if labels is None and multi_positive else None
     return Batch(
         pixels=np.stack(pixels),
         input_ids=input_ids,
         labels=labels,
-        image_ids=np.array([s.image_id for s in chosen], dtype=np.int64),
+        image_ids=image_ids,
+        caption_groups=groups,
         indices=indices,
         multi_positive=multi_positive,
         pixel_rows=pixel_rows,

@@ -103,8 +103,14 @@ class TrainConfig:
                 "SigLIP models, clip otherwise)."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing of the CLIP loss."})
     hard_negative_beta: float = field(default=0.0, metadata={"help": "Hard-negative reweighting (0: off)."})
+    patch_dropout: float = field(default=0.0, metadata={
+        "help": "Patch dropout (FLIP, Li et al. 2023; open_clip's --force-patch-dropout): while training, each "
+                "image keeps a random (1 - rate) of its patches, drawn from the seed and the step (resumable); "
+                "evaluation keeps all. In [0, 1); 0: off."})
     multi_positive: bool = field(default=True, metadata={
-        "help": "Pairs of one class (or one image) are positives, not negatives."})
+        "help": "Pairs of one class, of one image, or of different images with the same caption (compared "
+                "case- and punctuation-blind) are positives, not negatives; the start record counts the captions "
+                "shared between images."})
     strategy: str = field(default="full", metadata={
         "help": "full, lora, lock-image, lock-text, or lp-ft (Kumar et al. 2022: --lp-steps steps that train only "
                 "the projections and logit scale, then the full model with a fresh optimizer and schedule)."})
@@ -233,6 +239,9 @@ class TrainConfig:
         if not (number(self.layer_decay) and 0 < self.layer_decay <= 1):
             raise ConfigError(f"layer_decay (--layer-decay) must be in (0, 1], e.g. 0.75 (1: every layer at --lr), "
                               f"got {self.layer_decay!r}")
+        if not (number(self.patch_dropout) and 0 <= self.patch_dropout < 1):
+            raise ConfigError(f"patch_dropout (--patch-dropout) must be in [0, 1), e.g. 0.5 (0: every patch), "
+                              f"got {self.patch_dropout!r}")
         if self.ema_decay is not None and not (number(self.ema_decay) and 0 < self.ema_decay < 1):
             raise ConfigError(f"ema_decay (--ema-decay) must be in (0, 1), e.g. 0.999, got {self.ema_decay!r}")
         if self.max_control_drop is not None:
