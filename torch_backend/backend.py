@@ -182,9 +182,10 @@ class TorchBackend(EngineBase):
         pixels = torch.from_numpy(batch.pixels_of(rows)).permute(0, 3, 1, 2).to(self.device, self._dtype())
         ids = torch.from_numpy(batch.input_ids[rows].astype(np.int64)).to(self.device)
         labels = torch.from_numpy(batch.positive_ids.astype(np.int64)).to(self.device)
+        keep = None if batch.patch_keep is None else torch.from_numpy(batch.patch_keep[rows].astype(np.int64)).to(self.device)
         if self.watchdog:
             self.watchdog.start("a training step")
-        loss, norm, ok = self.training.step(pixels, ids, labels, lr)
+        loss, norm, ok = self.training.step(pixels, ids, labels, lr, keep)
         if self.watchdog:
             self.watchdog.stop()
         return {"loss": float(loss), "grad_norm": float(norm), "ok": ok,

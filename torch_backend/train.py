@@ -4,6 +4,8 @@ twin of `mlx_clip/mlx_backend/train.py` (same policy, same order of operations),
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Callable
 
 import torch
@@ -150,8 +152,9 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
     scales = layer_lr_scales(module, cfg)
     autocast_dtype = getattr(torch, cfg.autocast_dtype) if cfg.autocast_dtype else None
 
-    def embed(pixels, ids):
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    def embed(pixels, ids, keep=None):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None), \
+                kept_patches(clip, keep):
             # A resolution schedule or aspect-ratio bucket trains at other sizes: positions
             # interpolated as in inference.
             native = clip.config.vision_config.image_size
@@ -161,7 +164,10 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
         image, text = image.float(), text.float()
         return image / image.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)
 
-    def global_backward(pixels, ids, labels):
+    def rows(keep, c):
+        return None if keep is None else keep[c]
+
+    def global_backward(pixels, ids, labels, keep=None):
         """The loss of the global batch, its gradient left in .grad, summed over the ranks.
 
         open_clip's gather-with-grad, local_loss=False: every rank computes the global loss on the
@@ -176,17 +182,17 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
         micro = cfg.micro_batch_size or pixels.shape[0]
         chunks = [slice(start, start + micro) for start in range(0, pixels.shape[0], micro)]
         if len(chunks) == 1:
-            local = [embed(pixels, ids)]
+            local = [embed(pixels, ids, keep)]
         else:
             with torch.no_grad():
-                local = [embed(pixels[c], ids[c]) for c in chunks]
+                local = [embed(pixels[c], ids[c], rows(keep, c)) for c in chunks]
         image, text = (all_gather(torch.cat([part[i] for part in local]).detach(), world).requires_grad_(True)
                        for i in (0, 1))
         loss = loss_fn(image, text, clip.logit_scale.exp(), module.bias(), labels=labels, **options)
         (scaler.scale(loss) if scaler else loss).backward()
         start = world.shard(image.shape[0]).start
         for c, part in zip(chunks, local):
-            outs = part if len(chunks) == 1 else embed(pixels[c], ids[c])
+            outs = part if len(chunks) == 1 else embed(pixels[c], ids[c], rows(keep, c))
             rows = slice(start + c.start, start + c.stop)
             pairs = [(out, whole.grad[rows]) for out, whole in zip(outs, (image, text)) if out.requires_grad]
             if pairs:
@@ -202,13 +208,13 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
         all_reduce_sum(grads, world)
         return loss
 
-    def backward(pixels, ids, labels):
+    def backward(pixels, ids, labels, keep=None):
         """The loss, its gradients left in the parameters' .grad (scaled when a scaler is on)."""
         if world is not None and world.size > 1:
-            return global_backward(pixels, ids, labels)
+            return global_backward(pixels, ids, labels, keep)
         micro = cfg.micro_batch_size
         if not micro:
-            image, text = embed(pixels, ids)
+            image, text = embed(pixels, ids, keep)
             loss = loss_fn(image, text, clip.logit_scale.exp(), module.bias(), labels=labels, **options)
             (scaler.scale(loss) if scaler else loss).backward()
             return loss
@@ -216,23 +222,24 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
         # loss's gradient with respect to them, then each chunk's vector-Jacobian product.
         chunks = [slice(start, start + micro) for start in range(0, pixels.shape[0], micro)]
         with torch.no_grad():
-            parts = [embed(pixels[c], ids[c]) for c in chunks]
+            parts = [embed(pixels[c], ids[c], rows(keep, c)) for c in chunks]
         image = torch.cat([p[0] for p in parts]).requires_grad_(True)
         text = torch.cat([p[1] for p in parts]).requires_grad_(True)
         loss = loss_fn(image, text, clip.logit_scale.exp(), module.bias(), labels=labels, **options)
         (scaler.scale(loss) if scaler else loss).backward()  # logit scale / bias get theirs here
         for c in chunks:
-            pairs = [(out, grad[c]) for out, grad in zip(embed(pixels[c], ids[c]), (image.grad, text.grad))
+            pairs = [(out, grad[c]) for out, grad in zip(embed(pixels[c], ids[c], rows(keep, c)),
+                                                         (image.grad, text.grad))
                      if out.requires_grad]  # a locked tower has nothing to backpropagate into
             if pairs:
                 torch.autograd.backward(*zip(*pairs))
         return loss
 
-    def step(pixels, ids, labels, lr):
+    def step(pixels, ids, labels, lr, keep=None):
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         optimizer.zero_grad(set_to_none=True)
-        loss = backward(pixels, ids, labels)
+        loss = backward(pixels, ids, labels, keep)
         if scaler:
             scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -267,3 +274,24 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
         return loss.detach(), norm, ok
 
     return step
+
+
+@contextlib.contextmanager
+def kept_patches(clip, keep: torch.Tensor | None):
+    """Patch dropout on transformers' towers: while inside, the vision embeddings' output keeps the
+    class token (CLIP; SigLIP has none) and the patches `keep` (B, K) names, each with its position,
+    as `mlx_backend.model.keep_rows` does; outside, and with `keep` None, nothing changes."""
+    if keep is None:
+        yield
+        return
+    skip = 0 if clip.config.model_type == "siglip" else 1
+
+    def gather(module, args, out):
+        index = keep.to(torch.int64)[..., None].expand(-1, -1, out.shape[-1])
+        return torch.cat([out[:, :skip], torch.gather(out[:, skip:], 1, index)], dim=1)
+
+    handle = clip.vision_model.embeddings.register_forward_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()

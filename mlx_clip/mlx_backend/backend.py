@@ -242,9 +242,12 @@ class MLXBackend(EngineBase):
         rows = self.world.shard(len(batch.input_ids))  # this rank's slice; the labels stay global
         pixels = batch.pixels_of(rows) if cached else mx.array(batch.pixels_of(rows))
 
+        # Patch dropout: this rank's rows of the trainer's draw, an extra input only when on.
+        keep = [] if batch.patch_keep is None else [mx.array(batch.patch_keep[rows].astype(np.int32))]
+
         def run():
             out = step(pixels, mx.array(batch.input_ids[rows].astype(np.int32)),
-                       mx.array(batch.positive_ids.astype(np.int32)), mx.array(lr, dtype=mx.float32))
+                       mx.array(batch.positive_ids.astype(np.int32)), mx.array(lr, dtype=mx.float32), *keep)
             with self.split.evaluating():
                 mx.eval(*out, module.state, optimizer.state)
             return out

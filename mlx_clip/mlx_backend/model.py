@@ -205,13 +205,18 @@ class CLIPVisionEmbeddings(nn.Module):
             return table
         return mx.concatenate([table[:1], resize_grid(table[1:], self.grid, rows, cols)], axis=0)
 
-    def __call__(self, pixels: mx.array) -> mx.array:
+    def __call__(self, pixels: mx.array, keep: mx.array | None = None) -> mx.array:
+        """(B, 1+N, D); with `keep` (B, K) patch indices (patch dropout), (B, 1+K, D): the class
+        token and the kept patches, each with its position."""
         batch, height, width, _ = pixels.shape
         patches = self.patch_embedding(pixels.astype(self.patch_embedding.weight.dtype))  # (B, h, w, D)
         patches = patches.reshape(batch, -1, patches.shape[-1])  # (B, N, D), row-major as torch's flatten
         cls = mx.broadcast_to(self.class_embedding, (batch, 1, patches.shape[-1])).astype(patches.dtype)
         embeddings = mx.concatenate([cls, patches], axis=1)  # (B, N+1, D)
-        return embeddings + self.positions_for(height, width)
+        embeddings = embeddings + self.positions_for(height, width)
+        if keep is None:
+            return embeddings
+        return mx.concatenate([embeddings[:, :1], keep_rows(embeddings[:, 1:], keep)], axis=1)
 
 
 class CLIPVisionTransformer(nn.Module):
@@ -222,9 +227,10 @@ class CLIPVisionTransformer(nn.Module):
         self.encoder = CLIPEncoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def __call__(self, pixels: mx.array) -> mx.array:
-        """(B, H, W, C) normalized pixels -> pooled class-token states (B, D), before the projection."""
-        hidden = self.pre_layrnorm(self.embeddings(pixels))
+    def __call__(self, pixels: mx.array, keep: mx.array | None = None) -> mx.array:
+        """(B, H, W, C) normalized pixels -> pooled class-token states (B, D), before the projection;
+        `keep`: the patches each image keeps (patch dropout, training only)."""
+        hidden = self.pre_layrnorm(self.embeddings(pixels, keep))
         class_rows = mx.zeros((pixels.shape[0],), dtype=mx.int32)
         return self.post_layernorm(self.encoder(hidden, pooled_rows=class_rows)[:, 0])
 
@@ -239,8 +245,8 @@ class CLIPModel(nn.Module):
         self.text_projection = Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
         self.logit_scale = mx.array(config.logit_scale_init_value, dtype=mx.float32)
 
-    def get_image_features(self, pixels: mx.array) -> mx.array:
-        return self.visual_projection(self.vision_model(pixels))
+    def get_image_features(self, pixels: mx.array, keep: mx.array | None = None) -> mx.array:
+        return self.visual_projection(self.vision_model(pixels, keep))
 
     def get_text_features(self, input_ids: mx.array) -> mx.array:
         return self.text_projection(self.text_model(input_ids))
@@ -269,3 +275,9 @@ def init_weights(model: CLIPModel, seed: int = 0) -> None:
     weights = random_weights(model.config, seed)
     model.load_weights([(k, mx.array(torch_to_mlx(k, v))) for k, v in weights.items()], strict=True)
     mx.eval(model.parameters())
+
+
+def keep_rows(tokens: mx.array, keep: mx.array) -> mx.array:
+    """(B, N, D) tokens -> (B, K, D): row b keeps tokens keep[b] (patch dropout)."""
+    index = mx.broadcast_to(keep.astype(mx.int32)[..., None], (*keep.shape, tokens.shape[-1]))
+    return mx.take_along_axis(tokens, index, axis=1)

@@ -24,16 +24,19 @@ class BatchSplit:
         count = cpu_streams() if count is None and mx.default_device() == mx.cpu else (count or 1)
         self.streams = [mx.new_stream(mx.cpu) for _ in range(count)] if count > 1 else []
 
-    def __call__(self, fn: Callable[[mx.array], mx.array], batch: mx.array) -> mx.array:
-        """fn(batch), computed slice by slice on the streams (rows 0..B split as evenly as they go)."""
+    def __call__(self, fn: Callable[..., mx.array], batch: mx.array, *aligned: mx.array | None) -> mx.array:
+        """fn(batch, *aligned), computed slice by slice on the streams (rows 0..B split as evenly as
+        they go; arrays in `aligned`, such as patch dropout's indices, are split with the same rows,
+        None passed as it is)."""
         parts = min(len(self.streams), batch.shape[0])
         if parts < 2:
-            return fn(batch)
+            return fn(batch, *aligned)
         bounds = [round(i * batch.shape[0] / parts) for i in range(1, parts)]
+        pieces = [mx.split(a, bounds, axis=0) if a is not None else [None] * parts for a in (batch, *aligned)]
         outputs = []
-        for stream, piece in zip(self.streams, mx.split(batch, bounds, axis=0)):
+        for stream, args in zip(self.streams, zip(*pieces)):
             with mx.stream(stream):
-                outputs.append(fn(piece))
+                outputs.append(fn(*args))
         return mx.concatenate(outputs, axis=0)
 
     def evaluating(self, rows: int | None = None):

@@ -18,8 +18,8 @@ import mlx.nn as nn
 
 from mlx_clip.model.config import CLIPConfig, SiglipTextConfig, SiglipVisionConfig
 from mlx_clip.mlx_backend import cpu_math
-from mlx_clip.mlx_backend.model import (CLIPEncoder, CLIPMLP, CLIPTextEmbeddings, Linear, normalize, resize_grid,
-                                       use_cpu_math)
+from mlx_clip.mlx_backend.model import (CLIPEncoder, CLIPMLP, CLIPTextEmbeddings, Linear, keep_rows, normalize,
+                                       resize_grid, use_cpu_math)
 
 
 class SiglipTextTransformer(nn.Module):
@@ -55,11 +55,13 @@ class SiglipVisionEmbeddings(nn.Module):
             return table
         return resize_grid(table, self.grid, rows, cols)
 
-    def __call__(self, pixels: mx.array) -> mx.array:
+    def __call__(self, pixels: mx.array, keep: mx.array | None = None) -> mx.array:
+        """(B, N, D); with `keep` (B, K) patch indices (patch dropout), the kept patches (B, K, D)."""
         batch, height, width, _ = pixels.shape
         patches = self.patch_embedding(pixels.astype(self.patch_embedding.weight.dtype))  # (B, h, w, D)
         patches = patches.reshape(batch, -1, patches.shape[-1])  # (B, N, D), row-major as torch's flatten
-        return patches + self.positions_for(height, width)
+        embeddings = patches + self.positions_for(height, width)
+        return embeddings if keep is None else keep_rows(embeddings, keep)
 
 
 class MultiheadAttention(nn.Module):
@@ -115,9 +117,10 @@ class SiglipVisionTransformer(nn.Module):
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.head = SiglipMultiheadAttentionPoolingHead(cfg)
 
-    def __call__(self, pixels: mx.array) -> mx.array:
-        """(B, H, W, C) normalized pixels -> (B, D) pooled image states."""
-        return self.head(self.post_layernorm(self.encoder(self.embeddings(pixels))))
+    def __call__(self, pixels: mx.array, keep: mx.array | None = None) -> mx.array:
+        """(B, H, W, C) normalized pixels -> (B, D) pooled image states; `keep`: the patches each
+        image keeps (patch dropout, training only)."""
+        return self.head(self.post_layernorm(self.encoder(self.embeddings(pixels, keep))))
 
 
 class SiglipModel(nn.Module):
@@ -129,8 +132,8 @@ class SiglipModel(nn.Module):
         self.logit_scale = mx.zeros((1,))
         self.logit_bias = mx.zeros((1,))
 
-    def get_image_features(self, pixels: mx.array) -> mx.array:
-        return self.vision_model(pixels)
+    def get_image_features(self, pixels: mx.array, keep: mx.array | None = None) -> mx.array:
+        return self.vision_model(pixels, keep)
 
     def get_text_features(self, input_ids: mx.array) -> mx.array:
         return self.text_model(input_ids)

@@ -155,19 +155,19 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
     loss_fn = LOSSES[cfg.loss or default_loss(module.clip.config)]
     options = dict(plan.loss_options)
     l2sp = cfg.l2_to_base
-    towers = split or (lambda tower, batch: tower(batch))
+    towers = split or (lambda tower, batch, *aligned: tower(batch, *aligned))
     decay_mask = dict(tree_flatten(tree_map_with_path(lambda path, p: decays(path, p.ndim),
                                                       module.trainable_parameters())))
     beta1, beta2, eps = cfg.beta1, cfg.beta2, cfg.eps
     scales = lr_scales(decay_mask, cfg.layer_decay, tower_depths(module.clip.config))
     ema_decay = cfg.ema_decay
 
-    def compute_loss(module, pixels, ids, labels):
+    def compute_loss(module, pixels, ids, labels, keep=None):
         clip = module.clip
         if compute_dtype is not None:
             clip.update(tree_map(lambda p: p.astype(compute_dtype), clip.parameters()))
             pixels = pixels.astype(compute_dtype)
-        image = normalize(towers(clip.get_image_features, pixels).astype(mx.float32))
+        image = normalize(towers(clip.get_image_features, pixels, keep).astype(mx.float32))
         text = normalize(towers(clip.get_text_features, ids).astype(mx.float32))
         if group is not None:  # (B/n, P) on each rank -> (B, P), ranks in order
             image, text = mx.distributed.all_gather(image, group=group), mx.distributed.all_gather(text, group=group)
@@ -195,9 +195,9 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
         # stay in their dtype (they silently became float32 after the first step).
         return new.astype(param.dtype), {"m": m, "v": v}
 
-    def step(pixels, ids, labels, lr):
+    def step(pixels, ids, labels, lr, *keep):  # keep: patch dropout's (B, K) indices, when on
         master = module.parameters()
-        loss, grads = loss_and_grad(module, pixels, ids, labels)
+        loss, grads = loss_and_grad(module, pixels, ids, labels, *keep)
         if compute_dtype is not None:
             module.update(master)  # the loss left its low-precision copies in the module
         grads = dict(tree_flatten(grads))  # frozen towers have no entry
@@ -267,16 +267,16 @@ def cached_step(module: TrainModule, loss_fn, options: dict, micro: int, finish,
     (`global_gradients`)."""
     state = [module.state]
 
-    def embed(pixels, ids):
+    def embed(pixels, ids, *keep):
         clip = module.clip
-        return (normalize(clip.get_image_features(pixels).astype(mx.float32)),
+        return (normalize(clip.get_image_features(pixels, *keep).astype(mx.float32)),
                 normalize(clip.get_text_features(ids).astype(mx.float32)))
 
     def head(image, text, log_scale, bias, labels):
         return loss_fn(image, text, mx.exp(log_scale.astype(mx.float32)), bias, labels=labels, **options)
 
-    def surrogate(module, pixels, ids, image_grad, text_grad):
-        image, text = embed(pixels, ids)
+    def surrogate(module, pixels, ids, image_grad, text_grad, *keep):
+        image, text = embed(pixels, ids, *keep)
         return (image * image_grad).sum() + (text * text_grad).sum()
 
     embed_c = mx.compile(embed, inputs=state)
@@ -284,11 +284,11 @@ def cached_step(module: TrainModule, loss_fn, options: dict, micro: int, finish,
     chunk_grads = mx.compile(lambda *args: nn.value_and_grad(module, surrogate)(module, *args)[1], inputs=state,
                              outputs=state)
 
-    def step(pixels, ids, labels, lr):
+    def step(pixels, ids, labels, lr, *keep):  # keep: patch dropout's (B, K) indices, when on
         chunks = [slice(start, start + micro) for start in range(0, pixels.shape[0], micro)]
         parts = []
         for part in chunks:
-            parts.append(embed_c(mx.array(pixels[part]), ids[part]))
+            parts.append(embed_c(mx.array(pixels[part]), ids[part], *(k[part] for k in keep)))
             mx.eval(parts[-1])
         image = mx.concatenate([p[0] for p in parts])
         text = mx.concatenate([p[1] for p in parts])
@@ -305,7 +305,7 @@ def cached_step(module: TrainModule, loss_fn, options: dict, micro: int, finish,
         for part in chunks:
             rows = slice(offset + part.start, offset + part.stop)
             got = dict(tree_flatten(chunk_grads(mx.array(pixels[part]), ids[part], head_grads[0][rows],
-                                                head_grads[1][rows])))
+                                                head_grads[1][rows], *(k[part] for k in keep))))
             grads = got if not grads else {name: grads[name] + g for name, g in got.items()}
             mx.eval(grads)
         # The temperature and bias enter only the loss: their gradients come from step 2.

@@ -120,6 +120,8 @@ class Trainer:
                 self._enter_phase(progress)
                 lr = phased_lr(self.step, self.total_steps, self.plan.probe_steps, self.cfg.lr, self.warmup_steps,
                                self.cfg.min_lr_ratio)
+                if self.cfg.patch_dropout:
+                    batch.patch_keep = self._patch_keep(batch)
                 in_step = True
                 metrics = self.engine.train_step(batch, lr)
                 in_step = False
@@ -174,6 +176,14 @@ class Trainer:
     def _save_ema(self):
         with self.engine.ema_weights():
             return self.engine.save(self.run.final_ema, to="hf")
+
+    def _patch_keep(self, batch):
+        from mlx_clip.training.patch_dropout import keep_indices
+
+        patch = self.engine.config.vision_config.patch_size
+        height, width = batch.pixels.shape[1:3]
+        return keep_indices(self.cfg.seed, self.step, len(batch.indices), (height // patch) * (width // patch),
+                            self.cfg.patch_dropout)
 
     def _should_stop(self) -> bool:
         stop = self._signals.requested or (self.stop_after is not None and self.step >= self.stop_after)
