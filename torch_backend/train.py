@@ -164,7 +164,7 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
         image, text = image.float(), text.float()
         return image / image.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)
 
-    def rows(keep, c):
+    def kept_of(keep, c):  # patch dropout: the chunk's rows of the drawn indices
         return None if keep is None else keep[c]
 
     def global_backward(pixels, ids, labels, keep=None):
@@ -185,14 +185,14 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
             local = [embed(pixels, ids, keep)]
         else:
             with torch.no_grad():
-                local = [embed(pixels[c], ids[c], rows(keep, c)) for c in chunks]
+                local = [embed(pixels[c], ids[c], kept_of(keep, c)) for c in chunks]
         image, text = (all_gather(torch.cat([part[i] for part in local]).detach(), world).requires_grad_(True)
                        for i in (0, 1))
         loss = loss_fn(image, text, clip.logit_scale.exp(), module.bias(), labels=labels, **options)
         (scaler.scale(loss) if scaler else loss).backward()
         start = world.shard(image.shape[0]).start
         for c, part in zip(chunks, local):
-            outs = part if len(chunks) == 1 else embed(pixels[c], ids[c], rows(keep, c))
+            outs = part if len(chunks) == 1 else embed(pixels[c], ids[c], kept_of(keep, c))
             rows = slice(start + c.start, start + c.stop)
             pairs = [(out, whole.grad[rows]) for out, whole in zip(outs, (image, text)) if out.requires_grad]
             if pairs:
@@ -222,13 +222,13 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
         # loss's gradient with respect to them, then each chunk's vector-Jacobian product.
         chunks = [slice(start, start + micro) for start in range(0, pixels.shape[0], micro)]
         with torch.no_grad():
-            parts = [embed(pixels[c], ids[c], rows(keep, c)) for c in chunks]
+            parts = [embed(pixels[c], ids[c], kept_of(keep, c)) for c in chunks]
         image = torch.cat([p[0] for p in parts]).requires_grad_(True)
         text = torch.cat([p[1] for p in parts]).requires_grad_(True)
         loss = loss_fn(image, text, clip.logit_scale.exp(), module.bias(), labels=labels, **options)
         (scaler.scale(loss) if scaler else loss).backward()  # logit scale / bias get theirs here
         for c in chunks:
-            pairs = [(out, grad[c]) for out, grad in zip(embed(pixels[c], ids[c], rows(keep, c)),
+            pairs = [(out, grad[c]) for out, grad in zip(embed(pixels[c], ids[c], kept_of(keep, c)),
                                                          (image.grad, text.grad))
                      if out.requires_grad]  # a locked tower has nothing to backpropagate into
             if pairs:

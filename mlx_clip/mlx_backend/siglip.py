@@ -139,12 +139,18 @@ class SiglipModel(nn.Module):
         return self.text_model(input_ids)
 
     def __call__(self, input_ids: mx.array, pixels: mx.array) -> dict[str, mx.array]:
-        image_embeds = normalize(self.get_image_features(pixels))
-        text_embeds = normalize(self.get_text_features(input_ids))
-        logits_per_text = (text_embeds @ image_embeds.T) * mx.exp(self.logit_scale) + self.logit_bias
-        return {"image_embeds": image_embeds, "text_embeds": text_embeds,
-                "logits_per_image": logits_per_text.T, "logits_per_text": logits_per_text}
+        return sigmoid_outputs(self.get_image_features(pixels), self.get_text_features(input_ids), self.logit_scale,
+                               self.logit_bias)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.text_model.encoder.gradient_checkpointing = enabled
         self.vision_model.encoder.gradient_checkpointing = enabled
+
+
+def sigmoid_outputs(image_features: mx.array, text_features: mx.array, logit_scale: mx.array,
+                    logit_bias: mx.array) -> dict[str, mx.array]:
+    """transformers' SiglipModel outputs: unit embeddings, and logits scaled by exp(scale) plus the bias."""
+    image_embeds, text_embeds = normalize(image_features), normalize(text_features)
+    logits_per_text = (text_embeds @ image_embeds.T) * mx.exp(logit_scale) + logit_bias
+    return {"image_embeds": image_embeds, "text_embeds": text_embeds,
+            "logits_per_image": logits_per_text.T, "logits_per_text": logits_per_text}

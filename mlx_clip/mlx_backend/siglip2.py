@@ -28,9 +28,9 @@ import numpy as np
 
 from mlx_clip.errors import ConfigError, check_int
 from mlx_clip.mlx_backend import cpu_math
-from mlx_clip.mlx_backend.model import CLIPEncoder, Linear, normalize, use_cpu_math
+from mlx_clip.mlx_backend.model import CLIPEncoder, Linear, use_cpu_math
 from mlx_clip.mlx_backend.siglip import (MultiheadAttention, SiglipMultiheadAttentionPoolingHead,
-                                         SiglipTextTransformer)
+                                         SiglipTextTransformer, sigmoid_outputs)
 
 # Added to the attention scores of padded keys: large rather than -inf, so that no row can turn
 # into inf - inf = nan (as `cpu_math.causal_mask`).
@@ -191,11 +191,8 @@ class Siglip2Model(nn.Module):
 
     def __call__(self, input_ids: mx.array, pixel_values: mx.array, pixel_attention_mask: mx.array,
                  spatial_shapes: Any) -> dict[str, mx.array]:
-        image_embeds = normalize(self.get_image_features(pixel_values, pixel_attention_mask, spatial_shapes))
-        text_embeds = normalize(self.get_text_features(input_ids))
-        logits_per_text = (text_embeds @ image_embeds.T) * mx.exp(self.logit_scale) + self.logit_bias
-        return {"image_embeds": image_embeds, "text_embeds": text_embeds,
-                "logits_per_image": logits_per_text.T, "logits_per_text": logits_per_text}
+        return sigmoid_outputs(self.get_image_features(pixel_values, pixel_attention_mask, spatial_shapes),
+                               self.get_text_features(input_ids), self.logit_scale, self.logit_bias)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.text_model.encoder.gradient_checkpointing = enabled
