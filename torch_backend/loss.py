@@ -10,6 +10,7 @@ A loss is a plain function
 of L2-normalised embeddings (B, D), the already-exponentiated logit scale (a scalar tensor, as
 open_clip passes `logit_scale.exp()`) and an optional learnable logit bias. To add one, write a
 function with this signature in both modules and register it under the same key in `LOSSES`.
+Both losses optionally take NegCLIP-style hard-negative captions (`negatives`, `negative_mask`).
 """
 
 from typing import Callable, Optional
@@ -34,6 +35,8 @@ def clip_loss(
     labels: Optional[torch.Tensor] = None,
     label_smoothing: float = 0.0,
     hard_negative_beta: float = 0.0,
+    negatives: Optional[torch.Tensor] = None,
+    negative_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Symmetric cross-entropy (InfoNCE) of CLIP, Radford et al. 2021; open_clip's `ClipLoss`.
 
@@ -58,11 +61,37 @@ def clip_loss(
         multiplies sim / temperature; a bias cancels in w. As there, gradients flow through w.
         In general the row's loss is the cross-entropy of its target against softmax(s + log w).
         0 is plain InfoNCE, computed without the reweighting.
+    negatives, negative_mask: hard-negative captions of NegCLIP (Yuksekgonul et al. 2023, "When
+        and why vision-language models behave like bags-of-words", ICLR): (B, K, D) L2-normalised
+        embeddings of each image's own extra captions, and (B, K) bool, True where a slot holds
+        one. Both or neither. With e_ik = logit_scale * <image_i, negatives_ik> (+ logit_bias),
+        image row i is a softmax over its n_i candidates, the B captions and its valid negatives:
+
+            loss_i = -sum_j q_ij log p_ij,   p_i = softmax([s_i1..s_iB, e_ik for valid k])
+
+        q_i is the target above on the captions and 0 on the negatives; smoothing gives eps / n_i
+        to each candidate; hard_negative_beta counts the valid negatives among the negatives.
+        Only image i sees its negatives, as the issue asks ("the text side as extra negatives
+        for their image only"); NegCLIP's released code appends them to the batch, so every
+        image sees all of them. The text->image side is unchanged (a negative caption has no
+        image). Masked slots take no part and get zero gradient, whatever their padding holds.
     """
     _check_options(label_smoothing, hard_negative_beta)
     logits = _logits(image_embeds, text_embeds, logit_scale, logit_bias)
     positives = _positives(logits.shape[0], labels, logits.device)
-    per_image = _cross_entropy(logits, positives, label_smoothing, hard_negative_beta)
+    if negatives is None and negative_mask is None:
+        per_image = _cross_entropy(logits, positives, label_smoothing, hard_negative_beta)
+    else:
+        extra, mask = _negative_logits(
+            image_embeds, negatives, negative_mask, logit_scale, logit_bias
+        )
+        per_image = _cross_entropy_with_negatives(
+            torch.cat([logits, extra], dim=1),  # (B, B + K)
+            torch.cat([positives, torch.zeros_like(mask)], dim=1),
+            torch.cat([torch.ones_like(positives), mask], dim=1),
+            label_smoothing,
+            hard_negative_beta,
+        )
     # labels are symmetric (same class both ways), so the text side has the same positives.
     per_text = _cross_entropy(logits.T, positives, label_smoothing, hard_negative_beta)
     return (per_image + per_text) / 2
@@ -75,6 +104,8 @@ def siglip_loss(
     logit_bias: Optional[torch.Tensor],
     *,
     labels: Optional[torch.Tensor] = None,
+    negatives: Optional[torch.Tensor] = None,
+    negative_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sigmoid loss of SigLIP, Zhai et al. 2023; open_clip's `SigLipLoss` on one device.
 
@@ -82,11 +113,21 @@ def siglip_loss(
 
     with z_ij = +1 for positive pairs (the diagonal, or same label when `labels` are given) and
     -1 otherwise. `logit_bias` may be None for no bias.
+
+    negatives, negative_mask: hard-negative captions as in `clip_loss`. Each valid slot adds
+    -log sigmoid(-e_ik) to the sum, e_ik = logit_scale * <image_i, negatives_ik> + logit_bias:
+    a negative pair of its own image only (Yuksekgonul et al. 2023), still divided by B.
     """
     logits = _logits(image_embeds, text_embeds, logit_scale, logit_bias)
     batch = logits.shape[0]
     signs = 2 * _positives(batch, labels, logits.device).float() - 1
-    return -F.logsigmoid(signs * logits).sum() / batch
+    total = -F.logsigmoid(signs * logits).sum()
+    if negatives is not None or negative_mask is not None:
+        extra, mask = _negative_logits(
+            image_embeds, negatives, negative_mask, logit_scale, logit_bias
+        )
+        total = total - torch.where(mask, F.logsigmoid(-extra), 0.0).sum()
+    return total / batch
 
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {"clip": clip_loss, "siglip": siglip_loss}
@@ -119,6 +160,45 @@ def _logits(
     return logits.float()
 
 
+def _negative_logits(
+    image_embeds: torch.Tensor,
+    negatives: Optional[torch.Tensor],
+    negative_mask: Optional[torch.Tensor],
+    logit_scale: torch.Tensor,
+    logit_bias: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K) float32 logits e_ik of each image against its own negatives, and the (B, K) mask."""
+    if negatives is None or negative_mask is None:
+        raise ValueError(
+            "negatives and negative_mask must be given together, got "
+            f"negatives {_shape(negatives)} and negative_mask {_shape(negative_mask)}"
+        )
+    negative_mask = torch.as_tensor(negative_mask, device=image_embeds.device).bool()
+    batch, dim = image_embeds.shape
+    if (
+        negatives.ndim != 3
+        or negatives.shape[0] != batch
+        or negatives.shape[2] != dim
+        or negative_mask.shape != negatives.shape[:2]
+    ):
+        raise ValueError(
+            f"negatives must be (B, K, D) = ({batch}, K, {dim}) and negative_mask (B, K), got "
+            f"{tuple(negatives.shape)} and {tuple(negative_mask.shape)} for image_embeds "
+            f"{tuple(image_embeds.shape)}"
+        )
+    # Zeroing the padding keeps a nan or inf there out of the image gradient (0 * inf = nan).
+    negatives = torch.where(negative_mask[..., None], negatives, 0.0)
+    # Same association as `_logits`: (scale * img_i) . neg_ik.
+    extra = (negatives @ (logit_scale * image_embeds)[:, :, None])[:, :, 0]  # (B, K)
+    if logit_bias is not None:
+        extra = extra + logit_bias
+    return extra.float(), negative_mask
+
+
+def _shape(tensor: Optional[torch.Tensor]) -> Optional[tuple]:
+    return None if tensor is None else tuple(tensor.shape)
+
+
 def _positives(batch: int, labels: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
     """(B, B) bool: which (image, text) pairs are positives."""
     if labels is None:
@@ -136,17 +216,41 @@ def _cross_entropy(
     positives_f = positives.float()
     targets = positives_f / positives_f.sum(dim=1, keepdim=True)
     if beta:
-        logits = logits + _hard_negative_log_weights(logits, positives, beta)
+        logits = logits + _hard_negative_log_weights(logits, ~positives, beta)
     return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
-def _hard_negative_log_weights(
-    logits: torch.Tensor, positives: torch.Tensor, beta: float
+def _cross_entropy_with_negatives(
+    logits: torch.Tensor,
+    positives: torch.Tensor,
+    candidates: torch.Tensor,
+    label_smoothing: float,
+    beta: float,
 ) -> torch.Tensor:
-    """log w of Robinson et al. 2021 (see `clip_loss`): 0 on positives."""
-    negatives = ~positives
+    """`_cross_entropy` over only the candidates of each row (all (B, C) tensors).
+
+    The smoothing is written out (eps / n_i over the row's n_i candidates) because
+    `F.cross_entropy(label_smoothing=)` would spread it over the masked slots too.
+    """
+    positives_f = positives.float()
+    targets = positives_f / positives_f.sum(dim=1, keepdim=True)
+    if label_smoothing:
+        candidates_f = candidates.float()
+        uniform = candidates_f / candidates_f.sum(dim=1, keepdim=True)
+        targets = (1 - label_smoothing) * targets + label_smoothing * uniform
+    if beta:
+        logits = logits + _hard_negative_log_weights(logits, candidates & ~positives, beta)
+    # Masked slots: softmax weight exp(_MASKED - max) = 0 and target 0, so zero gradient.
+    logits = logits.masked_fill(~candidates, _MASKED)
+    return F.cross_entropy(logits, targets)
+
+
+def _hard_negative_log_weights(
+    logits: torch.Tensor, negatives: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """log w of Robinson et al. 2021 (see `clip_loss`) over the `negatives` entries; 0 elsewhere."""
     count = negatives.sum(dim=1, keepdim=True).clamp(min=1).float()
     scaled = beta * logits
-    log_mean = torch.logsumexp(scaled.masked_fill(positives, _MASKED), dim=1, keepdim=True)
+    log_mean = torch.logsumexp(scaled.masked_fill(~negatives, _MASKED), dim=1, keepdim=True)
     log_mean = log_mean - torch.log(count)
     return torch.where(negatives, scaled - log_mean, torch.zeros_like(scaled))

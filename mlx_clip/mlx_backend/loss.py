@@ -11,8 +11,10 @@ of L2-normalised embeddings (B, D), the already-exponentiated logit scale (a sca
 open_clip passes `logit_scale.exp()`) and an optional learnable logit bias. To add one, write a
 function with this signature in both modules and register it under the same key in `LOSSES`.
 
-Every branch below is on a Python value (an option or `labels is None`), never on an array value,
-so the functions trace under `mx.compile` and `nn.value_and_grad`.
+Both losses optionally take NegCLIP-style hard-negative captions (`negatives`, `negative_mask`;
+see `clip_loss`). Every branch below is on a Python value (an option, `labels is None`,
+`negatives is None`), never on an array value, so the functions trace under `mx.compile` and
+`nn.value_and_grad`.
 """
 
 from typing import Callable, Optional
@@ -37,6 +39,8 @@ def clip_loss(
     labels: Optional[mx.array] = None,
     label_smoothing: float = 0.0,
     hard_negative_beta: float = 0.0,
+    negatives: Optional[mx.array] = None,
+    negative_mask: Optional[mx.array] = None,
 ) -> mx.array:
     """Symmetric cross-entropy (InfoNCE) of CLIP, Radford et al. 2021; open_clip's `ClipLoss`.
 
@@ -62,11 +66,37 @@ def clip_loss(
         multiplies sim / temperature; a bias cancels in w. As there, gradients flow through w.
         In general the row's loss is the cross-entropy of its target against softmax(s + log w).
         0 is plain InfoNCE, computed without the reweighting.
+    negatives, negative_mask: hard-negative captions of NegCLIP (Yuksekgonul et al. 2023, "When
+        and why vision-language models behave like bags-of-words", ICLR): (B, K, D) L2-normalised
+        embeddings of each image's own extra captions, and (B, K) bool, True where a slot holds
+        one. Both or neither. With e_ik = logit_scale * <image_i, negatives_ik> (+ logit_bias),
+        image row i is a softmax over its n_i candidates, the B captions and its valid negatives:
+
+            loss_i = -sum_j q_ij log p_ij,   p_i = softmax([s_i1..s_iB, e_ik for valid k])
+
+        q_i is the target above on the captions and 0 on the negatives; smoothing gives eps / n_i
+        to each candidate; hard_negative_beta counts the valid negatives among the negatives.
+        Only image i sees its negatives, as the issue asks ("the text side as extra negatives
+        for their image only"); NegCLIP's released code appends them to the batch, so every
+        image sees all of them. The text->image side is unchanged (a negative caption has no
+        image). Masked slots take no part and get zero gradient, whatever their padding holds.
     """
     _check_options(label_smoothing, hard_negative_beta)
     logits = _logits(image_embeds, text_embeds, logit_scale, logit_bias)
     positives = _positives(logits.shape[0], labels)
-    per_image = _cross_entropy(logits, positives, label_smoothing, hard_negative_beta)
+    if negatives is None and negative_mask is None:
+        per_image = _cross_entropy(logits, positives, label_smoothing, hard_negative_beta)
+    else:
+        extra, mask = _negative_logits(
+            image_embeds, negatives, negative_mask, logit_scale, logit_bias
+        )
+        per_image = _cross_entropy_with_negatives(
+            mx.concatenate([logits, extra], axis=1),  # (B, B + K)
+            mx.concatenate([positives, mx.zeros(mask.shape, mx.bool_)], axis=1),
+            mx.concatenate([mx.ones(logits.shape, mx.bool_), mask], axis=1),
+            label_smoothing,
+            hard_negative_beta,
+        )
     # labels are symmetric (same class both ways), so the text side has the same positives.
     per_text = _cross_entropy(logits.T, positives, label_smoothing, hard_negative_beta)
     return (per_image + per_text) / 2
@@ -79,6 +109,8 @@ def siglip_loss(
     logit_bias: Optional[mx.array],
     *,
     labels: Optional[mx.array] = None,
+    negatives: Optional[mx.array] = None,
+    negative_mask: Optional[mx.array] = None,
 ) -> mx.array:
     """Sigmoid loss of SigLIP, Zhai et al. 2023; open_clip's `SigLipLoss` on one device.
 
@@ -86,11 +118,21 @@ def siglip_loss(
 
     with z_ij = +1 for positive pairs (the diagonal, or same label when `labels` are given) and
     -1 otherwise. `logit_bias` may be None for no bias.
+
+    negatives, negative_mask: hard-negative captions as in `clip_loss`. Each valid slot adds
+    -log sigmoid(-e_ik) to the sum, e_ik = logit_scale * <image_i, negatives_ik> + logit_bias:
+    a negative pair of its own image only (Yuksekgonul et al. 2023), still divided by B.
     """
     logits = _logits(image_embeds, text_embeds, logit_scale, logit_bias)
     batch = logits.shape[0]
     signs = 2 * _positives(batch, labels).astype(mx.float32) - 1
-    return -nn.log_sigmoid(signs * logits).sum() / batch
+    total = -nn.log_sigmoid(signs * logits).sum()
+    if negatives is not None or negative_mask is not None:
+        extra, mask = _negative_logits(
+            image_embeds, negatives, negative_mask, logit_scale, logit_bias
+        )
+        total = total - mx.where(mask, nn.log_sigmoid(-extra), 0.0).sum()
+    return total / batch
 
 
 LOSSES: dict[str, Callable[..., mx.array]] = {"clip": clip_loss, "siglip": siglip_loss}
@@ -123,6 +165,45 @@ def _logits(
     return logits.astype(mx.float32)
 
 
+def _negative_logits(
+    image_embeds: mx.array,
+    negatives: Optional[mx.array],
+    negative_mask: Optional[mx.array],
+    logit_scale: mx.array,
+    logit_bias: Optional[mx.array],
+) -> tuple[mx.array, mx.array]:
+    """(B, K) float32 logits e_ik of each image against its own negatives, and the (B, K) mask."""
+    if negatives is None or negative_mask is None:
+        raise ValueError(
+            "negatives and negative_mask must be given together, got "
+            f"negatives {_shape(negatives)} and negative_mask {_shape(negative_mask)}"
+        )
+    negative_mask = mx.array(negative_mask).astype(mx.bool_)
+    batch, dim = image_embeds.shape
+    if (
+        negatives.ndim != 3
+        or negatives.shape[0] != batch
+        or negatives.shape[2] != dim
+        or negative_mask.shape != negatives.shape[:2]
+    ):
+        raise ValueError(
+            f"negatives must be (B, K, D) = ({batch}, K, {dim}) and negative_mask (B, K), got "
+            f"{tuple(negatives.shape)} and {tuple(negative_mask.shape)} for image_embeds "
+            f"{tuple(image_embeds.shape)}"
+        )
+    # Zeroing the padding keeps a nan or inf there out of the image gradient (0 * inf = nan).
+    negatives = mx.where(negative_mask[..., None], negatives, 0)
+    # Same association as `_logits`: (scale * img_i) . neg_ik.
+    extra = (negatives @ (logit_scale * image_embeds)[:, :, None])[:, :, 0]  # (B, K)
+    if logit_bias is not None:
+        extra = extra + logit_bias
+    return extra.astype(mx.float32), negative_mask
+
+
+def _shape(array: Optional[mx.array]) -> Optional[tuple]:
+    return None if array is None else tuple(array.shape)
+
+
 def _positives(batch: int, labels: Optional[mx.array]) -> mx.array:
     """(B, B) bool: which (image, text) pairs are positives."""
     if labels is None:
@@ -140,15 +221,40 @@ def _cross_entropy(
     positives_f = positives.astype(mx.float32)
     targets = positives_f / positives_f.sum(axis=1, keepdims=True)
     if beta:
-        logits = logits + _hard_negative_log_weights(logits, positives, beta)
+        logits = logits + _hard_negative_log_weights(logits, mx.logical_not(positives), beta)
     return nn.losses.cross_entropy(
         logits, targets, label_smoothing=label_smoothing, reduction="mean"
     )
 
 
-def _hard_negative_log_weights(logits: mx.array, positives: mx.array, beta: float) -> mx.array:
-    """log w of Robinson et al. 2021 (see `clip_loss`): 0 on positives."""
-    negatives = mx.logical_not(positives)
+def _cross_entropy_with_negatives(
+    logits: mx.array,
+    positives: mx.array,
+    candidates: mx.array,
+    label_smoothing: float,
+    beta: float,
+) -> mx.array:
+    """`_cross_entropy` over only the candidates of each row (all (B, C) arrays).
+
+    The smoothing is written out (eps / n_i over the row's n_i candidates) because
+    `cross_entropy(label_smoothing=)` would spread it over the masked slots too.
+    """
+    positives_f = positives.astype(mx.float32)
+    targets = positives_f / positives_f.sum(axis=1, keepdims=True)
+    if label_smoothing:
+        candidates_f = candidates.astype(mx.float32)
+        uniform = candidates_f / candidates_f.sum(axis=1, keepdims=True)
+        targets = (1 - label_smoothing) * targets + label_smoothing * uniform
+    if beta:
+        negatives = mx.logical_and(candidates, mx.logical_not(positives))
+        logits = logits + _hard_negative_log_weights(logits, negatives, beta)
+    # Masked slots: softmax weight exp(_MASKED - max) = 0 and target 0, so zero gradient.
+    logits = mx.where(candidates, logits, _MASKED)
+    return nn.losses.cross_entropy(logits, targets, reduction="mean")
+
+
+def _hard_negative_log_weights(logits: mx.array, negatives: mx.array, beta: float) -> mx.array:
+    """log w of Robinson et al. 2021 (see `clip_loss`) over the `negatives` entries; 0 elsewhere."""
     count = mx.maximum(negatives.sum(axis=1, keepdims=True), 1).astype(mx.float32)
     scaled = beta * logits
     log_mean = mx.logsumexp(mx.where(negatives, scaled, _MASKED), axis=1, keepdims=True)
