@@ -17,7 +17,7 @@ from mlx_clip.data.loader import BatchLoader
 from mlx_clip.data.records import Dataset, load_dataset, split_samples
 from mlx_clip.engine.distributed import launched
 from mlx_clip.engine.policy import format_layer_decay_table
-from mlx_clip.errors import DataError
+from mlx_clip.errors import ConfigError, DataError
 from mlx_clip.outputs import check_folder, overlap, refuse_overlap
 from mlx_clip.model.tokenizer import load_tokenizer
 from mlx_clip.training.held_out import CONTROL_TOP1, VAL_IMAGE_R1, VAL_TEXT_R1, VAL_TOP1
@@ -61,6 +61,9 @@ class DomainData:
 
 
 def prepare_data(cfg: TrainConfig) -> DomainData:
+    if cfg.data is None and cfg.negative_column:
+        raise ConfigError("--negative-column needs --data: the built-in demo's class folders have no hard-negative "
+                          "captions")
     if cfg.data is None:
         from mlx_clip.model.builtin import cache_root
         from mlx_clip.data.demo import make_demo
@@ -72,7 +75,8 @@ def prepare_data(cfg: TrainConfig) -> DomainData:
         return DomainData(target.samples, target.val or [], target.class_names, target.templates, captions, control,
                           paths["target"])
     columns = {"image_column": cfg.image_column, "caption_column": cfg.caption_column}
-    data = load_dataset(cfg.data, templates=cfg.templates, split=cfg.split, **columns)
+    data = load_dataset(cfg.data, templates=cfg.templates, split=cfg.split, negative_column=cfg.negative_column,
+                        **columns)
     if data.class_names is not None and len(data.class_names) < 2:
         raise DataError(f"{cfg.data}: class folders need two classes or more to fine-tune on, found "
                         f"{len(data.class_names)} ({', '.join(data.class_names)}): every pair of a batch would be a "
@@ -216,6 +220,11 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
     echo(f"{engine.name} engine, {engine.trainable_count():,} trainable parameters, {len(data.train)} training "
          f"samples, {len(data.val)} held out, {total} steps of {cfg.batch_size}"
          + (f" ({cfg.batch_size // world.size} on each of {world.size} processes)" if world.size > 1 else ""))
+    negatives = _negative_counts(data.train)
+    if negatives:
+        echo(f"hard-negative captions (--negative-column {cfg.negative_column}): {negatives['negative_captions']:,} "
+             f"for {negatives['rows_with_negatives']:,} of {len(data.train):,} training pairs; each step's text tower "
+             f"also runs on {negatives['negative_slots']} slot(s) per pair")
     layer_decay = None
     if cfg.layer_decay != 1:
         layer_decay = {"decay": cfg.layer_decay, "groups": engine.layer_decay_table()}
@@ -233,7 +242,7 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
         else:
             facts = {"engine": engine.name, "train_samples": len(data.train), "val_samples": len(data.val),
                      "trainable_parameters": engine.trainable_count(), "total_steps": total,
-                     **_shared_captions(data.train, cfg.multi_positive)}
+                     **_shared_captions(data.train, cfg.multi_positive), **_negative_counts(data.train)}
             trainer.log_start({**facts, "layer_decay": layer_decay} if layer_decay else facts)
             before = trainer.evaluate_before()
     except KeyboardInterrupt:
@@ -315,6 +324,15 @@ def summary_table(before: dict | None, after: dict, after_ema: dict | None = Non
         averaged = (f" {after_ema[key]:.4f} |" if key in after_ema else " — |") if ema else ""
         rows.append(f"| {key} | {prior} | {value:.4f} |{averaged}")
     return "\n".join(rows)
+
+
+def _negative_counts(samples) -> dict:
+    """The start record's count of hard-negative captions (--negative-column) and of the rows that have one."""
+    if getattr(samples, "negatives", None) is None:
+        return {}
+    counts = samples.negative_counts()
+    return {"negative_captions": int(counts.sum()), "rows_with_negatives": int((counts > 0).sum()),
+            "negative_slots": samples.max_negatives}
 
 
 def _shared_captions(samples, multi_positive: bool) -> dict:

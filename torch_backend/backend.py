@@ -183,9 +183,13 @@ class TorchBackend(EngineBase):
         ids = torch.from_numpy(batch.input_ids[rows].astype(np.int64)).to(self.device)
         labels = torch.from_numpy(batch.positive_ids.astype(np.int64)).to(self.device)
         keep = None if batch.patch_keep is None else torch.from_numpy(batch.patch_keep[rows].astype(np.int64)).to(self.device)
+        negative_ids = negative_mask = None
+        if batch.negative_ids is not None:  # this rank's rows; the mask, like the labels, is global
+            negative_ids = torch.from_numpy(batch.negative_ids[rows].astype(np.int64)).to(self.device)
+            negative_mask = torch.from_numpy(batch.negative_mask).to(self.device)
         if self.watchdog:
             self.watchdog.start("a training step")
-        loss, norm, ok = self.training.step(pixels, ids, labels, lr, keep)
+        loss, norm, ok = self.training.step(pixels, ids, labels, lr, keep, negative_ids, negative_mask)
         if self.watchdog:
             self.watchdog.stop()
         return {"loss": float(loss), "grad_norm": float(norm), "ok": ok,

@@ -131,7 +131,9 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
                     device: torch.device, scaler: torch.amp.GradScaler | None = None,
                     anchors: dict[str, torch.Tensor] | None = None, world=None,
                     ema: dict[str, torch.Tensor] | None = None) -> Step:
-    """`step(pixels, ids, labels, lr) -> (loss, grad_norm, ok)`; a non-finite step changes nothing.
+    """`step(pixels, ids, labels, lr, keep=None, negative_ids=None, negative_mask=None) -> (loss,
+    grad_norm, ok)`; a non-finite step changes nothing. `keep`: patch dropout's (B, K) indices;
+    `negative_ids` (B, K, L) and the global batch's `negative_mask` (B, K): hard-negative captions.
 
     With a `world` of several processes (`mlx_clip.engine.distributed`), pixels and ids are this rank's
     slice of the global batch and labels the global batch's: see `global_backward`.
@@ -152,22 +154,36 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
     scales = layer_lr_scales(module, cfg)
     autocast_dtype = getattr(torch, cfg.autocast_dtype) if cfg.autocast_dtype else None
 
-    def embed(pixels, ids, keep=None):
+    def embed(pixels, ids, keep=None, negative_ids=None):
+        """(image, text) normalised embeddings, and (B, K, P) ones of the hard negatives when given."""
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None), \
                 kept_patches(clip, keep):
             # A resolution schedule or aspect-ratio bucket trains at other sizes: positions
             # interpolated as in inference.
             native = clip.config.vision_config.image_size
             other_size = tuple(pixels.shape[-2:]) != (native, native)
-            image = clip.get_image_features(pixel_values=pixels, interpolate_pos_encoding=other_size).pooler_output
-            text = clip.get_text_features(input_ids=ids).pooler_output
-        image, text = image.float(), text.float()
-        return image / image.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)
+            outs = [clip.get_image_features(pixel_values=pixels, interpolate_pos_encoding=other_size).pooler_output,
+                    clip.get_text_features(input_ids=ids).pooler_output]
+            if negative_ids is not None:  # the B*K captions through the text tower as one batch
+                outs.append(clip.get_text_features(input_ids=negative_ids.flatten(0, 1)).pooler_output)
+        outs = [out.float() for out in outs]
+        outs = [out / out.norm(dim=-1, keepdim=True) for out in outs]
+        if negative_ids is not None:
+            outs[2] = outs[2].reshape(*negative_ids.shape[:2], -1)
+        return tuple(outs)
 
-    def kept_of(keep, c):  # patch dropout: the chunk's rows of the drawn indices
-        return None if keep is None else keep[c]
+    if cfg.compile:
+        embed = torch.compile(embed, dynamic=False)
 
-    def global_backward(pixels, ids, labels, keep=None):
+    def rows_of(c, *optional):  # the chunk's rows of inputs only some runs have (None: absent)
+        return tuple(None if value is None else value[c] for value in optional)
+
+    def contrastive_loss(embeddings, labels, negative_mask):
+        negatives = {} if len(embeddings) < 3 else {"negatives": embeddings[2], "negative_mask": negative_mask}
+        return loss_fn(embeddings[0], embeddings[1], clip.logit_scale.exp(), module.bias(), labels=labels, **options,
+                       **negatives)
+
+    def global_backward(pixels, ids, labels, keep=None, negative_ids=None, negative_mask=None):
         """The loss of the global batch, its gradient left in .grad, summed over the ranks.
 
         open_clip's gather-with-grad, local_loss=False: every rank computes the global loss on the
@@ -182,19 +198,19 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
         micro = cfg.micro_batch_size or pixels.shape[0]
         chunks = [slice(start, start + micro) for start in range(0, pixels.shape[0], micro)]
         if len(chunks) == 1:
-            local = [embed(pixels, ids, keep)]
+            local = [embed(pixels, ids, keep, negative_ids)]
         else:
             with torch.no_grad():
-                local = [embed(pixels[c], ids[c], kept_of(keep, c)) for c in chunks]
-        image, text = (all_gather(torch.cat([part[i] for part in local]).detach(), world).requires_grad_(True)
-                       for i in (0, 1))
-        loss = loss_fn(image, text, clip.logit_scale.exp(), module.bias(), labels=labels, **options)
+                local = [embed(pixels[c], ids[c], *rows_of(c, keep, negative_ids)) for c in chunks]
+        wholes = [all_gather(torch.cat([part[i] for part in local]).detach(), world).requires_grad_(True)
+                  for i in range(len(local[0]))]
+        loss = contrastive_loss(wholes, labels, negative_mask)
         (scaler.scale(loss) if scaler else loss).backward()
-        start = world.shard(image.shape[0]).start
+        start = world.shard(wholes[0].shape[0]).start
         for c, part in zip(chunks, local):
-            outs = part if len(chunks) == 1 else embed(pixels[c], ids[c], kept_of(keep, c))
+            outs = part if len(chunks) == 1 else embed(pixels[c], ids[c], *rows_of(c, keep, negative_ids))
             rows = slice(start + c.start, start + c.stop)
-            pairs = [(out, whole.grad[rows]) for out, whole in zip(outs, (image, text)) if out.requires_grad]
+            pairs = [(out, whole.grad[rows]) for out, whole in zip(outs, wholes) if out.requires_grad]
             if pairs:
                 torch.autograd.backward(*zip(*pairs))
         heads = {id(clip.logit_scale), id(module.bias())}
@@ -208,38 +224,36 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
         all_reduce_sum(grads, world)
         return loss
 
-    def backward(pixels, ids, labels, keep=None):
+    def backward(pixels, ids, labels, keep=None, negative_ids=None, negative_mask=None):
         """The loss, its gradients left in the parameters' .grad (scaled when a scaler is on)."""
         if world is not None and world.size > 1:
-            return global_backward(pixels, ids, labels, keep)
+            return global_backward(pixels, ids, labels, keep, negative_ids, negative_mask)
         micro = cfg.micro_batch_size
         if not micro:
-            image, text = embed(pixels, ids, keep)
-            loss = loss_fn(image, text, clip.logit_scale.exp(), module.bias(), labels=labels, **options)
+            loss = contrastive_loss(embed(pixels, ids, keep, negative_ids), labels, negative_mask)
             (scaler.scale(loss) if scaler else loss).backward()
             return loss
         # Feature caching, as mlx_backend/train.cached_step: embeddings without gradients, the
         # loss's gradient with respect to them, then each chunk's vector-Jacobian product.
         chunks = [slice(start, start + micro) for start in range(0, pixels.shape[0], micro)]
         with torch.no_grad():
-            parts = [embed(pixels[c], ids[c], kept_of(keep, c)) for c in chunks]
-        image = torch.cat([p[0] for p in parts]).requires_grad_(True)
-        text = torch.cat([p[1] for p in parts]).requires_grad_(True)
-        loss = loss_fn(image, text, clip.logit_scale.exp(), module.bias(), labels=labels, **options)
+            parts = [embed(pixels[c], ids[c], *rows_of(c, keep, negative_ids)) for c in chunks]
+        wholes = [torch.cat([p[i] for p in parts]).requires_grad_(True) for i in range(len(parts[0]))]
+        loss = contrastive_loss(wholes, labels, negative_mask)
         (scaler.scale(loss) if scaler else loss).backward()  # logit scale / bias get theirs here
         for c in chunks:
-            pairs = [(out, grad[c]) for out, grad in zip(embed(pixels[c], ids[c], kept_of(keep, c)),
-                                                         (image.grad, text.grad))
+            pairs = [(out, whole.grad[c]) for out, whole in zip(embed(pixels[c], ids[c], *rows_of(c, keep, negative_ids)),
+                                                                wholes)
                      if out.requires_grad]  # a locked tower has nothing to backpropagate into
             if pairs:
                 torch.autograd.backward(*zip(*pairs))
         return loss
 
-    def step(pixels, ids, labels, lr, keep=None):
+    def step(pixels, ids, labels, lr, keep=None, negative_ids=None, negative_mask=None):
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         optimizer.zero_grad(set_to_none=True)
-        loss = backward(pixels, ids, labels, keep)
+        loss = backward(pixels, ids, labels, keep, negative_ids, negative_mask)
         if scaler:
             scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mlx_clip.data.table import SampleTable
+from mlx_clip.data.table import NEGATIVES_TYPE, SampleTable
 from mlx_clip.errors import DataError
 
 IMAGE_COLUMNS = ("image", "filepath")
@@ -26,12 +26,17 @@ _SHOW = 3  # how many offending paths an error message lists before "..."
 
 
 def read_captions(
-    path: str | Path, *, image_column: str | None = None, caption_column: str | None = None
+    path: str | Path, *, image_column: str | None = None, caption_column: str | None = None,
+    negative_column: str | None = None,
 ) -> SampleTable:
     """Read a CSV/TSV/JSONL captions file; rows naming the same image share one `image_id`.
 
+    `negative_column`: one or more comma-separated columns (JSONL keys) of hard-negative captions;
+    an empty cell (a missing or null key) is none, a JSONL value may be a list.
+
     Rows are read as a stream into column chunks, so a file of millions of rows costs its columns
     (tens of bytes a row), not a Python object per row."""
+    negative_names = negative_columns(negative_column)
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: captions file not found")
@@ -43,32 +48,63 @@ def read_captions(
             raise DataError(f"{path}: file is empty; expected a header line and one row per caption")
         jsonl = _is_jsonl(path, first)
         if not jsonl:
-            columns = _fast_delimited(path, first, image_column, caption_column)
+            columns = _fast_delimited(path, first, image_column, caption_column, negative_names)
         if columns is None:
-            columns = _python_rows(path, jsonl, first, image_column, caption_column)
+            columns = _python_rows(path, jsonl, first, image_column, caption_column, negative_names)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start} of a block); save the file as UTF-8") from None
     if not columns.rows:
         raise DataError(f"{path}: no rows after the header; expected one row per caption")
-    table = _to_table(path, columns, lambda: _python_rows(path, jsonl, first, image_column, caption_column))
+    if negative_names and not columns.negative_count:
+        raise DataError(f"{path}: no row has a hard-negative caption in {' or '.join(map(repr, negative_names))} "
+                        "(--negative-column); every cell is empty")
+    table = _to_table(path, columns,
+                      lambda: _python_rows(path, jsonl, first, image_column, caption_column, negative_names))
     # pyarrow's allocator keeps what reading freed (the raw blocks, the columns before whitespace
     # was normalised): a million rows leave ~70 MB behind that the run would never use again.
     pa.default_memory_pool().release_unused()
     return table
 
 
-def _python_rows(path: Path, jsonl: bool, first: str, image_column, caption_column) -> _Columns:
+def negative_columns(spec: str | None) -> list[str]:
+    """The column names `--negative-column` lists, comma-separated."""
+    if spec is None:
+        return []
+    names = [name.strip() for name in spec.split(",")]
+    if not all(names):
+        raise DataError(f"--negative-column {spec!r}: an empty column name; give names separated by commas")
+    return names
+
+
+def _python_rows(path: Path, jsonl: bool, first: str, image_column, caption_column,
+                 negative_names: list[str]) -> _Columns:
     """Row by row with the csv/json modules: every problem named by its line."""
-    columns = _Columns()
+    columns = _Columns(negatives=bool(negative_names))
     with path.open(encoding="utf-8-sig", newline="") as file:
         if jsonl:
-            _jsonl_rows(path, file, image_column, caption_column, columns)
+            _jsonl_rows(path, file, image_column, caption_column, negative_names, columns)
         else:
-            _delimited_rows(path, file, first, image_column, caption_column, columns)
+            _delimited_rows(path, file, first, image_column, caption_column, negative_names, columns)
     return columns
 
 
-def _fast_delimited(path: Path, header_line: str, image_column, caption_column) -> _Columns | None:
+def _normalised(column: pa.Array) -> pa.Array:
+    """" ".join(text.split()) on a whole column: runs of Python's whitespace become one space."""
+    return pc.utf8_trim(pc.replace_substring_regex(column, _WHITESPACE_RUN, " "), _WHITESPACE)
+
+
+def _negative_lists(cells: list[pa.Array]) -> pa.Array:
+    """One list of hard-negative captions per row from K string columns, empty cells left out."""
+    rows, k = len(cells[0]), len(cells)
+    stacked = pa.concat_arrays([_normalised(c) for c in cells])  # column j's row i at j * rows + i
+    row_major = stacked.take(pa.array((np.arange(k)[None, :] * rows + np.arange(rows)[:, None]).ravel()))
+    present = np.asarray(pc.greater(pc.utf8_length(row_major), 0).fill_null(False))
+    offsets = np.concatenate([[0], np.cumsum(present.reshape(rows, k).sum(axis=1))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), row_major.filter(pa.array(present)))
+
+
+def _fast_delimited(path: Path, header_line: str, image_column, caption_column,
+                    negative_names: list[str]) -> _Columns | None:
     """The whole file parsed by pyarrow's CSV reader (C++, threaded), when it is well formed: None
     sends anything unusual (a parse error, an empty cell, a blank row, text that is not UTF-8)
     through `_python_rows`, which names the line. A well-formed file gives the same columns both ways."""
@@ -81,26 +117,31 @@ def _fast_delimited(path: Path, header_line: str, image_column, caption_column) 
         return None
     image_key = _pick_column(f"{path}:1", names, image_column, IMAGE_COLUMNS, "image", "column")
     caption_key = _pick_column(f"{path}:1", names, caption_column, CAPTION_COLUMNS, "caption", "column")
+    negative_keys = [_pick_column(f"{path}:1", names, name, (), "hard-negative caption", "column")
+                     for name in negative_names]
     raw = {name: cell for name, cell in zip(names, header)}
-    columns = _Columns()
+    columns = _Columns(negatives=bool(negative_names))
     try:
         # Block by block: the raw text of one block and the finished columns are all that is held.
         reader = arrow_csv.open_csv(
             path,
             parse_options=arrow_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
             convert_options=arrow_csv.ConvertOptions(
-                column_types={cell: pa.string() for cell in header}, include_columns=[raw[image_key], raw[caption_key]],
+                column_types={cell: pa.string() for cell in header},
+                include_columns=list(dict.fromkeys([raw[image_key], raw[caption_key], *(raw[k] for k in negative_keys)])),
                 strings_can_be_null=False, quoted_strings_can_be_null=False),
             read_options=arrow_csv.ReadOptions(block_size=4 << 20, use_threads=False))
         for block in reader:
             images = pc.utf8_trim(block.column(raw[image_key]), _WHITESPACE)
-            # " ".join(caption.split()) on the whole column: runs of Python's whitespace become one space.
-            captions = pc.utf8_trim(pc.replace_substring_regex(block.column(raw[caption_key]), _WHITESPACE_RUN, " "),
-                                    _WHITESPACE)
+            captions = _normalised(block.column(raw[caption_key]))
             if _has_empty(images) or _has_empty(captions):
                 return None
             columns.images.append(images)
             columns.captions.append(captions)
+            if negative_keys:
+                negatives = _negative_lists([block.column(raw[k]) for k in negative_keys])
+                columns.negatives.append(negatives)
+                columns.negative_count += len(negatives.values)
             columns.rows += len(images)
     except (pa.ArrowException, ValueError):
         return None
@@ -112,17 +153,23 @@ class _Columns:
 
     CHUNK = 1 << 16
 
-    def __init__(self):
+    def __init__(self, negatives: bool = False):
         self.rows = 0
         self._lines: list[int] = []
         self._images: list[str] = []
         self._captions: list[str] = []
+        self._negatives: list[list[str]] = []
         self.lines, self.images, self.captions = [], [], []
+        self.negatives: list[pa.Array] | None = [] if negatives else None
+        self.negative_count = 0
 
-    def add(self, line: int, image: str, caption: str) -> None:
+    def add(self, line: int, image: str, caption: str, negatives: list[str] | None = None) -> None:
         self._lines.append(line)
         self._images.append(image)
         self._captions.append(caption)
+        if self.negatives is not None:
+            self._negatives.append(negatives or [])
+            self.negative_count += len(negatives or ())
         self.rows += 1
         if len(self._images) >= self.CHUNK:
             self.flush()
@@ -132,7 +179,9 @@ class _Columns:
             self.lines.append(np.array(self._lines, np.int64))
             self.images.append(pa.array(self._images, pa.string()))
             self.captions.append(pa.array(self._captions, pa.string()))
-            self._lines, self._images, self._captions = [], [], []
+            if self.negatives is not None:
+                self.negatives.append(pa.array(self._negatives, NEGATIVES_TYPE))
+            self._lines, self._images, self._captions, self._negatives = [], [], [], []
 
 
 def _first_line(file) -> str | None:
@@ -189,7 +238,7 @@ def _sniff_delimiter(path: Path, header: str) -> str:
 
 
 def _delimited_rows(path: Path, file, header_line: str, image_column: str | None, caption_column: str | None,
-                    columns: _Columns) -> None:
+                    negative_names: list[str], columns: _Columns) -> None:
     delimiter = _sniff_delimiter(path, header_line)
     reader = csv.reader(file, delimiter=delimiter)
     header: list[str] | None = None
@@ -203,6 +252,8 @@ def _delimited_rows(path: Path, file, header_line: str, image_column: str | None
                 image_key = _pick_column(where, header, image_column, IMAGE_COLUMNS, "image", "column")
                 caption_key = _pick_column(where, header, caption_column, CAPTION_COLUMNS, "caption", "column")
                 image_at, caption_at = header.index(image_key), header.index(caption_key)
+                negatives_at = [header.index(_pick_column(where, header, name, (), "hard-negative caption", "column"))
+                                for name in negative_names]
                 continue
             line = reader.line_num
             if len(cells) != len(header):
@@ -210,13 +261,16 @@ def _delimited_rows(path: Path, file, header_line: str, image_column: str | None
                     f"{path}:{line}: {len(cells)} fields where the header has {len(header)} "
                     f"(delimiter {delimiter!r}); quote values that contain the delimiter"
                 )
-            columns.add(*_check_row(path, line, cells[image_at], cells[caption_at], image_key, caption_key))
+            negatives = [" ".join(cells[at].split()) for at in negatives_at]
+            columns.add(*_check_row(path, line, cells[image_at], cells[caption_at], image_key, caption_key),
+                        [text for text in negatives if text])
     except csv.Error as e:
         raise DataError(f"{path}:{reader.line_num + 1}: not valid CSV/TSV ({e})") from None
     columns.flush()
 
 
-def _jsonl_rows(path: Path, file, image_column: str | None, caption_column: str | None, columns: _Columns) -> None:
+def _jsonl_rows(path: Path, file, image_column: str | None, caption_column: str | None, negative_names: list[str],
+                columns: _Columns) -> None:
     for line, raw in enumerate(file, start=1):
         if not raw.strip():
             continue
@@ -249,9 +303,28 @@ def _jsonl_rows(path: Path, file, image_column: str | None, caption_column: str 
                 f"{path}:{line}: {caption_key!r} must be a string or a non-empty list of strings, "
                 f"got {captions!r}"
             )
+        negatives = _jsonl_negatives(path, line, record, negative_names)
         for caption in captions:
-            columns.add(*_check_row(path, line, image, caption, image_key, caption_key))
+            columns.add(*_check_row(path, line, image, caption, image_key, caption_key), negatives)
     columns.flush()
+
+
+def _jsonl_negatives(path: Path, line: int, record: dict, names: list[str]) -> list[str]:
+    """A row's hard-negative captions: each named key a string or a list of strings; a missing or
+    null key, or an empty string, is none."""
+    by_lower = {key.strip().lower(): key for key in record}
+    out = []
+    for name in names:
+        key = by_lower.get(name.lower())
+        value = record[key] if key is not None else None
+        if value is None:
+            continue
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise DataError(f"{path}:{line}: {key!r} (--negative-column) must be a string or a list of strings, "
+                            f"got {value!r}")
+        out.extend(text for text in (" ".join(v.split()) for v in values) if text)
+    return out
 
 
 def _check_row(
@@ -294,7 +367,9 @@ def _to_table(path: Path, columns: _Columns, with_lines: Callable[[], _Columns])
             f"{path}: {len(missing)} of {len(canonical.dictionary)} image(s) not found "
             f"(paths are relative to {base}): {shown}" + ("; ..." if len(missing) > _SHOW else "")
         )
-    return SampleTable(images, pa.chunked_array(columns.captions, pa.string()), image_ids, base=base)
+    negatives = None if columns.negatives is None else pa.chunked_array(columns.negatives, NEGATIVES_TYPE)
+    return SampleTable(images, pa.chunked_array(columns.captions, pa.string()), image_ids, base=base,
+                       negatives=negatives)
 
 
 def _missing(files: pa.Array) -> list[int]:

@@ -27,6 +27,10 @@ class Batch:
     multi_positive: bool = True
     # Captions data: ids equal where pairs share their image or their caption (`duplicates.positive_groups`).
     caption_groups: np.ndarray | None = None
+    # --negative-column: (B, K, L) token ids of each row's hard-negative captions in K slots (the
+    # dataset's most per row, so every batch has one shape), and (B, K) which slots hold one.
+    negative_ids: np.ndarray | None = None
+    negative_mask: np.ndarray | None = None
     # --patch-dropout: (B, kept) sorted patch indices each image keeps this step (the trainer's draw).
     patch_keep: np.ndarray | None = None
     # The rows of the global batch `pixels` holds when each process decoded only its own share
@@ -87,6 +91,7 @@ def collate(samples: Sequence[Sample], indices: list[int], pixels: list[np.ndarr
     labels = np.array([s.label for s in chosen], dtype=np.int64) if samples.has_labels else None
     image_ids = np.array([s.image_id for s in chosen], dtype=np.int64)
     groups = positive_groups(image_ids, [s.caption for s in chosen]) if labels is None and multi_positive else None
+    negative_ids, negative_mask = _negatives(chosen, getattr(samples, "max_negatives", 0), tokenize)
     return Batch(
         pixels=np.stack(pixels),
         input_ids=input_ids,
@@ -96,4 +101,20 @@ def collate(samples: Sequence[Sample], indices: list[int], pixels: list[np.ndarr
         indices=indices,
         multi_positive=multi_positive,
         pixel_rows=pixel_rows,
+        negative_ids=negative_ids,
+        negative_mask=negative_mask,
     )
+
+
+def _negatives(chosen: Sequence[Sample], slots: int, tokenize: Tokenize) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The batch's hard-negative captions tokenized into `slots` per row. An empty slot holds the
+    empty caption: the towers run on a fixed shape, and the loss masks the slot out."""
+    if not slots:
+        return None, None
+    mask = np.zeros((len(chosen), slots), bool)
+    texts = []
+    for row, sample in enumerate(chosen):
+        mask[row, :len(sample.negatives)] = True
+        texts.extend(list(sample.negatives) + [""] * (slots - len(sample.negatives)))
+    ids = np.asarray(tokenize(texts)).astype(np.int64)
+    return ids.reshape(len(chosen), slots, ids.shape[-1]), mask

@@ -22,6 +22,7 @@ from mlx_clip.data.table import SampleTable
 # part -> how a changed part is named to the user
 PARTS = {"train_samples": "number of training samples", "train_images": "training image paths",
          "train_captions": "training captions", "train_labels": "training class labels",
+         "train_negatives": "training hard-negative captions (--negative-column)",
          "val_samples": "number of held-out samples", "val": "held-out split (paths, captions or labels)"}
 
 
@@ -51,7 +52,7 @@ def fingerprint(train: Sequence[Sample], val: Sequence[Sample], root: str | Path
     root = Path(root).expanduser().resolve()
     root = root if root.is_dir() else root.parent
     train, val = SampleTable.from_samples(train), SampleTable.from_samples(val)
-    return {
+    parts = {
         "train_samples": len(train),
         "train_images": _digest(train.relative_images(root)),
         "train_captions": _digest(train.captions),
@@ -59,6 +60,10 @@ def fingerprint(train: Sequence[Sample], val: Sequence[Sample], root: str | Path
         "val_samples": len(val),
         "val": _digest(val.relative_images(root), val.captions, val.labels),
     }
+    if train.negatives is not None:  # absent without them, so runs from before still resume
+        parts["train_negatives"] = _digest(pa.chunked_array([c.flatten() for c in train.negatives.chunks], pa.string()),
+                                           train.negative_counts())
+    return parts
 
 
 def differences(saved: dict, now: dict) -> list[str]:

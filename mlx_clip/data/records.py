@@ -251,13 +251,18 @@ def load_dataset(
     caption_column: str | None = None,
     seed: int = 0,
     split: str | None = None,
+    negative_column: str | None = None,
 ) -> Dataset:
     """Read any accepted layout; `templates`/`classes` (lists or files) apply to class folders.
-    Shards and parquet (`split` picks a Hugging Face dataset's split) are read where they lie."""
+    Shards and parquet (`split` picks a Hugging Face dataset's split) are read where they lie.
+    `negative_column` names captions files' hard-negative captions (`read_captions`)."""
     if isinstance(templates, (str, Path)):
         templates = load_templates(templates)
     if isinstance(classes, (str, Path)):
         classes = load_classes(classes)
+    if negative_column is not None and _is_streamed(str(path)):
+        raise DataError(f"{path}: --negative-column is read from captions files (CSV, TSV, JSONL) so far, not from "
+                        "shards or parquet; write the pairs and their negatives to a captions file")
     streamed = _read_streamed(str(path), image_column, caption_column, split, templates)
     if streamed is not None:
         return _streamed_dataset(streamed, path, templates, classes)
@@ -266,11 +271,18 @@ def load_dataset(
         raise DataError(f"{path}: no such file or folder")
     split = _split_dirs(path) if path.is_dir() else None
     if split is None:
-        return _load_one(path, path, templates, classes, image_column, caption_column, seed)
-    train = _load_one(split[0], path, templates, classes, image_column, caption_column, seed)
+        return _load_one(path, path, templates, classes, image_column, caption_column, seed, 0, negative_column)
+    train = _load_one(split[0], path, templates, classes, image_column, caption_column, seed, 0, negative_column)
     val = _load_val(split[1], train, image_column, caption_column, seed)
     train.val, train.skipped = val.samples, train.skipped + val.skipped
     return train
+
+
+def _is_streamed(spec: str) -> bool:
+    from mlx_clip.data.parquet import is_parquet_spec
+    from mlx_clip.data.shards import is_shard_spec
+
+    return is_shard_spec(spec) or is_parquet_spec(spec)
 
 
 def _read_streamed(spec: str, image_column, caption_column, split, templates):
@@ -296,12 +308,16 @@ def _streamed_dataset(samples, source, templates, classes) -> Dataset:
 
 
 def _load_one(
-    path, source, templates, classes, image_column, caption_column, seed, first_id=0
+    path, source, templates, classes, image_column, caption_column, seed, first_id=0, negative_column=None
 ) -> Dataset:
     kind, target = _layout(path)
     if kind == "captions":
-        samples = read_captions(target, image_column=image_column, caption_column=caption_column)
+        samples = read_captions(target, image_column=image_column, caption_column=caption_column,
+                                negative_column=negative_column)
         return Dataset(samples.with_ids_from(first_id), None, None, kind, source)
+    if negative_column is not None:
+        raise DataError(f"{path}: class folders have no captions to hold hard negatives (--negative-column); "
+                        "give a captions file with a column of them")
     data = read_class_folders(
         target, templates=templates, classes=classes, seed=seed, first_image_id=first_id
     )

@@ -12,3 +12,4 @@ class Sample:
     caption: str
     label: int | None = None  # class index for class-folder data (multi-positive targets, zero-shot)
     image_id: int = 0  # samples sharing an image (several captions) share an id: retrieval groups them
+    negatives: tuple[str, ...] = ()  # --negative-column: captions that are wrong for this image (NegCLIP)

@@ -8,6 +8,7 @@ the folder that named them, and become a `Path` only when a sample is read.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,12 +20,19 @@ import pyarrow.compute as pc
 from mlx_clip.data.sample import Sample
 
 
+# Hard-negative captions of a row: a list, empty where the row has none.
+NEGATIVES_TYPE = pa.list_(pa.string())
+
+
 class SampleTable(Sequence):
     def __init__(self, images: pa.Array | pa.ChunkedArray, captions: pa.Array | pa.ChunkedArray, image_ids: np.ndarray,
-                 labels: np.ndarray | None = None, base: str | Path = ""):
+                 labels: np.ndarray | None = None, base: str | Path = "",
+                 negatives: pa.Array | pa.ChunkedArray | None = None):
         """`images`: paths relative to `base` (or absolute); `image_ids`: rows naming one image share
-        an id; `labels`: a class index per row, or None for captions data."""
-        if not (len(images) == len(captions) == len(image_ids)) or (labels is not None and len(labels) != len(images)):
+        an id; `labels`: a class index per row, or None for captions data; `negatives`: a list of
+        hard-negative captions per row (`--negative-column`), or None."""
+        if not (len(images) == len(captions) == len(image_ids)) or (labels is not None and len(labels) != len(images)) \
+                or (negatives is not None and len(negatives) != len(images)):
             raise ValueError("columns of one table must have one length")
         # Chunked as read: joining the chunks would copy the columns for nothing.
         self.images = images if isinstance(images, pa.ChunkedArray) else pa.chunked_array([images], pa.string())
@@ -32,6 +40,9 @@ class SampleTable(Sequence):
         self.image_ids = np.asarray(image_ids, dtype=np.int64)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.base = str(base)
+        if negatives is not None and not isinstance(negatives, pa.ChunkedArray):
+            negatives = pa.chunked_array([negatives], NEGATIVES_TYPE)
+        self.negatives = negatives
 
     @classmethod
     def from_samples(cls, samples: Sequence[Sample]) -> SampleTable:
@@ -39,10 +50,12 @@ class SampleTable(Sequence):
             return samples
         samples = list(samples)
         labelled = [s.label is not None for s in samples]
+        negatives = [list(s.negatives) for s in samples]
         return cls(pa.array([str(s.image) for s in samples], pa.string()),
                    pa.array([s.caption for s in samples], pa.string()),
                    np.array([s.image_id for s in samples], np.int64),
-                   np.array([s.label for s in samples], np.int64) if samples and all(labelled) else None)
+                   np.array([s.label for s in samples], np.int64) if samples and all(labelled) else None,
+                   negatives=pa.array(negatives, NEGATIVES_TYPE) if any(negatives) else None)
 
     # ---- Sequence[Sample] --------------------------------------------------------------
 
@@ -57,7 +70,8 @@ class SampleTable(Sequence):
         if not 0 <= index < len(self):
             raise IndexError(f"sample {index} of {len(self)}")
         return Sample(self.path(index), self.captions[index].as_py(),
-                      None if self.labels is None else int(self.labels[index]), int(self.image_ids[index]))
+                      None if self.labels is None else int(self.labels[index]), int(self.image_ids[index]),
+                      () if self.negatives is None else tuple(self.negatives[index].as_py()))
 
     def __iter__(self) -> Iterator[Sample]:
         return (self[i] for i in range(len(self)))
@@ -94,13 +108,28 @@ class SampleTable(Sequence):
         indices = np.asarray(indices, dtype=np.int64)
         picked = pa.array(indices)
         return SampleTable(self.images.take(picked), self.captions.take(picked), self.image_ids[indices],
-                           None if self.labels is None else self.labels[indices], self.base)
+                           None if self.labels is None else self.labels[indices], self.base,
+                           None if self.negatives is None else self.negatives.take(picked))
 
     def with_labels(self, labels: np.ndarray | None) -> SampleTable:
-        return SampleTable(self.images, self.captions, self.image_ids, labels, self.base)
+        return SampleTable(self.images, self.captions, self.image_ids, labels, self.base, self.negatives)
 
     def with_ids_from(self, first_id: int) -> SampleTable:
-        return SampleTable(self.images, self.captions, self.image_ids + first_id, self.labels, self.base)
+        return SampleTable(self.images, self.captions, self.image_ids + first_id, self.labels, self.base,
+                           self.negatives)
+
+    @functools.cached_property
+    def max_negatives(self) -> int:
+        """The most hard-negative captions a row has: the batch's fixed number of slots per row."""
+        if self.negatives is None or not len(self.negatives):
+            return 0
+        return int(pc.max(pc.list_value_length(self.negatives)).as_py() or 0)
+
+    def negative_counts(self) -> np.ndarray:
+        """(rows,) how many hard-negative captions each row has."""
+        if self.negatives is None:
+            return np.zeros(len(self), np.int64)
+        return np.asarray(pc.list_value_length(self.negatives).fill_null(0)).astype(np.int64)
 
     def relative_images(self, root: Path) -> pa.ChunkedArray:
         """The image paths relative to `root` where they lie inside it (a moved dataset keeps them),
@@ -130,8 +159,13 @@ def concat(tables: Sequence[SampleTable]) -> SampleTable:
         base = ""
     labelled = [t.labels is not None for t in tables]
     labels = np.concatenate([t.labels for t in tables]) if all(labelled) and tables else None
+    negatives = None
+    if any(t.negatives is not None for t in tables):
+        negatives = pa.chunked_array([chunk for t in tables for chunk in (
+            t.negatives.chunks if t.negatives is not None else [pa.array([[]] * len(t), NEGATIVES_TYPE)])],
+            NEGATIVES_TYPE)
     return SampleTable(_chunks(images), _chunks([t.captions for t in tables]),
-                       np.concatenate([t.image_ids for t in tables]), labels, base)
+                       np.concatenate([t.image_ids for t in tables]), labels, base, negatives)
 
 
 def _chunks(columns: Sequence[pa.ChunkedArray]) -> pa.ChunkedArray:

@@ -242,12 +242,18 @@ class MLXBackend(EngineBase):
         rows = self.world.shard(len(batch.input_ids))  # this rank's slice; the labels stay global
         pixels = batch.pixels_of(rows) if cached else mx.array(batch.pixels_of(rows))
 
-        # Patch dropout: this rank's rows of the trainer's draw, an extra input only when on.
-        keep = [] if batch.patch_keep is None else [mx.array(batch.patch_keep[rows].astype(np.int32))]
+        # Inputs only some runs have: patch dropout's draw and hard-negative captions (this rank's
+        # rows; the negatives' mask, like the labels, is the global batch's).
+        extras = {}
+        if batch.patch_keep is not None:
+            extras["keep"] = mx.array(batch.patch_keep[rows].astype(np.int32))
+        if batch.negative_ids is not None:
+            extras["negative_ids"] = mx.array(batch.negative_ids[rows].astype(np.int32))
+            extras["negative_mask"] = mx.array(batch.negative_mask)
 
         def run():
             out = step(pixels, mx.array(batch.input_ids[rows].astype(np.int32)),
-                       mx.array(batch.positive_ids.astype(np.int32)), mx.array(lr, dtype=mx.float32), *keep)
+                       mx.array(batch.positive_ids.astype(np.int32)), mx.array(lr, dtype=mx.float32), extras)
             with self.split.evaluating():
                 mx.eval(*out, module.state, optimizer.state)
             return out

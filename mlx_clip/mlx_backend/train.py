@@ -23,7 +23,7 @@ from mlx_clip.engine.base import Training
 from mlx_clip.engine.policy import PROBED, TrainingPlan, default_loss
 from mlx_clip.engine.policy import LOGIT_SCALE_MAX, decays, lr_scales, tower_depths
 
-Step = Callable[[mx.array, mx.array, mx.array, mx.array], tuple[mx.array, mx.array, mx.array]]
+Step = Callable[[mx.array, mx.array, mx.array, mx.array, dict], tuple[mx.array, mx.array, mx.array]]
 
 
 class TrainModule(nn.Module):
@@ -130,8 +130,10 @@ def make_optimizer(module: TrainModule, cfg) -> optim.Adam:
 
 def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: TrainingPlan, *,
                     compute_dtype=None, split: BatchSplit | None = None, group=None) -> Step:
-    """`step(pixels, ids, labels, lr) -> (loss, grad_norm, ok)`, compiled; a non-finite step
-    leaves parameters and optimizer moments as they were.
+    """`step(pixels, ids, labels, lr, extras=None) -> (loss, grad_norm, ok)`, compiled; a non-finite step
+    leaves parameters and optimizer moments as they were. `extras` holds what only some runs have:
+    patch dropout's (B, K) "keep" indices, and hard-negative captions' (B, K, L) "negative_ids" with
+    their global (B, K) "negative_mask" (`loss.clip_loss`).
 
     With `compute_dtype` (mixed precision), the towers run on copies of the weights cast to it,
     inside the differentiated function, so the gradients reach the float32 master weights; the
@@ -162,17 +164,22 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
     scales = lr_scales(decay_mask, cfg.layer_decay, tower_depths(module.clip.config))
     ema_decay = cfg.ema_decay
 
-    def compute_loss(module, pixels, ids, labels, keep=None):
+    def compute_loss(module, pixels, ids, labels, extras):
         clip = module.clip
         if compute_dtype is not None:
             clip.update(tree_map(lambda p: p.astype(compute_dtype), clip.parameters()))
             pixels = pixels.astype(compute_dtype)
-        image = normalize(towers(clip.get_image_features, pixels, keep).astype(mx.float32))
+        image = normalize(towers(clip.get_image_features, pixels, extras.get("keep")).astype(mx.float32))
         text = normalize(towers(clip.get_text_features, ids).astype(mx.float32))
+        negatives = None
+        if "negative_ids" in extras:
+            negatives = embed_negatives(lambda rows: towers(clip.get_text_features, rows), extras["negative_ids"])
         if group is not None:  # (B/n, P) on each rank -> (B, P), ranks in order
             image, text = mx.distributed.all_gather(image, group=group), mx.distributed.all_gather(text, group=group)
+            if negatives is not None:
+                negatives = mx.distributed.all_gather(negatives, group=group)
         return loss_fn(image, text, mx.exp(clip.logit_scale.astype(mx.float32)), module.bias(), labels=labels,
-                       **options)
+                       **options, **negative_inputs(negatives, extras))
 
     loss_and_grad = nn.value_and_grad(module, compute_loss)
     state = [module.state, optimizer.state]
@@ -195,9 +202,9 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
         # stay in their dtype (they silently became float32 after the first step).
         return new.astype(param.dtype), {"m": m, "v": v}
 
-    def step(pixels, ids, labels, lr, *keep):  # keep: patch dropout's (B, K) indices, when on
+    def step(pixels, ids, labels, lr, extras=None):
         master = module.parameters()
-        loss, grads = loss_and_grad(module, pixels, ids, labels, *keep)
+        loss, grads = loss_and_grad(module, pixels, ids, labels, extras or {})
         if compute_dtype is not None:
             module.update(master)  # the loss left its low-precision copies in the module
         grads = dict(tree_flatten(grads))  # frozen towers have no entry
@@ -267,50 +274,59 @@ def cached_step(module: TrainModule, loss_fn, options: dict, micro: int, finish,
     (`global_gradients`)."""
     state = [module.state]
 
-    def embed(pixels, ids, *keep):
+    def embed(pixels, ids, extras):
+        """(image, text) embeddings of a chunk, and its hard negatives' when it has them."""
         clip = module.clip
-        return (normalize(clip.get_image_features(pixels, *keep).astype(mx.float32)),
-                normalize(clip.get_text_features(ids).astype(mx.float32)))
+        out = (normalize(clip.get_image_features(pixels, extras.get("keep")).astype(mx.float32)),
+               normalize(clip.get_text_features(ids).astype(mx.float32)))
+        if "negative_ids" in extras:
+            out += (embed_negatives(clip.get_text_features, extras["negative_ids"]),)
+        return out
 
-    def head(image, text, log_scale, bias, labels):
-        return loss_fn(image, text, mx.exp(log_scale.astype(mx.float32)), bias, labels=labels, **options)
+    def head(image, text, log_scale, bias, negatives, labels, mask):
+        return loss_fn(image, text, mx.exp(log_scale.astype(mx.float32)), bias, labels=labels, **options,
+                       **negative_inputs(negatives, {"negative_mask": mask}))
 
-    def surrogate(module, pixels, ids, image_grad, text_grad, *keep):
-        image, text = embed(pixels, ids, *keep)
-        return (image * image_grad).sum() + (text * text_grad).sum()
+    def surrogate(module, pixels, ids, embedding_grads, extras):
+        return sum((out * grad).sum() for out, grad in zip(embed(pixels, ids, extras), embedding_grads))
 
     embed_c = mx.compile(embed, inputs=state)
     # nn.value_and_grad puts its traced parameters into the module: they are outputs too.
     chunk_grads = mx.compile(lambda *args: nn.value_and_grad(module, surrogate)(module, *args)[1], inputs=state,
                              outputs=state)
 
-    def step(pixels, ids, labels, lr, *keep):  # keep: patch dropout's (B, K) indices, when on
+    def step(pixels, ids, labels, lr, extras=None):
+        extras = extras or {}
         chunks = [slice(start, start + micro) for start in range(0, pixels.shape[0], micro)]
+        # The loss's mask covers the global batch; the towers take the chunk's rows of the rest.
+        per_row = {key: value for key, value in extras.items() if key != "negative_mask"}
         parts = []
         for part in chunks:
-            parts.append(embed_c(mx.array(pixels[part]), ids[part], *(k[part] for k in keep)))
+            parts.append(embed_c(mx.array(pixels[part]), ids[part], {k: v[part] for k, v in per_row.items()}))
             mx.eval(parts[-1])
-        image = mx.concatenate([p[0] for p in parts])
-        text = mx.concatenate([p[1] for p in parts])
+        embeddings = [mx.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
         offset = 0
-        if group is not None:  # (B/n, P) -> (B, P); this rank's rows start at rank * B/n
-            offset = group.rank() * image.shape[0]
-            image, text = mx.distributed.all_gather(image, group=group), mx.distributed.all_gather(text, group=group)
+        if group is not None:  # (B/n, ...) -> (B, ...); this rank's rows start at rank * B/n
+            offset = group.rank() * embeddings[0].shape[0]
+            embeddings = [mx.distributed.all_gather(e, group=group) for e in embeddings]
+        image, text = embeddings[:2]
+        negatives = embeddings[2] if len(embeddings) > 2 else None
         bias = module.bias()
-        argnums = [0, 1, 2] + ([3] if bias is not None else [])
+        argnums = [0, 1, 2] + ([3] if bias is not None else []) + ([4] if negatives is not None else [])
         loss, head_grads = mx.value_and_grad(head, argnums=argnums)(image, text, module.clip.logit_scale, bias,
-                                                                    labels)
+                                                                    negatives, labels, extras.get("negative_mask"))
         mx.eval(loss, head_grads)
+        grad_of = dict(zip(argnums, head_grads))
+        embedding_grads = [grad_of[0], grad_of[1]] + ([grad_of[4]] if negatives is not None else [])
         grads: dict[str, mx.array] = {}
         for part in chunks:
             rows = slice(offset + part.start, offset + part.stop)
-            got = dict(tree_flatten(chunk_grads(mx.array(pixels[part]), ids[part], head_grads[0][rows],
-                                                head_grads[1][rows], *(k[part] for k in keep))))
+            got = dict(tree_flatten(chunk_grads(mx.array(pixels[part]), ids[part], [g[rows] for g in embedding_grads],
+                                                {k: v[part] for k, v in per_row.items()})))
             grads = got if not grads else {name: grads[name] + g for name, g in got.items()}
             mx.eval(grads)
         # The temperature and bias enter only the loss: their gradients come from step 2.
-        for name, g in (("clip.logit_scale", head_grads[2]),
-                        (_bias_name(module), head_grads[3] if bias is not None else None)):
+        for name, g in (("clip.logit_scale", grad_of[2]), (_bias_name(module), grad_of.get(3))):
             if g is not None and name in grads:
                 grads[name] = grads[name] + g.astype(grads[name].dtype)
         if group is not None:
@@ -318,6 +334,22 @@ def cached_step(module: TrainModule, loss_fn, options: dict, micro: int, finish,
         return finish(loss, grads, lr)
 
     return step
+
+
+def embed_negatives(text_features: Callable[[mx.array], mx.array], negative_ids: mx.array) -> mx.array:
+    """(B, K, L) hard-negative token ids -> (B, K, P) normalised embeddings: the text tower runs on
+    the B*K captions as one batch."""
+    rows, slots, length = negative_ids.shape
+    flat = normalize(text_features(negative_ids.reshape(rows * slots, length)).astype(mx.float32))
+    return flat.reshape(rows, slots, -1)
+
+
+def negative_inputs(negatives: mx.array | None, extras: dict) -> dict:
+    """The loss's keyword arguments for hard negatives: none without them, so the loss runs its
+    plain path."""
+    if negatives is None:
+        return {}
+    return {"negatives": negatives, "negative_mask": extras["negative_mask"]}
 
 
 def global_gradients(grads: dict[str, mx.array], group, heads: tuple[str, ...]) -> dict[str, mx.array]:

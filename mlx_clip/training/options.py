@@ -44,6 +44,11 @@ class TrainConfig:
     caption_column: str | None = field(default=None, metadata={
         "help": "Captions file: the column or key of the captions (default: caption or title); shards: the json "
                 "field or member extension; parquet: the column (default: caption, text, ...)."})
+    negative_column: str | None = field(default=None, metadata={
+        "help": "Hard-negative captions (NegCLIP, Yuksekgonul et al. 2023): the column(s), comma-separated, of "
+                "captions that are wrong for their image (CSV/TSV columns; JSONL keys, parquet columns and shards' "
+                "json fields may also hold a list). Each joins the text side as an extra negative of its own image "
+                "only; an empty cell is no negative."})
     split: str | None = field(default=None, metadata={
         "help": "hf:org/name or a parquet folder: the split to train on (default: train)."})
     out: str = field(default="runs/finetune", metadata={"help": "Run folder (checkpoints, metrics, final/)."})
@@ -122,6 +127,9 @@ class TrainConfig:
     augment: bool = field(default=True, metadata={"help": "Seeded random resized crop (no flip)."})
     crop_scale_min: float = field(default=0.9, metadata={"help": "Smallest crop area share of the augmentation."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
+    compile: bool = field(default=False, metadata={
+        "help": "torch engine: run the towers' forward and backward through torch.compile (Inductor); the first "
+                "steps at each image size pay the compilation. Same results as eager within float32 rounding."})
     seed: int = field(default=0, metadata={"help": "Seed for data order, augmentation and new parameters."})
     num_workers: int = field(default=2, metadata={"help": "Image decoding threads."})
     max_bad_fraction: float = field(default=0.05, metadata={"help": "Stop if more images than this share are bad."})
@@ -239,6 +247,9 @@ class TrainConfig:
         if not (number(self.layer_decay) and 0 < self.layer_decay <= 1):
             raise ConfigError(f"layer_decay (--layer-decay) must be in (0, 1], e.g. 0.75 (1: every layer at --lr), "
                               f"got {self.layer_decay!r}")
+        if self.compile and self.backend != "torch":
+            raise ConfigError(f"compile (--compile) is for the torch engine; the {self.backend} engine always compiles "
+                              "its step (mx.compile). Drop --compile or use --backend torch")
         if not (number(self.patch_dropout) and 0 <= self.patch_dropout < 1):
             raise ConfigError(f"patch_dropout (--patch-dropout) must be in [0, 1), e.g. 0.5 (0: every patch), "
                               f"got {self.patch_dropout!r}")

@@ -24,7 +24,7 @@ from mlx_clip.training.options import TrainConfig
 RESUME_FREE = frozenset({
     "steps", "epochs", "log_every", "save_every", "keep_checkpoints", "evaluate", "eval_every", "max_control_drop",
     "max_nan_steps", "tensorboard", "keep_best", "control_data", "num_workers", "max_bad_fraction",
-    "gradient_checkpointing", "memory_budget", "device", "allow_pickle", "resume", "overwrite", "out", "model",
+    "gradient_checkpointing", "compile", "memory_budget", "device", "allow_pickle", "resume", "overwrite", "out", "model",
     "data", "val_data", "image_column", "caption_column"})
 
 
