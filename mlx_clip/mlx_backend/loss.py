@@ -76,9 +76,9 @@ def clip_loss(
 
         q_i is the target above on the captions and 0 on the negatives; smoothing gives eps / n_i
         to each candidate; hard_negative_beta counts the valid negatives among the negatives.
-        Only image i sees its negatives, as the issue asks ("the text side as extra negatives
-        for their image only"); NegCLIP's released code appends them to the batch, so every
-        image sees all of them. The text->image side is unchanged (a negative caption has no
+        Only image i sees its negatives: a caption wrong for image i ("a blue circle" for a red
+        one) may be right for another image of the batch, which must not be pushed from it.
+        NegCLIP's released code appends them to the batch, so every image sees all of them. The text->image side is unchanged (a negative caption has no
         image). Masked slots take no part and get zero gradient, whatever their padding holds.
     """
     _check_options(label_smoothing, hard_negative_beta)
