@@ -225,6 +225,9 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
         echo(f"hard-negative captions (--negative-column {cfg.negative_column}): {negatives['negative_captions']:,} "
              f"for {negatives['rows_with_negatives']:,} of {len(data.train):,} training pairs; each step's text tower "
              f"also runs on {negatives['negative_slots']} slot(s) per pair")
+    elif getattr(data.train, "reads_negatives", False):
+        echo(f"hard-negative captions (--negative-column {cfg.negative_column}): read with each shard, not counted "
+             "ahead; a batch has as many slots per pair as its pair with the most")
     layer_decay = None
     if cfg.layer_decay != 1:
         layer_decay = {"decay": cfg.layer_decay, "groups": engine.layer_decay_table()}

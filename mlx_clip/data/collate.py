@@ -91,7 +91,7 @@ def collate(samples: Sequence[Sample], indices: list[int], pixels: list[np.ndarr
     labels = np.array([s.label for s in chosen], dtype=np.int64) if samples.has_labels else None
     image_ids = np.array([s.image_id for s in chosen], dtype=np.int64)
     groups = positive_groups(image_ids, [s.caption for s in chosen]) if labels is None and multi_positive else None
-    negative_ids, negative_mask = _negatives(chosen, getattr(samples, "max_negatives", 0), tokenize)
+    negative_ids, negative_mask = _negatives(chosen, _negative_slots(samples, chosen), tokenize)
     return Batch(
         pixels=np.stack(pixels),
         input_ids=input_ids,
@@ -104,6 +104,14 @@ def collate(samples: Sequence[Sample], indices: list[int], pixels: list[np.ndarr
         negative_ids=negative_ids,
         negative_mask=negative_mask,
     )
+
+
+def _negative_slots(samples, chosen: Sequence[Sample]) -> int:
+    """Slots per row: the most any row of the dataset has (one shape for the whole run), or, for
+    data read shard by shard and not counted ahead, the most in this batch, and at least one."""
+    if getattr(samples, "reads_negatives", False):
+        return max(1, *(len(s.negatives) for s in chosen))
+    return getattr(samples, "max_negatives", 0)
 
 
 def _negatives(chosen: Sequence[Sample], slots: int, tokenize: Tokenize) -> tuple[np.ndarray | None, np.ndarray | None]:

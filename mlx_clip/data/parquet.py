@@ -49,6 +49,7 @@ class ParquetRows(ShardedTable):
         super().__init__(shards, class_names=class_names)
         self.columns = columns or {}
         self.templates = templates
+        self.reads_negatives = bool(self.columns.get("negatives"))
 
     def with_shards(self, shards):
         return ParquetRows(shards, class_names=self.class_names, columns=self.columns,
@@ -57,17 +58,24 @@ class ParquetRows(ShardedTable):
     def open_shard(self, shard: Shard) -> ShardIndex:
         file, group = shard.path, int(shard.name.rsplit("#", 1)[1])
         image, caption, label = self.columns["image"], self.columns["caption"], self.columns.get("label")
+        negative_columns = self.columns.get("negatives") or []
         try:
-            table = pq.ParquetFile(file).read_row_group(group, columns=[c for c in (image, caption, label) if c])
+            wanted = list(dict.fromkeys(c for c in (image, caption, label, *negative_columns) if c))
+            table = pq.ParquetFile(file).read_row_group(group, columns=wanted)
             images = table.column(image).to_pylist()
             labels = table.column(label).to_pylist() if label else [None] * len(images)
             captions = table.column(caption).to_pylist() if caption else self._captions(labels, group)
+            cells = [table.column(c).to_pylist() for c in negative_columns]
         except (OSError, pa.ArrowException, ValueError) as err:
             reason = f"row group {group} cannot be read ({err.__class__.__name__}: {str(err)[:200]})"
             return ShardIndex([f"row {i}" for i in range(shard.count)], [""] * shard.count, [None] * shard.count,
                               [None] * shard.count, {i: reason for i in range(shard.count)})
-        index = ShardIndex([], [], [], [])
+        index = ShardIndex([], [], [], [], negatives=[] if negative_columns else None)
         for row, (picture, text, cls) in enumerate(zip(images, captions, labels, strict=True)):
+            negatives_problem = None
+            if negative_columns:
+                negatives, negatives_problem = _negatives([column[row] for column in cells], negative_columns)
+                index.negatives.append(negatives)
             index.keys.append(f"row {row}")
             reader, problem = _image_reader(picture, file.parent)
             text = " ".join(text.split()) if isinstance(text, str) else ""
@@ -75,6 +83,8 @@ class ParquetRows(ShardedTable):
                 problem = f"no caption in column {caption!r}"
             if self.has_labels and not isinstance(cls, int) and problem is None:
                 problem = f"no class in column {label!r}"
+            if problem is None:
+                problem = negatives_problem
             if problem is not None:
                 index.problems[row] = problem
             index.images.append(reader)
@@ -88,6 +98,20 @@ class ParquetRows(ShardedTable):
         return [fill(templates[int(np.random.default_rng([group, row]).integers(len(templates)))],
                      self.class_names[cls]) if isinstance(cls, int) and 0 <= cls < len(self.class_names) else ""
                 for row, cls in enumerate(labels)]
+
+
+def _negatives(values: list, columns: list[str]) -> tuple[tuple[str, ...], str | None]:
+    """A row's hard-negative captions from its cells (a string, a list of strings, or null), and
+    why the row cannot be used when a cell holds anything else."""
+    out = []
+    for value, column in zip(values, columns):
+        if value is None:
+            continue
+        texts = [value] if isinstance(value, str) else value
+        if not isinstance(texts, list) or not all(isinstance(t, str) or t is None for t in texts):
+            return (), f"column {column!r} (--negative-column) holds {type(value).__name__}, not captions"
+        out.extend(text for text in (" ".join(t.split()) for t in texts if t) if text)
+    return tuple(out), None
 
 
 def _image_reader(value, folder: Path):
@@ -145,7 +169,8 @@ def _hub_files(repo_id: str, split: str | None) -> tuple[list[Path], Path]:
 
 
 def read_parquet(spec: str, *, image_column: str | None = None, caption_column: str | None = None,
-                 split: str | None = None, templates: list[str] | None = None) -> ParquetRows:
+                 split: str | None = None, templates: list[str] | None = None,
+                 negative_columns: list[str] | None = None) -> ParquetRows:
     files, root = parquet_files(spec, split)
     if not files:
         raise DataError(f"{spec}: no .parquet files found")
@@ -159,6 +184,11 @@ def read_parquet(spec: str, *, image_column: str | None = None, caption_column: 
         if columns is None:
             columns = _columns(file, schema, image_column, caption_column)
             class_names = _class_names(schema, columns.get("label"))
+            missing = [c for c in negative_columns or [] if c not in schema.names]
+            if missing:
+                raise DataError(f"{file}: no hard-negative caption column named {', '.join(map(repr, missing))} "
+                                f"(--negative-column); columns: {', '.join(schema.names)}")
+            columns["negatives"] = list(negative_columns or [])
         name = os.path.relpath(file, root)
         shards += [Shard(file, metadata.row_group(g).num_rows, f"{name}#{g}") for g in range(metadata.num_row_groups)]
     table = ParquetRows([s for s in shards if s.count], class_names=class_names, columns=columns,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from mlx_clip.data.captions import read_captions, read_text_file
+from mlx_clip.data.captions import negative_columns, read_captions, read_text_file
 from mlx_clip.data.sample import Sample
 from mlx_clip.data.table import SampleTable
 from mlx_clip.data.templates import DEFAULT_TEMPLATES, check_template, check_templates, fill
@@ -260,10 +260,10 @@ def load_dataset(
         templates = load_templates(templates)
     if isinstance(classes, (str, Path)):
         classes = load_classes(classes)
-    if negative_column is not None and _is_streamed(str(path)):
-        raise DataError(f"{path}: --negative-column is read from captions files (CSV, TSV, JSONL) so far, not from "
-                        "shards or parquet; write the pairs and their negatives to a captions file")
-    streamed = _read_streamed(str(path), image_column, caption_column, split, templates)
+    if negative_column is not None and _is_shards(str(path)):
+        raise DataError(f"{path}: --negative-column is read from captions files (CSV, TSV, JSONL) and parquet so "
+                        "far, not from tar shards; write the pairs and their negatives to either")
+    streamed = _read_streamed(str(path), image_column, caption_column, split, templates, negative_column)
     if streamed is not None:
         return _streamed_dataset(streamed, path, templates, classes)
     path = Path(path).expanduser()
@@ -278,14 +278,13 @@ def load_dataset(
     return train
 
 
-def _is_streamed(spec: str) -> bool:
-    from mlx_clip.data.parquet import is_parquet_spec
+def _is_shards(spec: str) -> bool:
     from mlx_clip.data.shards import is_shard_spec
 
-    return is_shard_spec(spec) or is_parquet_spec(spec)
+    return is_shard_spec(spec)
 
 
-def _read_streamed(spec: str, image_column, caption_column, split, templates):
+def _read_streamed(spec: str, image_column, caption_column, split, templates, negative_column=None):
     from mlx_clip.data.parquet import is_parquet_spec, read_parquet
     from mlx_clip.data.shards import is_shard_spec, read_shards
 
@@ -293,7 +292,8 @@ def _read_streamed(spec: str, image_column, caption_column, split, templates):
         return read_shards(spec, image_column=image_column, caption_column=caption_column)
     if is_parquet_spec(spec):
         return read_parquet(spec, image_column=image_column, caption_column=caption_column, split=split,
-                            templates=None if templates is None else check_templates(templates))
+                            templates=None if templates is None else check_templates(templates),
+                            negative_columns=negative_columns(negative_column))
     return None
 
 

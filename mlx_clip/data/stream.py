@@ -51,6 +51,7 @@ class ShardIndex:
     images: list[Callable[[], bytes] | None]
     labels: list[int | None]
     problems: dict[int, str] = field(default_factory=dict)
+    negatives: list[tuple[str, ...]] | None = None  # hard-negative captions per sample, when read
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,10 @@ class Shard:
 
 class ShardedTable(Sequence):
     """Samples of many shards, read on demand. Subclasses open one shard (`open_shard`)."""
+
+    # Hard-negative captions are not counted ahead (that would read every shard before the first
+    # step): with them, a batch gets as many slots as its row with the most (`collate`).
+    reads_negatives = False
 
     def __init__(self, shards: Sequence[Shard], *, class_names: list[str] | None = None):
         self.shards = list(shards)
@@ -116,7 +121,9 @@ class ShardedTable(Sequence):
         if problem is not None or reader is None:
             reader = _fails(f"{where}: {problem or 'no image'}")
         label = label if self.has_labels else None
-        return Sample(StoredImage(where, reader), caption, 0 if self.has_labels and label is None else label, index)
+        negatives = held.negatives[local] if held.negatives is not None else ()
+        return Sample(StoredImage(where, reader), caption, 0 if self.has_labels and label is None else label, index,
+                      negatives)
 
     def __iter__(self) -> Iterator[Sample]:
         return (self[i] for i in range(len(self)))
