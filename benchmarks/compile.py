@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     result = measure(args.size, args.batch, args.rounds)
     print(json.dumps(result))
     medians = result["median_seconds"]
-    print(f"torch {args.size} b{args.batch}: step {medians['eager']:.3f} s eager, {medians['compiled']:.3f} s compiled "
+    print(f"torch {args.size}, batch {args.batch}: step {medians['eager']:.3f} s eager, {medians['compiled']:.3f} s compiled "
           f"({result['speedup']:.2f}x); compiling took {result['compile_seconds'][0]:.1f} s then "
           f"{result['compile_seconds'][1]:.1f} s; losses agree to {result['max_loss_rel_diff']:.1e} (relative)")
 

@@ -120,15 +120,37 @@ def test_a_missing_or_empty_column_is_named(negatives_csv, tmp_path):
         read_captions(negatives_csv, negative_column="wrong_colour,")
 
 
-def test_class_folders_and_tar_shards_are_refused(tmp_path):
+def test_class_folders_are_refused(tmp_path):
     target = make_demo(cache_root() / "demo")["target_train"]
     with pytest.raises(DataError, match="class folders have no captions to hold hard negatives"):
         load_dataset(target, negative_column="neg")
+
+
+def test_tar_shards_read_them_from_each_samples_json(tmp_path):
+    """webdataset samples: `key.png` and `key.json` holding the caption and a string, a list or no
+    negatives; a field of another type makes the sample a counted bad one."""
+    import io
+    import tarfile
+
+    from mlx_clip.errors import ImageError
+    from tests.test_streamed_data import _png
+
+    records = [{"caption": "a red circle", "neg": "a blue circle"}, {"caption": "a green square"},
+               {"caption": "a dot", "neg": ["two dots", " three  dots "], "other": "x"},
+               {"caption": "a line", "neg": 7}]
     (tmp_path / "shards").mkdir()
-    (tmp_path / "shards" / "00000.tar").write_bytes(b"")
-    with pytest.raises(DataError, match="--negative-column is read from captions files .* and parquet so far, not "
-                                        "from tar shards"):
-        load_dataset(tmp_path / "shards", negative_column="neg")
+    with tarfile.open(tmp_path / "shards" / "00000.tar", "w") as archive:
+        for i, record in enumerate(records):
+            for name, data in ((f"{i:05d}.png", _png(i)), (f"{i:05d}.json", json.dumps(record).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    samples = load_dataset(tmp_path / "shards", negative_column="neg").samples
+    assert samples.reads_negatives
+    assert [samples[i].negatives for i in range(3)] == [("a blue circle",), (), ("two dots", "three dots")]
+    with pytest.raises(ImageError, match=r"'neg' \(--negative-column\) holds int, not captions"):
+        samples[3].image.read()
+    assert load_dataset(tmp_path / "shards").samples[2].negatives == ()
 
 
 def _parquet_of(negatives_csv: Path, path: Path, rows: int = 64) -> Path:
@@ -173,7 +195,7 @@ def test_a_parquet_cell_of_another_type_makes_its_row_a_counted_bad_sample(tmp_p
     pq.write_table(pa.table({"image": ["a.png", "a.png"], "caption": ["p", "q"], "neg": [[1, 2], [3]]}),
                    tmp_path / "bad.parquet")
     samples = load_dataset(tmp_path / "bad.parquet", negative_column="neg").samples
-    with pytest.raises(ImageError, match=r"column 'neg' \(--negative-column\) holds list, not captions"):
+    with pytest.raises(ImageError, match=r"bad.parquet#0:row 0: 'neg' \(--negative-column\) holds list, not captions"):
         samples[0].image.read()
 
 

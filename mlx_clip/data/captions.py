@@ -76,6 +76,20 @@ def negative_columns(spec: str | None) -> list[str]:
     return names
 
 
+def cell_negatives(values: list, columns: list[str]) -> tuple[tuple[str, ...], str | None]:
+    """A row's hard-negative captions from its cells (a string, a list of strings, or null), and
+    why the row cannot be used when a cell holds anything else."""
+    out = []
+    for value, column in zip(values, columns):
+        if value is None:
+            continue
+        texts = [value] if isinstance(value, str) else value
+        if not isinstance(texts, list) or not all(isinstance(t, str) or t is None for t in texts):
+            return (), f"{column!r} (--negative-column) holds {type(value).__name__}, not captions"
+        out.extend(text for text in (" ".join(t.split()) for t in texts if t) if text)
+    return tuple(out), None
+
+
 def _python_rows(path: Path, jsonl: bool, first: str, image_column, caption_column,
                  negative_names: list[str]) -> _Columns:
     """Row by row with the csv/json modules: every problem named by its line."""

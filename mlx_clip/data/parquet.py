@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mlx_clip.data.captions import cell_negatives
 from mlx_clip.data.stream import Shard, ShardedTable, ShardIndex
 from mlx_clip.data.templates import DEFAULT_TEMPLATES, fill
 from mlx_clip.errors import DataError
@@ -74,7 +75,7 @@ class ParquetRows(ShardedTable):
         for row, (picture, text, cls) in enumerate(zip(images, captions, labels, strict=True)):
             negatives_problem = None
             if negative_columns:
-                negatives, negatives_problem = _negatives([column[row] for column in cells], negative_columns)
+                negatives, negatives_problem = cell_negatives([column[row] for column in cells], negative_columns)
                 index.negatives.append(negatives)
             index.keys.append(f"row {row}")
             reader, problem = _image_reader(picture, file.parent)
@@ -98,20 +99,6 @@ class ParquetRows(ShardedTable):
         return [fill(templates[int(np.random.default_rng([group, row]).integers(len(templates)))],
                      self.class_names[cls]) if isinstance(cls, int) and 0 <= cls < len(self.class_names) else ""
                 for row, cls in enumerate(labels)]
-
-
-def _negatives(values: list, columns: list[str]) -> tuple[tuple[str, ...], str | None]:
-    """A row's hard-negative captions from its cells (a string, a list of strings, or null), and
-    why the row cannot be used when a cell holds anything else."""
-    out = []
-    for value, column in zip(values, columns):
-        if value is None:
-            continue
-        texts = [value] if isinstance(value, str) else value
-        if not isinstance(texts, list) or not all(isinstance(t, str) or t is None for t in texts):
-            return (), f"column {column!r} (--negative-column) holds {type(value).__name__}, not captions"
-        out.extend(text for text in (" ".join(t.split()) for t in texts if t) if text)
-    return tuple(out), None
 
 
 def _image_reader(value, folder: Path):

@@ -260,9 +260,6 @@ def load_dataset(
         templates = load_templates(templates)
     if isinstance(classes, (str, Path)):
         classes = load_classes(classes)
-    if negative_column is not None and _is_shards(str(path)):
-        raise DataError(f"{path}: --negative-column is read from captions files (CSV, TSV, JSONL) and parquet so "
-                        "far, not from tar shards; write the pairs and their negatives to either")
     streamed = _read_streamed(str(path), image_column, caption_column, split, templates, negative_column)
     if streamed is not None:
         return _streamed_dataset(streamed, path, templates, classes)
@@ -278,18 +275,13 @@ def load_dataset(
     return train
 
 
-def _is_shards(spec: str) -> bool:
-    from mlx_clip.data.shards import is_shard_spec
-
-    return is_shard_spec(spec)
-
-
 def _read_streamed(spec: str, image_column, caption_column, split, templates, negative_column=None):
     from mlx_clip.data.parquet import is_parquet_spec, read_parquet
     from mlx_clip.data.shards import is_shard_spec, read_shards
 
     if is_shard_spec(spec):
-        return read_shards(spec, image_column=image_column, caption_column=caption_column)
+        return read_shards(spec, image_column=image_column, caption_column=caption_column,
+                           negative_fields=negative_columns(negative_column))
     if is_parquet_spec(spec):
         return read_parquet(spec, image_column=image_column, caption_column=caption_column, split=split,
                             templates=None if templates is None else check_templates(templates),

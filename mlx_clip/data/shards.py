@@ -25,6 +25,7 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
+from mlx_clip.data.captions import cell_negatives
 from mlx_clip.data.stream import Shard, ShardedTable, ShardIndex
 from mlx_clip.errors import DataError, ImageError
 
@@ -80,20 +81,25 @@ def shard_paths(spec: str) -> tuple[list[Path], Path]:
 
 
 class TarShards(ShardedTable):
-    def __init__(self, shards, *, class_names=None, image_ext: str | None = None, caption_field: str | None = None):
+    def __init__(self, shards, *, class_names=None, image_ext: str | None = None, caption_field: str | None = None,
+                 negative_fields: list[str] | None = None):
         super().__init__(shards, class_names=class_names)
         self.image_ext, self.caption_field = image_ext, caption_field
+        self.negative_fields = list(negative_fields or [])
+        self.reads_negatives = bool(self.negative_fields)
 
     def with_shards(self, shards):
         return TarShards(shards, class_names=self.class_names, image_ext=self.image_ext,
-                         caption_field=self.caption_field)
+                         caption_field=self.caption_field, negative_fields=self.negative_fields)
 
     def open_shard(self, shard: Shard) -> ShardIndex:
         return index_shard(shard.path, shard.name, labelled=self.has_labels, image_ext=self.image_ext,
-                           caption_field=self.caption_field)
+                           caption_field=self.caption_field, negative_fields=self.negative_fields)
 
 
-def read_shards(spec: str, *, image_column: str | None = None, caption_column: str | None = None) -> TarShards:
+def read_shards(spec: str, *, image_column: str | None = None, caption_column: str | None = None,
+                negative_fields: list[str] | None = None) -> TarShards:
+    """`negative_fields`: keys of each sample's json member holding its hard-negative captions."""
     paths, root = shard_paths(spec)
     counts, class_names = _manifest_counts(paths, root)
     shards = []
@@ -106,7 +112,7 @@ def read_shards(spec: str, *, image_column: str | None = None, caption_column: s
     if not sum(s.count for s in shards):
         raise DataError(f"{spec}: the shards hold no samples")
     return TarShards(shards, class_names=class_names, image_ext=image_column,
-                     caption_field=caption_column)
+                     caption_field=caption_column, negative_fields=negative_fields)
 
 
 def _name(path: Path, root: Path) -> str:
@@ -143,7 +149,7 @@ def _manifest_counts(paths: list[Path], root: Path) -> tuple[dict[Path, int], li
 
 
 def index_shard(path: Path, name: str, *, labelled: bool, image_ext: str | None = None,
-                caption_field: str | None = None) -> ShardIndex:
+                caption_field: str | None = None, negative_fields: list[str] | None = None) -> ShardIndex:
     """The samples of one shard in file order, from its tar headers alone: where each member lies.
     Captions and labels are read with the sample (`_Texts`), so indexing a shard costs one pass
     over its headers. A member cut off by a truncated file, or a sample without an image, is a
@@ -164,19 +170,19 @@ def index_shard(path: Path, name: str, *, labelled: bool, image_ext: str | None 
                 if match is None:
                     continue
                 if match.group(1) != key and key is not None:
-                    _add(index, key, members, shard, size, labelled, image_ext, caption_field)
+                    _add(index, key, members, shard, size, labelled, image_ext, caption_field, negative_fields)
                     members = {}
                 key = match.group(1)
                 members[match.group(2).lower()] = member
         except tarfile.TarError as err:
             index.problems[len(index.keys)] = f"the shard is truncated or corrupt after this point ({err})"
         if key is not None:
-            _add(index, key, members, shard, size, labelled, image_ext, caption_field)
+            _add(index, key, members, shard, size, labelled, image_ext, caption_field, negative_fields)
     return index
 
 
 def _add(index: ShardIndex, key: str, members: dict[str, tarfile.TarInfo], shard: _OpenShard, size: int, labelled: bool,
-         image_ext: str | None, caption_field: str | None) -> None:
+         image_ext: str | None, caption_field: str | None, negative_fields: list[str] | None = None) -> None:
     number = len(index.keys)
     index.keys.append(key)
     wanted = (image_ext.lower(),) if image_ext else IMAGE_EXTENSIONS
@@ -191,37 +197,46 @@ def _add(index: ShardIndex, key: str, members: dict[str, tarfile.TarInfo], shard
         index.problems[number] = problem
     ranges = {ext: _Range(shard, m.offset_data, m.size) for ext, m in members.items()
               if ext in ("txt", "json", "cls") or ext == (caption_field or "").lower()}
-    index.captions.append(_Texts(ranges, caption_field, labelled))
+    index.captions.append(_Texts(ranges, caption_field, labelled, negative_fields or []))
     index.labels.append(None)
 
 
 class _Texts:
-    """A sample's caption and label, read when the sample is first read and kept while its shard
-    is open: (caption, label, problem or None)."""
+    """A sample's caption, label and hard-negative captions, read when the sample is first read and
+    kept while its shard is open: (caption, label, problem or None, negatives)."""
 
-    __slots__ = ("ranges", "field", "labelled", "read")
+    __slots__ = ("ranges", "field", "labelled", "negative_fields", "read")
 
-    def __init__(self, ranges: dict[str, _Range], field: str | None, labelled: bool):
-        self.ranges, self.field, self.labelled = ranges, field, labelled
-        self.read: tuple[str, int | None, str | None] | None = None
+    def __init__(self, ranges: dict[str, _Range], field: str | None, labelled: bool, negative_fields: list[str]):
+        self.ranges, self.field, self.labelled, self.negative_fields = ranges, field, labelled, negative_fields
+        self.read: tuple[str, int | None, str | None, tuple[str, ...]] | None = None
 
-    def __call__(self) -> tuple[str, int | None, str | None]:
+    def __call__(self) -> tuple[str, int | None, str | None, tuple[str, ...]]:
         if self.read is None:
             self.read = self._read()
         return self.read
 
-    def _read(self) -> tuple[str, int | None, str | None]:
+    def _read(self) -> tuple[str, int | None, str | None, tuple[str, ...]]:
         try:
             caption = " ".join(self._caption().split())
             label = int(self.ranges["cls"]().decode()) if self.labelled and "cls" in self.ranges else None
+            negatives, problem = self._negatives()
         except (ImageError, OSError, ValueError, UnicodeDecodeError) as err:
-            return "", None, f"unreadable caption or label ({err.__class__.__name__}: {err})"
+            return "", None, f"unreadable caption or label ({err.__class__.__name__}: {err})", ()
         if not caption:
             return "", None, "no caption (" + ("no txt or json member" if self.field is None else
-                                               f"no {self.field!r} member or json field") + ")"
+                                               f"no {self.field!r} member or json field") + ")", ()
         if self.labelled and label is None:
-            return caption, None, "no cls member (the shards' manifest names classes)"
-        return caption, label, None
+            return caption, None, "no cls member (the shards' manifest names classes)", ()
+        return caption, label, problem, negatives
+
+    def _negatives(self) -> tuple[tuple[str, ...], str | None]:
+        if not self.negative_fields or "json" not in self.ranges:
+            return (), None
+        record = json.loads(self.ranges["json"]().decode("utf-8"))
+        if not isinstance(record, dict):
+            return (), None
+        return cell_negatives([record.get(f) for f in self.negative_fields], self.negative_fields)
 
     def _caption(self) -> str:
         field = (self.field or "").lower()

@@ -47,7 +47,7 @@ class ShardIndex:
     """What one opened shard holds, in its own order. `problems[i]` is why sample i is unusable."""
 
     keys: list[str]
-    captions: list  # str, or a function reading (caption, label, problem) when the sample is read
+    captions: list  # str, or a function reading (caption, label, problem, negatives) when the sample is read
     images: list[Callable[[], bytes] | None]
     labels: list[int | None]
     problems: dict[int, str] = field(default_factory=dict)
@@ -115,13 +115,13 @@ class ShardedTable(Sequence):
         where = f"{shard.name}:{held.keys[local]}"
         problem, reader = held.problems.get(local), held.images[local]
         caption, label = held.captions[local], held.labels[local]
+        negatives = held.negatives[local] if held.negatives is not None else ()
         if callable(caption):  # read with the sample (tar shards): its problem is the sample's
-            caption, label, text_problem = caption()
+            caption, label, text_problem, negatives = caption()
             problem = problem or text_problem
         if problem is not None or reader is None:
             reader = _fails(f"{where}: {problem or 'no image'}")
         label = label if self.has_labels else None
-        negatives = held.negatives[local] if held.negatives is not None else ()
         return Sample(StoredImage(where, reader), caption, 0 if self.has_labels and label is None else label, index,
                       negatives)
 
