@@ -315,6 +315,10 @@ def test_the_start_record_and_the_cli(negatives_csv, tmp_path):
     assert start["negative_slots"] == 2
     assert 0 < start["rows_with_negatives"] == train  # every row has its colour swap
     assert start["negative_captions"] < counts.sum()  # the held-out tenth's are not counted
+    from mlx_clip.training.run_report import summarize
+
+    data = summarize(tmp_path / "run")["data"]  # what `mlxclip report` shows
+    assert (data["negative_captions"], data["rows_with_negatives"]) == (start["negative_captions"], train)
     refused = subprocess.run([MLXCLIP, "finetune", "--model", "tiny", "--steps", "1", "--out", str(tmp_path / "demo"),
                               "--negative-column", "neg"], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2
