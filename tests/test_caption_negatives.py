@@ -350,3 +350,17 @@ def test_two_processes_train_as_one(negatives_csv, tmp_path, engine):
     worst = max(float(np.abs(got[name] - reference[name]).max()) for name in reference)
     print(f"largest weight difference: {worst:.2e}")
     assert worst < 1e-7
+
+
+def test_mlxclip_shard_carries_them_into_the_shards(negatives_csv, tmp_path):
+    """`mlxclip shard --negative-column` writes each sample's negatives into its json; finetune reads
+    them back from there, in the captions file's order."""
+    subset = tmp_path / "pairs.csv"
+    subset.write_text("".join(negatives_csv.read_text().splitlines(keepends=True)[:25]))
+    done = subprocess.run([MLXCLIP, "shard", str(subset), str(tmp_path / "shards"), "--samples-per-shard", "10",
+                           "--negative-column", NEGATIVES], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    written = load_dataset(tmp_path / "shards", negative_column="negatives").samples
+    rows = read_captions(subset, negative_column=NEGATIVES)
+    assert len(written) == len(rows) == 24
+    assert [written[i].negatives for i in range(24)] == [rows[i].negatives for i in range(24)]

@@ -67,15 +67,20 @@ def convert(src, dst, target, dtype, allow_pickle, overwrite, no_verify, quantiz
 @click.option("--caption-column", default=None, help="Captions file or parquet: column (or JSONL key) of the captions.")
 @click.option("--templates", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Class folders: prompt templates, one per line, that caption each image.")
+@click.option("--negative-column", default=None,
+              help="Hard-negative captions to carry (columns or keys, comma-separated), written to each sample's "
+                   "json as \"negatives\"; train on them with finetune --negative-column negatives.")
 @domain_errors
-def shard(data, out_dir, samples_per_shard, overwrite, split, image_column, caption_column, templates):
+def shard(data, out_dir, samples_per_shard, overwrite, split, image_column, caption_column, templates,
+          negative_column):
     """Write DATA (captions file, class folders, train/ + val/ folders, parquet) as webdataset tar
     shards with a manifest in OUT_DIR, to train from the streaming path. Unreadable images are
     skipped and listed."""
     from mlx_clip.data.shard_writer import write_shards
 
     write_shards(data, out_dir, samples_per_shard=samples_per_shard, overwrite=overwrite, split=split,
-                 image_column=image_column, caption_column=caption_column, templates=templates, echo=click.echo)
+                 image_column=image_column, caption_column=caption_column, templates=templates,
+                 negative_column=negative_column, echo=click.echo)
 
 
 @click.command()

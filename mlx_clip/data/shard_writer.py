@@ -45,9 +45,11 @@ VAL_SPLITS = ("val", "validation")
 def write_shards(data_path: str | Path, out_dir: str | Path, *, samples_per_shard: int = SAMPLES_PER_SHARD,
                  overwrite: bool = False, image_column: str | None = None, caption_column: str | None = None,
                  templates: list[str] | str | Path | None = None, split: str | None = None,
-                 echo: Callable[[str], object] = print) -> dict:
+                 negative_column: str | None = None, echo: Callable[[str], object] = print) -> dict:
     """Write `data_path` (any layout `load_dataset` reads) as tar shards in `out_dir`; returns the
-    manifest written. Unreadable images are skipped and listed, never fatal unless all are."""
+    manifest written. Unreadable images are skipped and listed, never fatal unless all are.
+    `negative_column`: the hard-negative captions to carry, as each json member's "negatives"
+    list (what `finetune --negative-column negatives` reads back)."""
     from mlx_clip.data.records import load_dataset
 
     check_int("--samples-per-shard", samples_per_shard, 1)
@@ -56,7 +58,7 @@ def write_shards(data_path: str | Path, out_dir: str | Path, *, samples_per_shar
     refuse_overlap(out, {"DATA": data_path}, option="OUT_DIR")
     _check_destination(out, overwrite)
     dataset = load_dataset(data_path, templates=templates, image_column=image_column, caption_column=caption_column,
-                           split=split)
+                           split=split, negative_column=negative_column)
     samples = _chosen_split(dataset, data_path, split)
     if isinstance(samples, ShardedTable):  # shards or parquet files named by a pattern or a list
         refuse_overlap(out, [("a file of DATA", shard.path) for shard in samples.shards], option="OUT_DIR")
@@ -175,6 +177,8 @@ def _add_sample(archive: tarfile.TarFile, row: int, image: bytes, extension: str
     label = sample.label if class_names is not None else None
     record = {"caption": sample.caption, "source": source, "label": label,
               "class_name": class_names[label] if label is not None else None}
+    if sample.negatives:
+        record["negatives"] = list(sample.negatives)
     _add_member(archive, f"{key}.{extension}", image)
     _add_member(archive, f"{key}.txt", sample.caption.encode("utf-8"))
     if label is not None:
