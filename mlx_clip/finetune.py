@@ -278,7 +278,7 @@ def _build(cfg: TrainConfig, data: DomainData, run: RunFolder, progress, evaluat
     folder is touched."""
     folder = resolve(cfg.model, allow_pickle=cfg.allow_pickle)
     if cfg.memory_budget:
-        cfg = _within_budget(cfg, folder, run, echo)
+        cfg = _within_budget(cfg, folder, run, echo, data)
     tokenizer = load_tokenizer(folder)
     engine = build_engine(cfg, folder)
     mean, std, crop = preprocessor_settings(folder)
@@ -297,7 +297,7 @@ def _build(cfg: TrainConfig, data: DomainData, run: RunFolder, progress, evaluat
     return trainer, loader, evaluator
 
 
-def _within_budget(cfg: TrainConfig, folder: Path, run: RunFolder, echo) -> TrainConfig:
+def _within_budget(cfg: TrainConfig, folder: Path, run: RunFolder, echo, data: DomainData) -> TrainConfig:
     """--memory-budget: the probe's micro-batch; a resumed run keeps the one it started with, as
     another would change the float32 summation order and resume is exact."""
     import dataclasses
@@ -308,7 +308,11 @@ def _within_budget(cfg: TrainConfig, folder: Path, run: RunFolder, echo) -> Trai
     if cfg.resume:
         started = read_trainer_state(run.resolve_resume(cfg.resume)).get("config", {})
         return dataclasses.replace(cfg, micro_batch_size=started.get("micro_batch_size"))
-    return budgeted(cfg, folder, echo)  # before any engine is built here: the probe runs apart
+    if getattr(data.train, "reads_negatives", False):
+        raise ConfigError("--memory-budget cannot size a run whose hard-negative captions are counted batch by batch "
+                          "(parquet, shards): give --micro-batch-size instead")
+    slots = getattr(data.train, "max_negatives", 0)
+    return budgeted(cfg, folder, echo, slots)  # before any engine is built here: the probe runs apart
 
 
 def write_bad_images(run: RunFolder, loader: BatchLoader) -> None:

@@ -25,7 +25,7 @@ from mlx_clip.data.demo import make_demo
 from mlx_clip.data.loader import BatchLoader
 from mlx_clip.data.records import load_dataset
 from mlx_clip.engine.protocol import load_backend
-from mlx_clip.errors import DataError, MlxClipError
+from mlx_clip.errors import ConfigError, DataError, MlxClipError
 from mlx_clip.finetune import Interrupted
 from mlx_clip.model.builtin import cache_root
 from mlx_clip.model.tokenizer import load_tokenizer
@@ -364,3 +364,26 @@ def test_mlxclip_shard_carries_them_into_the_shards(negatives_csv, tmp_path):
     rows = read_captions(subset, negative_column=NEGATIVES)
     assert len(written) == len(rows) == 24
     assert [written[i].negatives for i in range(24)] == [rows[i].negatives for i in range(24)]
+
+
+def test_the_memory_probe_embeds_the_negatives_too(negatives_csv, tmp_path, monkeypatch):
+    """--memory-budget's probes train on batches whose every negative slot is filled (the text
+    tower runs on each), with the run's slot count; streamed negatives, not counted ahead, are
+    refused by name."""
+    from mlx_clip.training import memory_budget
+
+    batch = memory_budget.probe_batch(load_backend("mlx", resolve("tiny")).config, 4, 2)
+    assert batch.negative_ids.shape == (4, 2, batch.input_ids.shape[1]) and batch.negative_mask.all()
+    seen = []
+    real = memory_budget.measure
+
+    def spy(cfg, folder, size, micro, negative_slots=0):
+        seen.append(negative_slots)
+        return real(cfg, folder, size, micro, negative_slots)
+
+    monkeypatch.setattr(memory_budget, "measure", spy)
+    run(negative_config(tmp_path / "run", "mlx", negatives_csv, steps=1, memory_budget="16GB"))
+    assert len(seen) >= 3 and set(seen) == {2}
+    with pytest.raises(ConfigError, match="--memory-budget cannot size a run whose hard-negative captions are counted"):
+        run(negative_config(tmp_path / "streamed", "mlx", _parquet_of(negatives_csv, tmp_path / "p.parquet"),
+                            steps=1, memory_budget="16GB"))

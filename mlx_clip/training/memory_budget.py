@@ -102,7 +102,6 @@ def probe_worker(spec: dict) -> dict:
     """In a probe process: the peak memory of `PROBE_STEPS` steps of `batch` pairs in micro-batches
     of `micro` (feature caching when fewer than `batch`), and the embedding width."""
     from mlx_clip.engine.protocol import load_backend
-    from mlx_clip.data.synthetic import synthetic_batch
     from mlx_clip.training.options import TrainConfig
 
     batch, micro = int(spec["batch"]), int(spec["micro"])
@@ -112,17 +111,32 @@ def probe_worker(spec: dict) -> dict:
     engine = load_backend(cfg.backend, spec["folder"], device=cfg.device, dtype=cfg.parameter_dtype,
                           allow_pickle=cfg.allow_pickle, image_size=cfg.image_size)
     engine.prepare_training(cfg)
-    data = synthetic_batch(engine.config, batch)  # full-length texts: the most a step holds
+    data = probe_batch(engine.config, batch, int(spec.get("negative_slots", 0)))
     for _ in range(PROBE_STEPS):
         engine.train_step(data, 0.0)
     peak = _peak_bytes(engine)
     return {"peak": peak, "dim": int(engine.encode_texts(data.input_ids[:1]).shape[1])}
 
 
-def measure(cfg, folder, batch: int, micro: int) -> tuple[int, int]:
+def probe_batch(config, batch: int, negative_slots: int = 0):
+    """The probe's batch: full-length texts, the most a step holds; with hard-negative captions,
+    every slot filled with one, since the text tower runs on each."""
+    import numpy as np
+
+    from mlx_clip.data.synthetic import synthetic_batch
+
+    data = synthetic_batch(config, batch)
+    if negative_slots:
+        data.negative_ids = np.repeat(data.input_ids[:, None, :], negative_slots, axis=1)
+        data.negative_mask = np.ones((batch, negative_slots), bool)
+    return data
+
+
+def measure(cfg, folder, batch: int, micro: int, negative_slots: int = 0) -> tuple[int, int]:
     """(peak bytes, embedding width) of `cfg`'s run at `batch` pairs in micro-batches of `micro`,
     measured by a probe in a fresh process."""
-    spec = json.dumps({"config": dataclasses.asdict(cfg), "folder": str(folder), "batch": batch, "micro": micro})
+    spec = json.dumps({"config": dataclasses.asdict(cfg), "folder": str(folder), "batch": batch, "micro": micro,
+                       "negative_slots": negative_slots})
     done = subprocess.run([sys.executable, "-m", "mlx_clip.training.memory_budget", spec], capture_output=True, text=True,
                           timeout=1800)
     if done.returncode != 0:
@@ -132,27 +146,27 @@ def measure(cfg, folder, batch: int, micro: int) -> tuple[int, int]:
     return int(result["peak"]), int(result["dim"])
 
 
-def probe(cfg, folder) -> tuple[MemoryModel, int]:
+def probe(cfg, folder, negative_slots: int = 0) -> tuple[MemoryModel, int]:
     """The first guess, (memory model, embedding width): the line through the peaks at the
     `PROBE_SIZES` micro-batches."""
     small, large = PROBE_SIZES
-    small_peak, dim = measure(cfg, folder, 2 * small, small)
-    large_peak, _ = measure(cfg, folder, 2 * large, large)
+    small_peak, dim = measure(cfg, folder, 2 * small, small, negative_slots)
+    large_peak, _ = measure(cfg, folder, 2 * large, large, negative_slots)
     return MemoryModel.through((small, small_peak), (large, large_peak)), dim
 
 
-def fit(cfg, folder, budget: int) -> tuple[int, int, MemoryModel]:
+def fit(cfg, folder, budget: int, negative_slots: int = 0) -> tuple[int, int, MemoryModel]:
     """(micro-batch, its measured peak, the model that chose it): the largest micro-batch of
     `cfg.batch_size` the model allows under `budget` with the margin, measured on the run's own
     batch; a measurement over it refits the line through the first probe and the measured point
     (steeper than the line that chose it), which chooses a smaller micro-batch, until one is
     measured to fit. A `ConfigError` names the smallest budget that works when one pair is too many."""
-    model, dim = probe(cfg, folder)
+    model, dim = probe(cfg, folder, negative_slots)
     batch, small = cfg.batch_size, PROBE_SIZES[0]
     first = (small, model.fixed + model.per_pair * small)
     micro = choose_micro_batch(model, budget, batch, dim)
     while True:
-        peak, _ = measure(cfg, folder, batch, micro)
+        peak, _ = measure(cfg, folder, batch, micro, negative_slots)
         if peak <= budget * MARGIN:
             return micro, peak, model
         if micro <= small:
@@ -161,13 +175,14 @@ def fit(cfg, folder, budget: int) -> tuple[int, int, MemoryModel]:
         micro = max(1, min(micro - 1, choose_micro_batch(model, budget, batch, dim)))
 
 
-def budgeted(cfg, folder, echo=print):
+def budgeted(cfg, folder, echo=print, negative_slots: int = 0):
     """`cfg` with the micro-batch the budget allows. A resumed run keeps the one it started with
-    (another would change the float32 summation order, and resume is exact)."""
+    (another would change the float32 summation order, and resume is exact). `negative_slots`:
+    hard-negative captions per pair, which the probes embed too."""
     budget = parse_size(cfg.memory_budget)
     if cfg.resume:
         return cfg
-    micro, peak, model = fit(cfg, folder, budget)
+    micro, peak, model = fit(cfg, folder, budget, negative_slots)
     what = "no feature caching needed" if micro >= cfg.batch_size else f"micro-batch {micro} (feature caching)"
     echo(f"memory budget {human(budget)}: batch {cfg.batch_size} with {what}; expected peak {human(peak)} "
          f"(measured by a probe of this batch; first guess {human(model.fixed)} fixed + {human(model.per_pair)} "
