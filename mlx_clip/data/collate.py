@@ -110,7 +110,7 @@ def _negative_slots(samples, chosen: Sequence[Sample]) -> int:
     """Slots per row: the most any row of the dataset has (one shape for the whole run), or, for
     data read shard by shard and not counted ahead, the most in this batch, and at least one."""
     if getattr(samples, "reads_negatives", False):
-        return max(1, *(len(s.negatives) for s in chosen))
+        return max([1, *(len(s.negatives) for s in chosen)])
     return getattr(samples, "max_negatives", 0)
 
 
