@@ -63,6 +63,19 @@ RECIPES = {
     "negclip": {"negative_column": NEGATIVES},
 }
 SWEPT = ("plain", "negclip")
+MARKER = "recipes.json"
+
+
+def refusal(out: Path, base: Path | None) -> str | None:
+    """Why OUT cannot hold this run: each recipe's folder in it is replaced, so OUT must be new,
+    empty, or an earlier run of this benchmark, and a given base must not lie in a folder replaced."""
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+        return f"--out {out} is not empty and holds no {MARKER} of an earlier run of this benchmark; give a new folder"
+    if base is not None:
+        replaced = [out.resolve() / name.replace(" ", "-") for name in RECIPES]
+        if any(base.resolve().is_relative_to(folder) for folder in replaced):
+            return f"--base {base} lies in a folder this run replaces; copy it elsewhere first"
+    return None
 
 
 def run(out: Path, preset: str, backend: str, seed: int, base: Path | None, alphas: str | None,
@@ -141,6 +154,11 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(args.recipes.split(",")) - set(RECIPES))
     if unknown:
         parser.error(f"unknown recipe(s) {', '.join(unknown)}; known: {', '.join(RECIPES)}")
+    problem = refusal(args.out, args.base)
+    if problem:
+        parser.error(problem)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / MARKER).write_text(json.dumps({"status": "running"}) + "\n")
     result = run(args.out, args.preset, args.backend, args.seed, args.base, args.alphas, args.recipes.split(","))
     table = markdown(result, BUDGET)
     (args.out / "recipes.json").write_text(json.dumps(result, indent=2) + "\n")
