@@ -10,12 +10,10 @@ accuracies are near chance: what is checked is that the numbers are the right on
 import mlx_clip  # noqa: F401  (first, as everywhere)
 
 import csv
-import io
 import json
 import logging
 import re
 import shutil
-import tracemalloc
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -26,14 +24,12 @@ from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
-from mlx_clip.api import CLIP, load
+from mlx_clip.api import load
 from mlx_clip.convert.writer import write_preprocessor_config
-from mlx_clip.model.config import tiny_config
 from mlx_clip.data.demo import make_demo
 from mlx_clip.data.records import load_dataset
-from mlx_clip.data.sample import Sample
 from mlx_clip.data.templates import prompt_name
-from mlx_clip.errors import ConfigError, DataError
+from mlx_clip.errors import DataError
 from mlx_clip.evaluation.encode import encode_dataset
 from mlx_clip.evaluation.evaluate import compare, evaluate, linear_probe_eval, retrieval, zero_shot
 from mlx_clip.model.tokenizer import load_tokenizer
@@ -315,111 +311,7 @@ def test_compare_writes_the_metric_by_metric_difference(setup, tmp_path):
     assert len(written) == 4 and linked == written
 
 
-# --- streaming memory ---------------------------------------------------------------------------
-
-
-class FakeEngine:
-    """Embeddings from pixel means: no model, so the measurement is the pipeline's own memory."""
-
-    name = "fake"
-
-    def __init__(self, image_size: int, dim: int):
-        self.config = tiny_config(vision=dict(image_size=image_size), projection_dim=dim)
-        self.dim = dim
-
-    def encode_images(self, pixels):
-        feats = np.ones((len(pixels), self.dim), np.float32)
-        feats[:, :3] = pixels.mean(axis=(1, 2))
-        return feats / np.linalg.norm(feats, axis=1, keepdims=True)
-
-    def encode_texts(self, ids):
-        feats = np.asarray(ids[:, :self.dim], np.float32) + 1
-        return feats / np.linalg.norm(feats, axis=1, keepdims=True)
-
-
-def _peak_bytes(clip, samples) -> tuple[int, object]:
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        enc = encode_dataset(clip, samples, batch_size=256, workers=1)
-        return tracemalloc.get_traced_memory()[1] - before, enc
-    finally:
-        tracemalloc.stop()
-
-
-def test_memory_does_not_grow_with_the_dataset(tmp_path):
-    rng = np.random.default_rng(0)
-    variants = []
-    for _ in range(16):
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)).save(buffer, format="PNG")
-        variants.append(buffer.getvalue())
-    folder = tmp_path / "images"
-    folder.mkdir()
-    samples = []
-    for i in range(10_000):
-        path = folder / f"{i:05d}.png"
-        path.write_bytes(variants[i % 16])
-        samples.append(Sample(path, f"picture {i}", i % 10, i))
-    clip = CLIP(FakeEngine(image_size=32, dim=8), tmp_path)
-    small, enc_small = _peak_bytes(clip, samples[:1000])
-    large, enc_large = _peak_bytes(clip, samples)
-    assert enc_small.image_embeds.shape == (1000, 8) and enc_large.image_embeds.shape == (10_000, 8)
-    assert enc_large.text_embeds.shape == (10_000, 8) and enc_large.labels.tolist()[:3] == [0, 1, 2]
-    batch_bytes = 256 * 32 * 32 * 3 * 4  # one batch of preprocessed pixels
-    assert small >= batch_bytes  # the measurement sees the batch ...
-    assert large <= 1.5 * small, (small, large)  # ... and 10x the images adds only their embeddings
-    # Holding every preprocessed image instead would take 10,000 x 32 x 32 x 3 x 4 bytes (~123 MB).
-
-
-# --- bad input ----------------------------------------------------------------------------------
-
-
-def _class_root(tmp_path: Path, counts: dict[str, int]) -> Path:
-    root = tmp_path / "classes"
-    for name, n in counts.items():
-        (root / name).mkdir(parents=True)
-        for i in range(n):
-            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / name / f"{i}.png")
-    return root
-
-
-@pytest.mark.parametrize("case, error, match", [
-    ("no_classes", DataError, "not a dataset"),
-    ("empty_class", DataError, "has no images"),
-    ("template_without_braces", DataError, "needs exactly one"),
-    ("class_file_mismatch", DataError, "does not match the class folders"),
-    ("neither_layout", DataError, "not a dataset"),
-    ("retrieval_on_class_folders", DataError, "task zeroshot_retrieval needs a captions file"),
-    ("probe_without_train_split", DataError, "linear_probe needs class folders with train/ and val/"),
-    ("unknown_task", ConfigError, "unknown task"),
-])
-def test_bad_input_fails_with_one_clear_error_before_any_model_loads(tmp_path, case, error, match):
-    kwargs = {}
-    if case == "no_classes":
-        data = tmp_path / "empty"
-        data.mkdir()
-    elif case == "empty_class":
-        data = _class_root(tmp_path, {"cat": 2, "dog": 0})
-    elif case == "template_without_braces":
-        data = _class_root(tmp_path, {"cat": 1, "dog": 1})
-        kwargs["templates"] = ["a photo of a cat"]
-    elif case == "class_file_mismatch":
-        data = _class_root(tmp_path, {"cat": 1, "dog": 1})
-        (tmp_path / "classes.txt").write_text("cat\nbird\n")
-        kwargs["classes"] = tmp_path / "classes.txt"
-    elif case == "neither_layout":
-        data = tmp_path / "notes"
-        data.mkdir()
-        (data / "readme.txt").write_text("hello")
-    else:
-        data = _class_root(tmp_path, {"cat": 1, "dog": 1})
-        kwargs["tasks"] = {"retrieval_on_class_folders": ["retrieval"], "unknown_task": ["detection"],
-                           "probe_without_train_split": ["linear_probe"]}[case]
-    # A model that does not exist: the data must be refused first, without loading anything.
-    with pytest.raises(error, match=match):
-        evaluate(tmp_path / "no-model-here", data, **kwargs)
+# --- the other layout -------------------------------------------------------------------------
 
 
 def test_zero_shot_and_retrieval_refuse_the_other_layout(setup, clips):
