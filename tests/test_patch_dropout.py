@@ -55,9 +55,15 @@ def _reference_siglip(hf, pixels: torch.Tensor, keep: np.ndarray) -> np.ndarray:
         return vm.head(vm.post_layernorm(hidden)).numpy()
 
 
-def test_clip_towers_keep_the_drawn_patches():
+def _torch_engine_features(hf, pixels: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+    """transformers' image features under the torch engine's hook (`kept_patches`); None: none."""
     from mlx_clip.torch_backend.train import kept_patches
 
+    with torch.no_grad(), kept_patches(hf, None if keep is None else torch.from_numpy(keep)):
+        return hf.get_image_features(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2)).pooler_output.numpy()
+
+
+def test_clip_towers_keep_the_drawn_patches():
     hf = hf_clip(1, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
                  dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, image_size=40,
                       patch_size=8), projection_dim=24)
@@ -67,17 +73,11 @@ def test_clip_towers_keep_the_drawn_patches():
     expected = _reference_clip(hf, torch.from_numpy(pixels).permute(0, 3, 1, 2), keep)
     got = np.array(mlx_from_hf(hf).get_image_features(mx.array(pixels), mx.array(keep)))
     assert rel_err(got, expected) < TOL
-    with torch.no_grad(), kept_patches(hf, torch.from_numpy(keep)):
-        hooked = hf.get_image_features(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2)).pooler_output
-    np.testing.assert_array_equal(hooked.numpy(), expected)
-    with torch.no_grad():  # outside the context every patch is back
-        whole = hf.get_image_features(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2)).pooler_output
-    assert rel_err(whole.numpy(), expected) > 1e-3
+    np.testing.assert_array_equal(_torch_engine_features(hf, pixels, keep), expected)
+    assert rel_err(_torch_engine_features(hf, pixels), expected) > 1e-3  # outside the hook every patch is back
 
 
 def test_siglip_towers_keep_the_drawn_patches():
-    from mlx_clip.torch_backend.train import kept_patches
-
     spec = SIGLIP_SPECS["tanh-32px-p8"]
     hf = hf_siglip(2, spec)
     size = spec["vision"]["image_size"]
@@ -88,9 +88,7 @@ def test_siglip_towers_keep_the_drawn_patches():
     expected = _reference_siglip(hf, torch.from_numpy(pixels).permute(0, 3, 1, 2), keep)
     got = np.array(mlx_siglip(hf).get_image_features(mx.array(pixels), mx.array(keep)))
     assert rel_err(got, expected) < TOL
-    with torch.no_grad(), kept_patches(hf, torch.from_numpy(keep)):
-        hooked = hf.get_image_features(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2)).pooler_output
-    np.testing.assert_array_equal(hooked.numpy(), expected)
+    np.testing.assert_array_equal(_torch_engine_features(hf, pixels, keep), expected)
 
 
 def test_engines_agree_and_dropout_changes_the_run(tmp_path):
