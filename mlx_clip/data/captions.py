@@ -76,17 +76,27 @@ def negative_columns(spec: str | None) -> list[str]:
     return names
 
 
+def captions_in(value) -> list[str] | None:
+    """A cell's captions, whitespace normalised, empty ones left out: [] for null, None when the
+    cell holds something other than a caption or a list of them."""
+    if value is None:
+        return []
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        return None
+    return [text for text in (" ".join(v.split()) for v in values) if text]
+
+
 def cell_negatives(values: list, columns: list[str]) -> tuple[tuple[str, ...], str | None]:
     """A row's hard-negative captions from its cells (a string, a list of strings, or null), and
     why the row cannot be used when a cell holds anything else."""
     out = []
     for value, column in zip(values, columns):
-        if value is None:
-            continue
-        texts = [value] if isinstance(value, str) else value
-        if not isinstance(texts, list) or not all(isinstance(t, str) or t is None for t in texts):
+        # A parquet list<string> may hold nulls among its captions: none, as a null cell is.
+        texts = captions_in([t for t in value if t is not None] if isinstance(value, list) else value)
+        if texts is None:
             return (), f"{column!r} (--negative-column) holds {type(value).__name__}, not captions"
-        out.extend(text for text in (" ".join(t.split()) for t in texts if t) if text)
+        out.extend(texts)
     return tuple(out), None
 
 
@@ -155,7 +165,6 @@ def _fast_delimited(path: Path, header_line: str, image_column, caption_column,
             if negative_keys:
                 negatives = _negative_lists([block.column(raw[k]) for k in negative_keys])
                 columns.negatives.append(negatives)
-                columns.negative_count += len(negatives.values)
             columns.rows += len(images)
     except (pa.ArrowException, ValueError):
         return None
@@ -175,7 +184,6 @@ class _Columns:
         self._negatives: list[list[str]] = []
         self.lines, self.images, self.captions = [], [], []
         self.negatives: list[pa.Array] | None = [] if negatives else None
-        self.negative_count = 0
 
     def add(self, line: int, image: str, caption: str, negatives: list[str] | None = None) -> None:
         self._lines.append(line)
@@ -183,7 +191,6 @@ class _Columns:
         self._captions.append(caption)
         if self.negatives is not None:
             self._negatives.append(negatives or [])
-            self.negative_count += len(negatives or ())
         self.rows += 1
         if len(self._images) >= self.CHUNK:
             self.flush()
@@ -196,6 +203,11 @@ class _Columns:
             if self.negatives is not None:
                 self.negatives.append(pa.array(self._negatives, NEGATIVES_TYPE))
             self._lines, self._images, self._captions, self._negatives = [], [], [], []
+
+    @property
+    def negative_count(self) -> int:
+        """Hard-negative captions read (once flushed)."""
+        return sum(len(chunk.flatten()) for chunk in self.negatives or ())
 
 
 def _first_line(file) -> str | None:
@@ -275,9 +287,8 @@ def _delimited_rows(path: Path, file, header_line: str, image_column: str | None
                     f"{path}:{line}: {len(cells)} fields where the header has {len(header)} "
                     f"(delimiter {delimiter!r}); quote values that contain the delimiter"
                 )
-            negatives = [" ".join(cells[at].split()) for at in negatives_at]
             columns.add(*_check_row(path, line, cells[image_at], cells[caption_at], image_key, caption_key),
-                        [text for text in negatives if text])
+                        [text for at in negatives_at for text in captions_in(cells[at])])
     except csv.Error as e:
         raise DataError(f"{path}:{reader.line_num + 1}: not valid CSV/TSV ({e})") from None
     columns.flush()
@@ -331,13 +342,11 @@ def _jsonl_negatives(path: Path, line: int, record: dict, names: list[str]) -> l
     for name in names:
         key = by_lower.get(name.lower())
         value = record[key] if key is not None else None
-        if value is None:
-            continue
-        values = [value] if isinstance(value, str) else value
-        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        texts = captions_in(value)
+        if texts is None:
             raise DataError(f"{path}:{line}: {key!r} (--negative-column) must be a string or a list of strings, "
                             f"got {value!r}")
-        out.extend(text for text in (" ".join(v.split()) for v in values) if text)
+        out.extend(texts)
     return out
 
 
