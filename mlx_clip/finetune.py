@@ -245,7 +245,7 @@ def finetune(cfg: TrainConfig, *, echo=print, progress: bool | str = True, evalu
         else:
             facts = {"engine": engine.name, "train_samples": len(data.train), "val_samples": len(data.val),
                      "trainable_parameters": engine.trainable_count(), "total_steps": total,
-                     **_shared_captions(data.train, cfg.multi_positive), **_negative_counts(data.train)}
+                     **_shared_captions(data.train, cfg.multi_positive), **negatives}
             trainer.log_start({**facts, "layer_decay": layer_decay} if layer_decay else facts)
             before = trainer.evaluate_before()
     except KeyboardInterrupt:

@@ -218,9 +218,10 @@ class _Texts:
 
     def _read(self) -> tuple[str, int | None, str | None, tuple[str, ...]]:
         try:
-            caption = " ".join(self._caption().split())
+            record = self._record()
+            caption = " ".join(self._caption(record).split())
             label = int(self.ranges["cls"]().decode()) if self.labelled and "cls" in self.ranges else None
-            negatives, problem = self._negatives()
+            negatives, problem = self._negatives(record)
         except (ImageError, OSError, ValueError, UnicodeDecodeError) as err:
             return "", None, f"unreadable caption or label ({err.__class__.__name__}: {err})", ()
         if not caption:
@@ -230,25 +231,31 @@ class _Texts:
             return caption, None, "no cls member (the shards' manifest names classes)", ()
         return caption, label, problem, negatives
 
-    def _negatives(self) -> tuple[tuple[str, ...], str | None]:
-        if not self.negative_fields or "json" not in self.ranges:
-            return (), None
+    def _caption_member(self) -> str | None:
+        """The member holding the caption as its whole text (the named one, else txt), if any."""
+        field = (self.field or "").lower()
+        if field and field in self.ranges:
+            return field
+        return "txt" if not field and "txt" in self.ranges else None
+
+    def _record(self) -> dict | None:
+        """The json member, read once, when the caption or the negatives come from it."""
+        if "json" not in self.ranges or (self._caption_member() is not None and not self.negative_fields):
+            return None
         record = json.loads(self.ranges["json"]().decode("utf-8"))
-        if not isinstance(record, dict):
+        return record if isinstance(record, dict) else None
+
+    def _negatives(self, record: dict | None) -> tuple[tuple[str, ...], str | None]:
+        if not self.negative_fields or record is None:
             return (), None
         return cell_negatives([record.get(f) for f in self.negative_fields], self.negative_fields)
 
-    def _caption(self) -> str:
-        field = (self.field or "").lower()
-        if field and field in self.ranges:
-            return self.ranges[field]().decode("utf-8")
-        if not field and "txt" in self.ranges:
-            return self.ranges["txt"]().decode("utf-8")
-        if "json" in self.ranges:
-            record = json.loads(self.ranges["json"]().decode("utf-8"))
-            value = record.get(self.field or "caption") if isinstance(record, dict) else None
-            return value if isinstance(value, str) else ""
-        return ""
+    def _caption(self, record: dict | None) -> str:
+        member = self._caption_member()
+        if member is not None:
+            return self.ranges[member]().decode("utf-8")
+        value = record.get(self.field or "caption") if record is not None else None
+        return value if isinstance(value, str) else ""
 
 
 class _OpenShard:
