@@ -33,6 +33,10 @@ def resample_positions(table: np.ndarray, grid: int, new_grid: int, class_token:
 def at_image_size(checkpoint: Checkpoint, image_size: int | None) -> Checkpoint:
     """`checkpoint` as a model for `image_size` pixels (unchanged when None or the same size)."""
     vision = checkpoint.config.vision_config
+    if image_size is not None and checkpoint.config.is_naflex:
+        raise ConfigError(f"--image-size {image_size}: a NaFlex SigLIP 2 model (model_type 'siglip2') resizes each "
+                          "image to its own patch grid, keeping its aspect ratio; give it a patch budget with "
+                          "--max-num-patches instead")
     if image_size is None or image_size == vision.image_size:
         return checkpoint
     if not isinstance(image_size, int) or image_size <= 0 or image_size % vision.patch_size:

@@ -67,9 +67,12 @@ def vision_shapes(v: CLIPVisionConfig) -> dict[str, Shape]:
 
 def siglip_shapes(config: CLIPConfig) -> dict[str, Shape]:
     """`transformers.SiglipModel`: no class token or pre-norm, a biased patch conv, the vision
-    attention-pooling head (torch `nn.MultiheadAttention`, fused in_proj), the text head."""
+    attention-pooling head (torch `nn.MultiheadAttention`, fused in_proj), the text head.
+    `transformers.Siglip2Model` (NaFlex) differs in one tensor: its patch embedding is a Linear on
+    flattened (p, p, C) patches."""
     t, v = config.text_config, config.vision_config
     d, inner = v.hidden_size, v.intermediate_size
+    patch = (d, v.patch_dim) if config.is_naflex else (d, v.num_channels, v.patch_size, v.patch_size)
     return {
         "text_model.embeddings.token_embedding.weight": (t.vocab_size, t.hidden_size),
         "text_model.embeddings.position_embedding.weight": (t.max_position_embeddings, t.hidden_size),
@@ -77,7 +80,7 @@ def siglip_shapes(config: CLIPConfig) -> dict[str, Shape]:
         **_norm("text_model.final_layer_norm", t.hidden_size),
         "text_model.head.weight": (t.projection_size, t.hidden_size),
         "text_model.head.bias": (t.projection_size,),
-        "vision_model.embeddings.patch_embedding.weight": (d, v.num_channels, v.patch_size, v.patch_size),
+        "vision_model.embeddings.patch_embedding.weight": patch,
         "vision_model.embeddings.patch_embedding.bias": (d,),
         "vision_model.embeddings.position_embedding.weight": (v.num_positions, d),
         **_encoder("vision_model", d, inner, v.num_hidden_layers),

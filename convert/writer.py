@@ -36,6 +36,9 @@ def write_stored(folder: str | Path, to: str, config: CLIPConfig, tensors: dict[
                  extra_tensors: dict[str, Tensor] | None = None,
                  preprocess_cfg: dict[str, Any] | None = None) -> Path:
     """Write `tensors` (HF names, torch layout, stored dtypes) as a `to` checkpoint in `folder`."""
+    if to == "open_clip" and config.is_naflex:
+        raise ConvertError("--to open_clip: open_clip has no NaFlex SigLIP 2 model (variable aspect ratio, "
+                           "model_type 'siglip2'); convert it to hf (transformers' Siglip2Model) or mlx")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     extra_tensors = extra_tensors or {}
@@ -76,6 +79,10 @@ def write_side_files(folder: Path, config: CLIPConfig, source: Path | None = Non
     SigLIP: the tokenizer and preprocessor files of `source` (the folder the model came from: a
     SigLIP tokenizer cannot be made up), and SigLIP's preprocessor config where it has none."""
     copied = copy_side_files(source, folder) if source is not None and Path(source).is_dir() else []
+    if config.is_naflex:  # no image size to fit: each image is sized by its patch budget
+        if "preprocessor_config.json" not in copied:
+            write_naflex_preprocessor_config(folder, config.vision_config.patch_size, config.vision_config.num_patches)
+        return
     if "preprocessor_config.json" in copied:
         fit_preprocessor_size(folder / "preprocessor_config.json", config.vision_config.image_size)
     if config.is_siglip:
@@ -146,6 +153,18 @@ def write_preprocessor_config(folder: Path, image_size: int, *, siglip: bool = F
         "resample": 3, "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": list(mean or OPENAI_MEAN), "image_std": list(std or OPENAI_STD), "do_convert_rgb": True,
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+
+
+def write_naflex_preprocessor_config(folder: Path, patch_size: int, max_num_patches: int) -> None:
+    """`Siglip2ImageProcessor`'s file as google/siglip2-*-naflex ship it: a bilinear resize to the
+    patch budget, mean = std = 0.5. The budget defaults to the position grid's patch count."""
+    processor = {
+        "image_processor_type": "Siglip2ImageProcessor", "do_resize": True, "resample": 2, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(SIGLIP_MEAN),
+        "image_std": list(SIGLIP_STD), "do_convert_rgb": True, "patch_size": patch_size,
+        "max_num_patches": max_num_patches,
     }
     (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mlx_clip.engine.protocol import Backend, load_backend
 from mlx_clip.model.builtin import builtin_configs, materialize
-from mlx_clip.model.config import check_quantize, read_json
-from mlx_clip.errors import ConfigError
+from mlx_clip.model.config import CLIPConfig, check_quantize, read_json
+from mlx_clip.errors import ConfigError, check_int
+from mlx_clip.model.naflex import NaflexProcessor
 from mlx_clip.model.hub import resolve_model
 from mlx_clip.model.image_processing import OPENAI_MEAN, OPENAI_STD, SIGLIP_MEAN, SIGLIP_STD, open_image, preprocess
 from mlx_clip.model.tokenizer import load_tokenizer
@@ -68,20 +70,66 @@ def _open_clip_normalisation(folder: Path) -> tuple[tuple[float, ...] | None, tu
     return pick("mean"), pick("std")
 
 
+def folder_max_num_patches(folder: Path, config: CLIPConfig) -> int:
+    """NaFlex: the patch budget of the folder's preprocessor_config.json (`max_num_patches`), else
+    the position grid's patch count (256 for google/siglip2-*-naflex, their processors' default)."""
+    path = folder / "preprocessor_config.json"
+    data = read_json(path) if path.is_file() else {}
+    value = data.get("max_num_patches", config.vision_config.num_patches) if isinstance(data, dict) else None
+    return check_int(f"{path}: max_num_patches", value, minimum=1)
+
+
+def check_max_num_patches(config: CLIPConfig, max_num_patches: int | None, where: str = "--max-num-patches") -> None:
+    """Refuse a patch budget for a model that has none (CLIP, SigLIP: square images)."""
+    if max_num_patches is None:
+        return
+    if not config.is_naflex:
+        raise ConfigError(f"{where} {max_num_patches}: only NaFlex SigLIP 2 models (model_type 'siglip2') take a "
+                          f"patch budget; this model is {config.model_type!r} and takes square images: use "
+                          "--image-size")
+    check_int(where, max_num_patches, minimum=1)
+
+
+@dataclass(frozen=True)
+class SquareProcessor:
+    """CLIP's and SigLIP's transform: a resize (and CLIP's center crop) to `image_size`."""
+
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop: bool
+
+    def __call__(self, image) -> np.ndarray:
+        return preprocess(image, self.image_size, mean=self.mean, std=self.std, crop=self.crop)
+
+
+def image_processor(folder: Path, config: CLIPConfig, max_num_patches: int | None = None):
+    """One image (PIL) -> what the engines take for it, as the folder's preprocessor says: square
+    (H, W, 3) pixels, or NaFlex's packed patches within `max_num_patches` (default: the folder's)."""
+    check_max_num_patches(config, max_num_patches)
+    mean, std, crop = preprocessor_settings(folder)
+    if config.is_naflex:
+        return NaflexProcessor(config.vision_config.patch_size, max_num_patches or folder_max_num_patches(folder, config),
+                               tuple(mean), tuple(std))
+    return SquareProcessor(config.vision_config.image_size, tuple(mean), tuple(std), crop)
+
+
 class CLIP:
     """One loaded model: an engine plus the tokenizer and image transform that go with it."""
 
-    def __init__(self, engine: Backend, folder: Path):
+    def __init__(self, engine: Backend, folder: Path, max_num_patches: int | None = None):
         self.engine = engine
         self.folder = folder
         self.config = engine.config
         self.image_size = engine.config.vision_config.image_size
         self.tokenizer = load_tokenizer(folder)
         self.mean, self.std, self.crop = preprocessor_settings(folder)
+        self.processor = image_processor(folder, self.config, max_num_patches)
+        # NaFlex: the patch budget every image is sized to (None for square models).
+        self.max_num_patches = getattr(self.processor, "max_num_patches", None)
 
     def preprocess(self, images: Sequence) -> np.ndarray:
-        return np.stack([preprocess(open_image(im), self.image_size, mean=self.mean, std=self.std, crop=self.crop)
-                         for im in images])
+        return np.stack([self.processor(open_image(im)) for im in images])
 
     def encode_images(self, images: Sequence | np.ndarray, batch_size: int = IMAGE_BATCH) -> np.ndarray:
         """Paths, bytes or PIL images (or already-preprocessed (B,H,W,3) pixels) -> (B, P)."""
@@ -102,11 +150,13 @@ class CLIP:
 
 
 def load(model: str | Path, backend: str = "mlx", *, device: str | None = None, dtype: str | None = None,
-         allow_pickle: bool = False, image_size: int | None = None, quantize: int | None = None) -> CLIP:
+         allow_pickle: bool = False, image_size: int | None = None, quantize: int | None = None,
+         max_num_patches: int | None = None) -> CLIP:
     """`image_size`: run the model at that many pixels (position embeddings resampled once).
-    `quantize` (8 or 4): the MLX engine runs the Linears with that many bits per weight."""
+    `quantize` (8 or 4): the MLX engine runs the Linears with that many bits per weight.
+    `max_num_patches`: NaFlex SigLIP 2's patch budget per image (default: the folder's)."""
     check_quantize(quantize)  # before a hub download or a built-in model is written
     folder = resolve(model, allow_pickle=allow_pickle)
     engine = load_backend(backend, folder, device=device, dtype=dtype, allow_pickle=allow_pickle,
                           image_size=image_size, quantize=quantize)
-    return CLIP(engine, folder)
+    return CLIP(engine, folder, max_num_patches)

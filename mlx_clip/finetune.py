@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlx_clip.api import CLIP, preprocessor_settings, resolve
+from mlx_clip.api import CLIP, image_processor, preprocessor_settings, resolve
 from mlx_clip.engine.protocol import Backend, load_backend
 from mlx_clip.training.run_folder import FollowerRun, RunFolder
 from mlx_clip.data.fingerprint import fingerprint
@@ -145,11 +145,11 @@ def claim_out(cfg: TrainConfig, run: RunFolder) -> list[str]:
     return run.check_claim(overwrite=cfg.overwrite, replaceable=demo)
 
 
-def make_evaluator(data: DomainData, folder: Path, batch_size: int):
+def make_evaluator(data: DomainData, folder: Path, batch_size: int, max_num_patches: int | None = None):
     from mlx_clip.evaluation.evaluate import retrieval, zero_shot
 
     def evaluate(engine) -> dict[str, float]:
-        clip = CLIP(engine, folder)
+        clip = CLIP(engine, folder, max_num_patches)
         out: dict[str, float] = {}
         if data.class_names and data.val:
             held_out = Dataset(data.val, data.class_names, data.templates, "class_folders", Path("val"))
@@ -282,16 +282,17 @@ def _build(cfg: TrainConfig, data: DomainData, run: RunFolder, progress, evaluat
     tokenizer = load_tokenizer(folder)
     engine = build_engine(cfg, folder)
     mean, std, crop = preprocessor_settings(folder)
+    naflex = image_processor(folder, engine.config, cfg.max_num_patches) if engine.config.is_naflex else None
     loader = BatchLoader(data.train, batch_size=cfg.batch_size, image_size=engine.config.vision_config.image_size,
                          tokenize=lambda texts: tokenizer.trim(tokenizer.encode(texts)), seed=cfg.seed, augment=cfg.augment,
                          num_workers=cfg.num_workers, max_bad_fraction=cfg.max_bad_fraction,
                          crop_scale=(cfg.crop_scale_min, 1.0), mean=mean, std=std, crop=crop,
                          multi_positive=cfg.multi_positive, buckets=cfg.buckets,
                          patch_size=engine.config.vision_config.patch_size,
-                         share=(engine.world.rank, engine.world.size), agree=engine.rank_sum)
+                         share=(engine.world.rank, engine.world.size), agree=engine.rank_sum, naflex=naflex)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * len(loader)))
     evaluate = cfg.evaluate if evaluate is None else evaluate
-    evaluator = make_evaluator(data, folder, cfg.batch_size) if evaluate else None
+    evaluator = make_evaluator(data, folder, cfg.batch_size, cfg.max_num_patches) if evaluate else None
     trainer = Trainer(cfg, engine, loader, run, total, evaluate=evaluator, progress=progress, stop_after=stop_after,
                       data_fingerprint=data.fingerprint())
     return trainer, loader, evaluator

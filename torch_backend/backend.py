@@ -14,7 +14,7 @@ from mlx_clip.engine.base import (ANCHOR, EMA, MODEL, OPTIM, PROBE_FLAG, STATE_F
                                   unprefixed)
 from mlx_clip.model.config import CLIPConfig
 from mlx_clip.torch_backend.lora import merged
-from mlx_clip.torch_backend.model import load_torch_model, select_device
+from mlx_clip.torch_backend.model import image_features, load_torch_model, pixels_tensor, select_device
 
 class TorchBackend(EngineBase):
     name = "torch"
@@ -68,12 +68,13 @@ class TorchBackend(EngineBase):
         return (features / features.norm(dim=-1, keepdim=True)).cpu().numpy()
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        batch = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).permute(0, 3, 1, 2)
-        batch = batch.to(self.device, self._dtype())
-        size = self.config.vision_config.image_size
-        interpolate = tuple(batch.shape[-2:]) != (size, size)
-        return self._in_eval_mode(
-            lambda x: self.model.get_image_features(pixel_values=x, interpolate_pos_encoding=interpolate), batch)
+        batch = self._pixels(pixels)
+        return self._in_eval_mode(lambda x: image_features(self.model, x), batch)
+
+    def _pixels(self, pixels: np.ndarray) -> torch.Tensor:
+        """On the device, in the model's dtype (NaFlex's packed patches stay float32: `pixels_tensor`)."""
+        batch = pixels_tensor(pixels, self.config)
+        return batch.to(self.device) if self.config.is_naflex else batch.to(self.device, self._dtype())
 
     def encode_texts(self, token_ids: np.ndarray) -> np.ndarray:
         ids = torch.from_numpy(np.asarray(token_ids, dtype=np.int64)).to(self.device)
@@ -179,7 +180,7 @@ class TorchBackend(EngineBase):
 
     def train_step(self, batch, lr: float) -> dict:
         rows = self.world.shard(len(batch.input_ids))  # this rank's slice; the labels stay global
-        pixels = torch.from_numpy(batch.pixels_of(rows)).permute(0, 3, 1, 2).to(self.device, self._dtype())
+        pixels = self._pixels(batch.pixels_of(rows))
         ids = torch.from_numpy(batch.input_ids[rows].astype(np.int64)).to(self.device)
         labels = torch.from_numpy(batch.positive_ids.astype(np.int64)).to(self.device)
         keep = None if batch.patch_keep is None else torch.from_numpy(batch.patch_keep[rows].astype(np.int64)).to(self.device)

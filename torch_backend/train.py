@@ -14,6 +14,7 @@ from mlx_clip.engine.base import Training
 from mlx_clip.engine.policy import PROBED, TrainingPlan, default_loss
 from mlx_clip.engine.policy import LOGIT_SCALE_MAX, decays, lr_scales, tower_depths
 from mlx_clip.torch_backend.loss import LOSSES
+from mlx_clip.torch_backend.model import image_features
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor, bool]]
 
@@ -160,9 +161,7 @@ def make_train_step(module: TrainModule, optimizer: torch.optim.AdamW, cfg, plan
                 kept_patches(clip, keep):
             # A resolution schedule or aspect-ratio bucket trains at other sizes: positions
             # interpolated as in inference.
-            native = clip.config.vision_config.image_size
-            other_size = tuple(pixels.shape[-2:]) != (native, native)
-            outs = [clip.get_image_features(pixel_values=pixels, interpolate_pos_encoding=other_size).pooler_output,
+            outs = [image_features(clip, pixels).pooler_output,
                     clip.get_text_features(input_ids=ids).pooler_output]
             if negative_ids is not None:  # the B*K captions through the text tower as one batch
                 outs.append(clip.get_text_features(input_ids=negative_ids.flatten(0, 1)).pooler_output)
@@ -298,7 +297,7 @@ def kept_patches(clip, keep: torch.Tensor | None):
     if keep is None:
         yield
         return
-    skip = 0 if clip.config.model_type == "siglip" else 1
+    skip = 0 if clip.config.model_type in ("siglip", "siglip2") else 1
 
     def gather(module, args, out):
         index = keep.to(torch.int64)[..., None].expand(-1, -1, out.shape[-1])

@@ -12,14 +12,14 @@ from PIL import Image
 from mlx_clip.data.duplicates import positive_groups
 from mlx_clip.data.sample import Sample
 from mlx_clip.errors import ConfigError
-from mlx_clip.model.image_processing import normalize, preprocess, random_resized_crop
+from mlx_clip.model.image_processing import normalize, preprocess, random_resized_crop, random_resized_crop_params
 
 Tokenize = Callable[[list[str]], np.ndarray]
 
 
 @dataclass
 class Batch:
-    pixels: np.ndarray  # (B, H, W, 3) float32, normalized
+    pixels: np.ndarray  # (B, H, W, 3) float32, normalized; NaFlex: (B, L, p*p*3 + 3) packed patches
     input_ids: np.ndarray  # (B, 77) int64
     labels: np.ndarray | None  # (B,) int64 for class-folder data, else None
     image_ids: np.ndarray  # (B,) int64: captions of one image share an id
@@ -77,6 +77,25 @@ class Transform:
         rng = np.random.default_rng([self.seed, epoch, index])
         crop = random_resized_crop(image, size, rng, scale=self.crop_scale)
         return normalize(np.asarray(crop), self.mean, self.std)
+
+
+@dataclass(frozen=True)
+class NaflexTransform:
+    """NaFlex SigLIP 2's sample: the image (or, when augmenting, a random crop of it from
+    `default_rng([seed, epoch, index])`, torchvision's RandomResizedCrop box left at its own size)
+    resized within the patch budget by `processor` (`naflex.NaflexProcessor`), packed. `size` is
+    ignored: each image is sized by its aspect ratio and the budget."""
+
+    processor: object
+    crop_scale: tuple[float, float]
+    seed: int
+
+    def __call__(self, image: Image.Image, size, *, augment: bool, epoch: int, index: int) -> np.ndarray:
+        if augment:
+            rng = np.random.default_rng([self.seed, epoch, index])
+            top, left, height, width = random_resized_crop_params(image.width, image.height, rng, scale=self.crop_scale)
+            image = image.crop((left, top, left + width, top + height))
+        return self.processor(image)
 
 
 def collate(samples: Sequence[Sample], indices: list[int], pixels: list[np.ndarray], tokenize: Tokenize, *,

@@ -26,7 +26,7 @@ import numpy as np
 from mlx_clip.data.assemble import BatchMaker, Pass
 from mlx_clip.data.bucketed import BucketPlan, check_same_buckets
 from mlx_clip.data.buckets import Bucket, batches_in
-from mlx_clip.data.collate import Batch, Tokenize, Transform
+from mlx_clip.data.collate import Batch, NaflexTransform, Tokenize, Transform
 from mlx_clip.data.order import SeededOrder
 from mlx_clip.data.sample import Sample
 from mlx_clip.data.table import SampleTable
@@ -60,10 +60,13 @@ class BatchLoader:
         patch_size: int | None = None,
         share: tuple[int, int] = (0, 1),
         agree: Callable[[np.ndarray], np.ndarray] | None = None,
+        naflex=None,
     ) -> None:
         """`share=(rank, processes)` with `agree` (an element-wise sum over the processes): each
         process decodes only its slice of every batch, and the processes agree on which images
-        decode, so the batch is still the one a single process would make (`_assemble_shared`)."""
+        decode, so the batch is still the one a single process would make (`_assemble_shared`).
+        `naflex` (a `naflex.NaflexProcessor`): images become packed patches within its budget,
+        each keeping its aspect ratio (`collate.NaflexTransform`), instead of square pixels."""
         if len(samples) == 0:
             raise DataError("the dataset has no samples")
         check_int("batch_size", batch_size, minimum=1)
@@ -93,7 +96,8 @@ class BatchLoader:
         self._position = 0  # next place in the current epoch's order
         self.maker = BatchMaker(
             samples, batch_size=batch_size, image_size=image_size, tokenize=tokenize,
-            transform=Transform(tuple(mean), tuple(std), crop, crop_scale, seed), multi_positive=multi_positive,
+            transform=NaflexTransform(naflex, crop_scale, seed) if naflex is not None else
+            Transform(tuple(mean), tuple(std), crop, crop_scale, seed), multi_positive=multi_positive,
             decoder_options=dict(num_workers=num_workers, max_pixels=max_pixels, max_bad_fraction=max_bad_fraction,
                                  decoded_cache_bytes=decoded_cache_bytes), share=share, agree=agree)
         self.decoder, self._bad = self.maker.decoder, self.maker.decoder.bad

@@ -19,7 +19,10 @@ def synthetic_inputs(config: CLIPConfig, batch: int, seed: int = 0, length: int 
     text, the most a step holds)."""
     rng = np.random.default_rng(seed)
     v, t = config.vision_config, config.text_config
-    pixels = rng.standard_normal((batch, v.image_size, v.image_size, v.num_channels)).astype(np.float32)
+    if config.is_naflex:
+        pixels = _naflex_pixels(config, batch, rng, full=end == "last")
+    else:
+        pixels = rng.standard_normal((batch, v.image_size, v.image_size, v.num_channels)).astype(np.float32)
     length, vocab, eos = length or t.max_position_embeddings, t.vocab_size, t.eos_token_id
     legacy = eos == 2
     top = vocab - 1 if legacy else vocab
@@ -37,3 +40,19 @@ def synthetic_batch(config: CLIPConfig, batch_size: int, seed: int = 0) -> Batch
     """A training batch of full-length texts, every pair its own positive."""
     pixels, ids = synthetic_inputs(config, batch_size, seed, end="last")
     return Batch(pixels, ids, None, np.arange(batch_size), np.arange(batch_size))
+
+
+def _naflex_pixels(config: CLIPConfig, batch: int, rng: np.random.Generator, *, full: bool) -> np.ndarray:
+    """Packed NaFlex patches (`naflex.pack`) within the position grid's patch count: every image
+    the full square grid (`full`: the most a step holds), else grids of random aspect ratios with
+    padding, as a verification should see."""
+    from mlx_clip.model.naflex import pack, stack_patches
+
+    v = config.vision_config
+    length = v.num_patches
+    shapes = []
+    for _ in range(batch):
+        rows = v.grid if full else int(rng.integers(1, 2 * v.grid + 1))
+        shapes.append((rows, v.grid if full else max(1, int(rng.integers(1, length // rows + 1)))))
+    patches = [rng.standard_normal((r * c, v.patch_dim)).astype(np.float32) for r, c in shapes]
+    return pack(stack_patches(patches, shapes, length))

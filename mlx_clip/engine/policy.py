@@ -151,14 +151,40 @@ def parse_lora_targets(text: str) -> tuple[str, ...]:
 def default_loss(config) -> str:
     """The loss a model family is trained with: SigLIP's sigmoid loss for SigLIP, InfoNCE for CLIP."""
     # Our CLIPConfig and transformers' configs both name the family in `model_type`.
-    return "siglip" if getattr(config, "model_type", "clip") == "siglip" else "clip"
+    return "siglip" if getattr(config, "model_type", "clip") in ("siglip", "siglip2") else "clip"
 
 
 def for_model(cfg, config):
-    """`cfg` (a TrainConfig) with `loss` set to the family's default when it was left unset."""
+    """`cfg` (a TrainConfig) with `loss` set to the family's default when it was left unset; the
+    options a family cannot take refused (`check_family_options`)."""
     import dataclasses
 
+    check_family_options(cfg, config)
     return cfg if cfg.loss is not None else dataclasses.replace(cfg, loss=default_loss(config))
+
+
+def check_family_options(cfg, config) -> None:
+    """NaFlex SigLIP 2 sizes each image to its own patch grid within --max-num-patches: the options
+    that set a square size, or drop patches of one, have no meaning there, and a patch budget has
+    none for the square families."""
+    from mlx_clip.errors import ConfigError
+
+    if not config.is_naflex:
+        if cfg.max_num_patches is not None:
+            raise ConfigError(f"--max-num-patches {cfg.max_num_patches}: only NaFlex SigLIP 2 models (model_type "
+                              f"'siglip2') take a patch budget; this model is {config.model_type!r}, which takes "
+                              "square images (--image-size)")
+        return
+    # --memory-budget's probe steps on square-grid stand-ins of the model's own patch count, which
+    # need not be the run's budget: it would size the run on the wrong batch.
+    square = {"--image-size": cfg.image_size is not None, "--resolution-schedule": bool(cfg.resolution_schedule),
+              "--buckets": cfg.buckets, "--patch-dropout": bool(cfg.patch_dropout),
+              "--memory-budget": bool(cfg.memory_budget)}
+    used = [flag for flag, on in square.items() if on]
+    if used:
+        raise ConfigError(f"{', '.join(used)}: not for a NaFlex SigLIP 2 model (model_type 'siglip2'), which resizes "
+                          "each image to its own patch grid, keeping its aspect ratio, and mixes aspect ratios in a "
+                          "batch; set the patches per image with --max-num-patches instead")
 
 
 def training_plan(cfg) -> TrainingPlan:

@@ -21,6 +21,7 @@ from mlx_clip.mlx_backend.lora import merged
 from mlx_clip.mlx_backend.model import CLIPModel, init_weights, normalize
 from mlx_clip.mlx_backend.parallel import BatchSplit
 from mlx_clip.mlx_backend.siglip import SiglipModel
+from mlx_clip.mlx_backend.siglip2 import Siglip2Model
 from mlx_clip.engine.policy import check_dtype, choose_device
 
 def mlx_dtype(name: str | None):
@@ -37,8 +38,11 @@ def select_device(requested: str | None = None, *, gpu_available: bool | None = 
 
 
 
-def build_model(config: CLIPConfig) -> CLIPModel | SiglipModel:
-    """The MLX model of `config`'s family (both have the same interface)."""
+def build_model(config: CLIPConfig) -> CLIPModel | SiglipModel | Siglip2Model:
+    """The MLX model of `config`'s family (all have the same interface; NaFlex's images are packed
+    patches, `naflex.pack`)."""
+    if config.is_naflex:
+        return Siglip2Model(config)
     return SiglipModel(config) if config.is_siglip else CLIPModel(config)
 
 

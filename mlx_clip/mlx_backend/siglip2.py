@@ -4,15 +4,15 @@ so a state dict loads by name alone (`load_state_dict`).
 
 Ported from `transformers/models/siglip2/modeling_siglip2.py`; tests hold it to that file. What
 differs from SigLIP (`siglip.py`, whose text tower, encoder layers and pooling head are reused):
-- images arrive as patches: (B, L, p*p*C) rows of flattened patches, a (B, L) mask of the real ones
-  and each image's (rows, cols) grid (`mlx_clip.model.naflex.naflex_inputs` makes them);
+- images arrive as patches, packed in one (B, L, p*p*C + 3) array (`mlx_clip.model.naflex.pack`):
+  each row a flattened patch, then 1/0 for real/padding, then the image's (rows, cols) grid;
 - the square position table is resized to each image's grid with torch's antialiased bilinear
   filter (`F.interpolate(mode="bilinear", align_corners=False, antialias=True)`), here one matmul
-  with constant weights computed in numpy (`position_weights`), so it is exact and differentiable;
+  with weights computed inside the graph from (rows, cols) (`resize_weights`), so one compiled
+  function serves every mix of aspect ratios, and the gradient reaches the table;
 - padded patches are masked as keys in every encoder layer and in the attention-pooling head.
 
-The configs are `mlx_clip.model.naflex.Siglip2Config` and its towers' (read by their fields: the
-engine does not import that module).
+The config is `mlx_clip.model.config.CLIPConfig` of model_type "siglip2".
 """
 
 from __future__ import annotations
@@ -85,6 +85,33 @@ def position_weights(spatial_shapes: np.ndarray | Sequence[Sequence[int]], grid:
     return out
 
 
+def _axis_weights(index: mx.array, size: mx.array, grid: int) -> mx.array:
+    """(B, L) output positions along one axis of (B, 1) sizes -> (B, L, grid) resize weights: the
+    rows of `antialiased_bilinear_matrix(grid, size)`, in float32. Outside the filter's support the
+    triangle is 0, which is what torch's clamped tap range leaves out, so no range is needed."""
+    scale = grid / size
+    inverse = mx.where(scale >= 1.0, 1.0 / scale, 1.0)
+    center = scale * (index + 0.5)
+    taps = mx.arange(grid, dtype=mx.float32)
+    weights = mx.maximum(0.0, 1.0 - mx.abs((taps - center[..., None] + 0.5) * inverse[..., None]))
+    return weights / weights.sum(axis=-1, keepdims=True)
+
+
+def resize_weights(rows: mx.array, cols: mx.array, grid: int, length: int) -> mx.array:
+    """(B,) patch rows and columns per image -> (B, length, grid * grid) float32 W such that
+    W @ table is each image's position embeddings resized to its grid (`position_weights`, computed
+    in the graph). Padding positions take the first position's weights, as transformers does."""
+    position = mx.arange(length, dtype=mx.float32)[None, :]  # (1, L)
+    # An all-padding row (a zero-filled probe) has a 0x0 grid: sized 1x1, so it stays finite.
+    rows = mx.maximum(rows.astype(mx.float32), 1.0)[:, None]  # (B, 1)
+    cols = mx.maximum(cols.astype(mx.float32), 1.0)[:, None]
+    position = mx.where(position < rows * cols, position, 0.0)
+    row = mx.floor(position / cols)
+    col = position - row * cols
+    weights = _axis_weights(row, rows, grid)[..., :, None] * _axis_weights(col, cols, grid)[..., None, :]
+    return weights.reshape(*weights.shape[:2], grid * grid)
+
+
 def key_padding_mask(pixel_attention_mask: mx.array, dtype: mx.Dtype) -> mx.array:
     """(B, L) 1 = real patch, 0 = padding -> (B, 1, 1, L) additive mask on the keys."""
     keep = pixel_attention_mask.astype(mx.bool_)[:, None, None, :]
@@ -100,7 +127,7 @@ class Siglip2VisionEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
 
     def __call__(self, pixel_values: mx.array, weights: mx.array) -> mx.array:
-        """(B, L, p*p*C) patches, (B, L, g*g) resize weights -> (B, L, D)."""
+        """(B, L, p*p*C) patches, (B, L, g*g) resize weights (`resize_weights`) -> (B, L, D)."""
         table = self.position_embedding.weight  # (g*g, D), the (g, g) grid row-major
         patches = self.patch_embedding(pixel_values.astype(table.dtype))
         # transformers resizes in float32 and casts the result to the table's dtype.
@@ -153,9 +180,10 @@ class Siglip2VisionTransformer(nn.Module):
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.head = Siglip2MultiheadAttentionPoolingHead(cfg)
 
-    def __call__(self, pixel_values: mx.array, pixel_attention_mask: mx.array, weights: mx.array) -> mx.array:
-        """(B, L, p*p*C) patches, (B, L) mask, (B, L, g*g) position weights (`position_weights`)
-        -> (B, D) pooled image states. Pure MLX, so it compiles with the weights as an input."""
+    def __call__(self, packed: mx.array) -> mx.array:
+        """(B, L, p*p*C + 3) packed patches (`naflex.pack`) -> (B, D) pooled image states."""
+        pixel_values, pixel_attention_mask = packed[..., :-3], packed[..., -3]
+        weights = resize_weights(packed[:, 0, -2], packed[:, 0, -1], self.embeddings.grid, packed.shape[1])
         hidden = self.embeddings(pixel_values, weights)
         mask = key_padding_mask(pixel_attention_mask, hidden.dtype)
         hidden = self.post_layernorm(self.encoder(hidden, mask))
@@ -163,7 +191,7 @@ class Siglip2VisionTransformer(nn.Module):
 
 
 class Siglip2Model(nn.Module):
-    """`config`: a `mlx_clip.model.naflex.Siglip2Config`."""
+    """`config`: a `mlx_clip.model.config.CLIPConfig` of model_type "siglip2"."""
 
     def __init__(self, config):
         super().__init__()
@@ -173,26 +201,20 @@ class Siglip2Model(nn.Module):
         self.logit_scale = mx.zeros((1,))
         self.logit_bias = mx.zeros((1,))
 
-    def position_weights(self, spatial_shapes: Any, length: int) -> mx.array:
-        """(B, 2) (rows, cols) per image, on the host (numpy, a list, or an evaluated mx.array) ->
-        the (B, length, g*g) resize weights the vision tower takes."""
-        return mx.array(position_weights(np.asarray(spatial_shapes), self.vision_model.embeddings.grid, length))
-
-    def get_image_features(self, pixel_values: mx.array, pixel_attention_mask: mx.array,
-                           spatial_shapes: Any) -> mx.array:
-        """(B, L, p*p*C), (B, L), (B, 2) -> (B, D) pooled image states, before normalisation."""
-        pixel_values, pixel_attention_mask = mx.array(pixel_values), mx.array(pixel_attention_mask)
-        weights = self.position_weights(spatial_shapes, pixel_values.shape[1])
-        return self.vision_model(pixel_values, pixel_attention_mask, weights)
+    def get_image_features(self, packed: mx.array, keep: mx.array | None = None) -> mx.array:
+        """(B, L, p*p*C + 3) packed patches -> (B, D) pooled image states, before normalisation.
+        `keep` (patch dropout) exists for the engine's one signature; NaFlex refuses it earlier."""
+        if keep is not None:
+            raise ConfigError("patch dropout is not available for NaFlex SigLIP 2: lower --max-num-patches instead")
+        return self.vision_model(mx.array(packed))
 
     def get_text_features(self, input_ids: mx.array) -> mx.array:
         """(B, T) token ids -> (B, D) pooled text states (last position), before normalisation."""
         return self.text_model(mx.array(input_ids))
 
-    def __call__(self, input_ids: mx.array, pixel_values: mx.array, pixel_attention_mask: mx.array,
-                 spatial_shapes: Any) -> dict[str, mx.array]:
-        return sigmoid_outputs(self.get_image_features(pixel_values, pixel_attention_mask, spatial_shapes),
-                               self.get_text_features(input_ids), self.logit_scale, self.logit_bias)
+    def __call__(self, input_ids: mx.array, packed: mx.array) -> dict[str, mx.array]:
+        return sigmoid_outputs(self.get_image_features(packed), self.get_text_features(input_ids), self.logit_scale,
+                               self.logit_bias)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.text_model.encoder.gradient_checkpointing = enabled

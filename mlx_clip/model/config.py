@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,21 +264,91 @@ class SiglipVisionConfig(_VisionChecks, _TowerConfig):
         return self.grid ** 2  # patches only
 
 
-MODEL_TYPES = ("clip", "siglip")
+@dataclass
+class Siglip2TextConfig(SiglipTextConfig):
+    """`transformers.Siglip2TextConfig`: the SigLIP text tower, fields and defaults unchanged."""
+
+    MODEL_TYPE = "siglip2_text_model"
+
+
+@dataclass
+class Siglip2VisionConfig(_TowerConfig):
+    """`transformers.Siglip2VisionConfig` (NaFlex): no image size; `num_patches` position embeddings
+    form a square grid, resized to each image's patch grid (`mlx_clip/model/naflex.py`)."""
+
+    MODEL_TYPE = "siglip2_vision_model"
+    SECTION = "vision_config"
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    patch_size: int = 16
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+    vision_use_head: bool = True
+    num_patches: int = 256
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def _normalize(cls, known: dict[str, Any]) -> dict[str, Any]:
+        value = known.get("patch_size")
+        if isinstance(value, (list, tuple)):  # transformers allows [p, p]
+            if len(value) != 2 or value[0] != value[1]:
+                raise ConfigError(f"vision_config.patch_size must be square, got {value!r}")
+            known["patch_size"] = value[0]
+        return known
+
+    def validate(self) -> None:
+        super().validate()
+        _check_positive(self.SECTION, patch_size=self.patch_size, num_channels=self.num_channels,
+                        num_patches=self.num_patches)
+        if math.isqrt(self.num_patches) ** 2 != self.num_patches:
+            raise ConfigError(f"vision_config.num_patches must be a square number (the position embeddings are a "
+                              f"square grid), got {self.num_patches}")
+        if self.vision_use_head is not True:
+            raise ConfigError("vision_config.vision_use_head must be true: without the attention-pooling head "
+                              f"Siglip2Model has no image embedding, got {self.vision_use_head!r}")
+
+    @property
+    def grid(self) -> int:
+        """The side of the square position-embedding grid."""
+        return math.isqrt(self.num_patches)
+
+    @property
+    def image_size(self) -> int:
+        """The square image whose patch grid is the position table's (256 px for a 16-px, 256-patch
+        model): what the model saw most in pre-training, and the size figures quote. Images are not
+        resized to it: each keeps its aspect ratio within `--max-num-patches`."""
+        return self.grid * self.patch_size
+
+    @property
+    def num_positions(self) -> int:
+        return self.num_patches
+
+    @property
+    def patch_dim(self) -> int:
+        """Values in one flattened patch: (patch_size, patch_size, num_channels), row-major."""
+        return self.patch_size * self.patch_size * self.num_channels
+
+
+MODEL_TYPES = ("clip", "siglip", "siglip2")
 # Which tower classes each family reads, and the architecture transformers names in config.json.
 _TOWERS = {"clip": (CLIPTextConfig, CLIPVisionConfig, "CLIPModel"),
-           "siglip": (SiglipTextConfig, SiglipVisionConfig, "SiglipModel")}
+           "siglip": (SiglipTextConfig, SiglipVisionConfig, "SiglipModel"),
+           "siglip2": (Siglip2TextConfig, Siglip2VisionConfig, "Siglip2Model")}
 # Top-level fields that only CLIP's config.json carries.
 _CLIP_ONLY = ("projection_dim", "logit_scale_init_value")
 
 
 @dataclass
 class CLIPConfig:
-    """A whole model of either family (`model_type` "clip" or "siglip"). For SigLIP,
-    `projection_dim` is the embedding width the towers' heads produce (derived, not written)."""
+    """A whole model of any family (`model_type` "clip", "siglip" or "siglip2", NaFlex). For the
+    SigLIPs, `projection_dim` is the embedding width the towers' heads produce (derived, not written)."""
 
     text_config: CLIPTextConfig | SiglipTextConfig = field(default_factory=CLIPTextConfig)
-    vision_config: CLIPVisionConfig | SiglipVisionConfig = field(default_factory=CLIPVisionConfig)
+    vision_config: CLIPVisionConfig | SiglipVisionConfig | Siglip2VisionConfig = field(default_factory=CLIPVisionConfig)
     projection_dim: int = 512
     logit_scale_init_value: float = 2.6592
     model_type: str = "clip"
@@ -287,24 +358,26 @@ class CLIPConfig:
     extras: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if self.model_type == "siglip":
+        if self.is_siglip:
             self.projection_dim = self.vision_config.hidden_size
 
     @property
     def is_siglip(self) -> bool:
-        return self.model_type == "siglip"
+        """The sigmoid family (SigLIP and NaFlex SigLIP 2): its loss, tokenizer, bias and heads."""
+        return self.model_type in ("siglip", "siglip2")
+
+    @property
+    def is_naflex(self) -> bool:
+        """NaFlex SigLIP 2: images enter as patches (`naflex.pack`), not as square pixels."""
+        return self.model_type == "siglip2"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "CLIPConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         model_type = data.get("model_type")
-        if model_type == "siglip2":
-            raise ConfigError(f"{source}: SigLIP 2 NaFlex models (model_type 'siglip2', Siglip2Model: variable "
-                              "resolution and aspect ratio) are not supported; the fixed-resolution SigLIP 2 "
-                              "checkpoints (model_type 'siglip') are")
         if model_type is not None and model_type not in MODEL_TYPES:
-            raise ConfigError(f"{source} is not a CLIP or SigLIP config (model_type={model_type!r}, "
+            raise ConfigError(f"{source} is not a CLIP, SigLIP or SigLIP 2 config (model_type={model_type!r}, "
                               f"expected one of {', '.join(map(repr, MODEL_TYPES))})")
         if model_type is None and not ("text_config" in data and "vision_config" in data):
             raise ConfigError(f"{source} is not a CLIP config (no model_type, text_config or vision_config)")
@@ -312,7 +385,7 @@ class CLIPConfig:
         text_cls, vision_cls, _ = _TOWERS[family]
         known, extras = _split_known(cls, data)
         known.pop("model_type", None)
-        if family == "siglip":
+        if family != "clip":
             extras.update({k: known.pop(k) for k in _CLIP_ONLY if k in known})
         try:
             text = text_cls.from_dict(known.pop("text_config", None) or {})
@@ -327,7 +400,7 @@ class CLIPConfig:
             cfg.quantization = _check_quantization(cfg.quantization)
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
-        if family == "siglip" and text.projection_size != vision.hidden_size:
+        if family != "clip" and text.projection_size != vision.hidden_size:
             raise ConfigError(f"{source}: text_config.projection_size ({text.projection_size}) must equal "
                               f"vision_config.hidden_size ({vision.hidden_size}): SigLIP compares the two "
                               "towers' pooled states directly")
@@ -395,3 +468,17 @@ def siglip_tiny_config(vocab_size: int = 1024, **overrides: Any) -> CLIPConfig:
     vision.update(overrides.pop("vision", {}))
     return CLIPConfig(text_config=SiglipTextConfig(**text), vision_config=SiglipVisionConfig(**vision),
                       model_type="siglip", **overrides)
+
+
+def siglip2_naflex_tiny_config(vocab_size: int = 1024, **overrides: Any) -> CLIPConfig:
+    """A small NaFlex SigLIP 2 for tests and the built-in demo: 2 layers of width 64 per tower,
+    16-token text, 8 px patches on a 4x4 position grid (a 32 px square's)."""
+    text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=16, pad_token_id=1, eos_token_id=1,
+                bos_token_id=None)
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  patch_size=8, num_patches=16)
+    text.update(overrides.pop("text", {}))
+    vision.update(overrides.pop("vision", {}))
+    return CLIPConfig(text_config=Siglip2TextConfig(**text), vision_config=Siglip2VisionConfig(**vision),
+                      model_type="siglip2", **overrides)

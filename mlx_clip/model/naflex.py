@@ -1,6 +1,7 @@
 """NaFlex SigLIP 2 (`transformers.Siglip2Model`, model_type "siglip2", e.g.
-google/siglip2-base-patch16-naflex), its framework-free parts: the config and the image
-preprocessing (the MLX model is `mlx_clip/mlx_backend/siglip2.py`).
+google/siglip2-base-patch16-naflex), its framework-free part: the image preprocessing and the one
+array a batch of images travels in (the config is `config.Siglip2VisionConfig`, the MLX model
+`mlx_clip/mlx_backend/siglip2.py`, the torch one transformers').
 
 NaFlex keeps each image's aspect ratio: the image is resized to the largest multiple of the patch
 size that fits `max_num_patches` patches, cut into a (rows, cols) grid of flattened patches, and the
@@ -19,120 +20,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from mlx_clip.errors import ConfigError, check_int
-from mlx_clip.model.config import SiglipTextConfig, _check_positive, _split_known, _TowerConfig, read_json
 from mlx_clip.model.image_processing import SIGLIP_MEAN, SIGLIP_STD, normalize, to_rgb
-
-
-# ---------------------------------------------------------------------------------------- config
-
-@dataclass
-class Siglip2TextConfig(SiglipTextConfig):
-    """`transformers.Siglip2TextConfig`: the SigLIP text tower, fields and defaults unchanged."""
-
-    MODEL_TYPE = "siglip2_text_model"
-
-
-@dataclass
-class Siglip2VisionConfig(_TowerConfig):
-    """`transformers.Siglip2VisionConfig`: no image size; `num_patches` position embeddings form a
-    square grid, resized to each image's patch grid."""
-
-    MODEL_TYPE = "siglip2_vision_model"
-    SECTION = "vision_config"
-
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    num_channels: int = 3
-    patch_size: int = 16
-    hidden_act: str = "gelu_pytorch_tanh"
-    layer_norm_eps: float = 1e-6
-    vision_use_head: bool = True
-    num_patches: int = 256
-    extras: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def _normalize(cls, known: dict[str, Any]) -> dict[str, Any]:
-        value = known.get("patch_size")
-        if isinstance(value, (list, tuple)):  # transformers allows [p, p]
-            if len(value) != 2 or value[0] != value[1]:
-                raise ConfigError(f"vision_config.patch_size must be square, got {value!r}")
-            known["patch_size"] = value[0]
-        return known
-
-    def validate(self) -> None:
-        super().validate()
-        _check_positive(self.SECTION, patch_size=self.patch_size, num_channels=self.num_channels,
-                        num_patches=self.num_patches)
-        if math.isqrt(self.num_patches) ** 2 != self.num_patches:
-            raise ConfigError(f"vision_config.num_patches must be a square number (the position embeddings are a "
-                              f"square grid), got {self.num_patches}")
-        if self.vision_use_head is not True:
-            raise ConfigError("vision_config.vision_use_head must be true: without the attention-pooling head "
-                              f"Siglip2Model has no image embedding, got {self.vision_use_head!r}")
-
-    @property
-    def grid(self) -> int:
-        """The side of the square position-embedding grid."""
-        return math.isqrt(self.num_patches)
-
-    @property
-    def patch_dim(self) -> int:
-        """Values in one flattened patch: (patch_size, patch_size, num_channels), row-major."""
-        return self.patch_size * self.patch_size * self.num_channels
-
-
-@dataclass
-class Siglip2Config:
-    """A whole `Siglip2Model`. Reads a real config.json, keeps unknown keys, writes them back."""
-
-    text_config: Siglip2TextConfig = field(default_factory=Siglip2TextConfig)
-    vision_config: Siglip2VisionConfig = field(default_factory=Siglip2VisionConfig)
-    model_type: str = "siglip2"
-    extras: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def projection_dim(self) -> int:
-        """The width of both towers' embeddings."""
-        return self.vision_config.hidden_size
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "Siglip2Config":
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        if data.get("model_type") != "siglip2":
-            raise ConfigError(f"{source} is not a NaFlex SigLIP 2 config (model_type={data.get('model_type')!r}, "
-                              "expected 'siglip2')")
-        known, extras = _split_known(cls, data)
-        known.pop("model_type")
-        try:
-            text = Siglip2TextConfig.from_dict(known.pop("text_config", None) or {})
-            vision = Siglip2VisionConfig.from_dict(known.pop("vision_config", None) or {})
-        except ConfigError as err:
-            raise ConfigError(f"{source}: {err}") from None
-        if text.projection_size != vision.hidden_size:
-            raise ConfigError(f"{source}: text_config.projection_size ({text.projection_size}) must equal "
-                              f"vision_config.hidden_size ({vision.hidden_size}): SigLIP 2 compares the two "
-                              "towers' pooled states directly")
-        return cls(text_config=text, vision_config=vision, extras=extras)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "Siglip2Config":
-        return cls.from_dict(read_json(path), source=str(path))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.extras, "architectures": self.extras.get("architectures", ["Siglip2Model"]),
-                "model_type": self.model_type, "text_config": self.text_config.to_dict(),
-                "vision_config": self.vision_config.to_dict()}
 
 
 # --------------------------------------------------------------------------------- preprocessing
@@ -211,3 +106,61 @@ def naflex_inputs(images: Sequence[Image.Image], patch_size: int, max_num_patche
     `Siglip2ImageProcessorPil(...)(images, max_num_patches=N, return_tensors="np")`."""
     per_image = [naflex_patches(image, patch_size, max_num_patches, mean, std) for image in images]
     return stack_patches([p for p, _ in per_image], [s for _, s in per_image], max_num_patches)
+
+
+# ------------------------------------------------------------------------------ the packed batch
+#
+# Every path a batch of images takes (the loader's stacking, the engines' row slicing for feature
+# caching, CPU streams and distributed shards, the server's micro-batches) handles one array whose
+# first axis is the image. So NaFlex images travel as one float32 array too, (B, L, p*p*C + 3): each
+# row a patch's values, then 1/0 for a real/padding patch, then the image's patch rows and columns
+# (the same on every row of an image; small integers, exact in float32). Each engine unpacks it
+# where the model takes it.
+
+STRUCTURE_COLUMNS = 3  # mask, rows, cols
+
+
+def pack(batch: NaflexBatch) -> np.ndarray:
+    """(pixel_values, pixel_attention_mask, spatial_shapes) -> (B, L, p*p*C + 3) float32."""
+    values, mask, shapes = batch
+    count, length, _ = values.shape
+    structure = np.empty((count, length, STRUCTURE_COLUMNS), np.float32)
+    structure[..., 0] = mask
+    structure[..., 1:] = np.asarray(shapes, np.float32)[:, None, :]
+    return np.concatenate([np.asarray(values, np.float32), structure], axis=-1)
+
+
+def unpack(packed: np.ndarray) -> NaflexBatch:
+    """The inverse of `pack`: transformers' three inputs (mask int32, shapes int64)."""
+    packed = np.asarray(packed)
+    return NaflexBatch(packed[..., :-STRUCTURE_COLUMNS], packed[..., -3].astype(np.int32),
+                       packed[:, 0, -2:].astype(np.int64))
+
+
+def check_packed(pixels, patch_dim: int, where: str = "images") -> None:
+    """A ConfigError naming the shape when `pixels` is not a packed NaFlex batch of this model
+    (e.g. square (B, H, W, 3) pixels made for another family)."""
+    shape = tuple(getattr(pixels, "shape", ()))
+    if len(shape) != 3 or shape[-1] != patch_dim + STRUCTURE_COLUMNS:
+        raise ConfigError(f"{where}: a NaFlex SigLIP 2 model takes images as patches (B, max_num_patches, "
+                          f"{patch_dim} + {STRUCTURE_COLUMNS}) made by mlx_clip.model.naflex.NaflexProcessor, "
+                          f"got an array of shape {shape}")
+
+
+@dataclass(frozen=True)
+class NaflexProcessor:
+    """One image -> its packed rows (max_num_patches, p*p*3 + 3), as `Siglip2ImageProcessorPil`
+    makes it; the model folder's mean and std."""
+
+    patch_size: int
+    max_num_patches: int
+    mean: tuple[float, ...] = SIGLIP_MEAN
+    std: tuple[float, ...] = SIGLIP_STD
+
+    def __post_init__(self) -> None:
+        check_int("patch_size", self.patch_size, minimum=1)
+        check_int("max_num_patches", self.max_num_patches, minimum=1)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        patches, shape = naflex_patches(image, self.patch_size, self.max_num_patches, self.mean, self.std)
+        return pack(stack_patches([patches], [shape], self.max_num_patches))[0]

@@ -73,12 +73,12 @@ class SiglipTokenizer:
 
 
 def is_siglip_folder(folder: Path) -> bool:
-    """Whether `folder`'s config.json names the SigLIP family (model_type 'siglip'), or, without a
+    """Whether `folder`'s config.json names the SigLIP family (model_type "siglip" or "siglip2"), or, without a
     config.json, its open_clip_config.json builds the image tower from timm (open_clip's SigLIP)."""
     path = folder / "config.json"
     if path.is_file():
         try:
-            return json.loads(path.read_text(encoding="utf-8")).get("model_type") == "siglip"
+            return json.loads(path.read_text(encoding="utf-8")).get("model_type") in ("siglip", "siglip2")
         except (OSError, ValueError, AttributeError):
             return False  # the config reader reports a broken config.json with its own message
     vision = _open_clip_model_cfg(folder).get("vision_cfg")

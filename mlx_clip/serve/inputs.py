@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from mlx_clip.errors import ImageError
-from mlx_clip.model.image_processing import open_image, preprocess
+from mlx_clip.model.image_processing import open_image
 from mlx_clip.serve.error_shapes import ApiError
 from mlx_clip.serve.formats import HEADER_BYTES, SERVED_FORMATS, identify, refusal
 from mlx_clip.serve.limits import Limits
@@ -53,10 +53,10 @@ def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
         raise ApiError(422, "invalid_image", f"{name}: {err}") from None
 
 
-def image_pixels(data: bytes, name: str, *, image_size: int, mean, std, max_pixels: int,
-                 crop: bool = True) -> np.ndarray:
-    """Bytes -> (H, W, 3) float32 pixels, the same transform `mlxclip embed` applies."""
-    return preprocess(decode_image(data, name, max_pixels), image_size, mean=mean, std=std, crop=crop)
+def image_pixels(data: bytes, name: str, *, processor, max_pixels: int) -> np.ndarray:
+    """Bytes -> what the engine takes for one image ((H, W, 3) float32 pixels, or NaFlex's packed
+    patches), by the model's own `api.image_processor`, the transform `mlxclip embed` applies."""
+    return processor(decode_image(data, name, max_pixels))
 
 
 _DATA_URI = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.ASCII)

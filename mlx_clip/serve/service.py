@@ -122,6 +122,8 @@ class ModelService:
             "ready": self.ready,
             "embedding_dim": clip.config.projection_dim if clip else None,
             "image_size": clip.image_size if clip else None,
+            # NaFlex SigLIP 2: each image keeps its aspect ratio within this many patches (else None).
+            "max_num_patches": clip.max_num_patches if clip else None,
             "context_length": self.context_length if clip else None,
             "batching": {"max_batch_size": self.settings.max_batch_size, "max_wait_ms": self.settings.max_wait_ms},
             "limits": self.settings.limits.describe(),
@@ -149,8 +151,7 @@ class ModelService:
         def decode(name: str, data: bytes | str) -> np.ndarray:
             if isinstance(data, str):
                 data = decode_base64_image(data, name)
-            return image_pixels(data, name, image_size=clip.image_size, mean=clip.mean, std=clip.std,
-                                max_pixels=limits.max_image_pixels, crop=clip.crop)
+            return image_pixels(data, name, processor=clip.processor, max_pixels=limits.max_image_pixels)
 
         self.preparing["image"] += 1
         try:

@@ -74,6 +74,10 @@ class TrainConfig:
         "help": "Aspect-ratio buckets for data of mixed shapes: each image is resized to the patch grid nearest "
                 "its aspect ratio (no more patches than the square one, ratios up to 2:1) instead of cropped to a "
                 "square; a batch holds one shape, position embeddings are interpolated (evaluation stays square)."})
+    max_num_patches: int | None = field(default=None, metadata={
+        "help": "NaFlex SigLIP 2 (model_type siglip2) only: each image is resized, keeping its aspect ratio, to at "
+                "most this many patches, and padded to it (a batch mixes aspect ratios; no buckets needed). "
+                "Default: the model folder's preprocessor (256 for google/siglip2-*-naflex)."})
     memory_budget: str | None = field(default=None, metadata={
         "help": "A memory budget such as 8GB: a short probe picks the largest --micro-batch-size that fits "
                 "(with a 15% margin) and says what it chose; too small for one pair is an error naming the "
@@ -224,6 +228,9 @@ class TrainConfig:
                   "must be a non-negative integer")
         if self.steps is not None:
             check(isinstance(self.steps, int) and self.steps >= 1, "steps", "must be a positive integer")
+        if self.max_num_patches is not None:
+            check(isinstance(self.max_num_patches, int) and not isinstance(self.max_num_patches, bool)
+                  and self.max_num_patches >= 1, "max_num_patches", "(--max-num-patches) must be a positive integer")
         if self.micro_batch_size is not None:
             check(isinstance(self.micro_batch_size, int) and 1 <= self.micro_batch_size <= self.batch_size,
                   "micro_batch_size", f"must be an integer from 1 to --batch-size ({self.batch_size})")
