@@ -28,7 +28,8 @@ from mlx_clip.training.trainer import Interrupted, Trainer, TrainResult
 # The sigmoid loss learns the demo domain more slowly than InfoNCE, so siglip-tiny's demo runs
 # twice as long at a lower lr, and warms up over a tenth of it: with the CLIP demo's 40 steps it
 # sat on a plateau for its first ~350 (held-out top-1 0.89 at the end, 0.94 with 200).
-DEMO_BY_MODEL: dict[str, dict[str, Any]] = {"siglip-tiny": {"lr": 1e-3, "steps": 2000, "warmup_steps": 200}}
+DEMO_BY_MODEL: dict[str, dict[str, Any]] = {"siglip-tiny": {"lr": 1e-3, "steps": 2000, "warmup_steps": 200},
+                                            "siglip2-naflex-tiny": {"lr": 1e-3, "steps": 2000, "warmup_steps": 200}}
 # The demo's own folder: the toolkit's scratch, where a rerun of the demo replaces an earlier demo
 # run without --overwrite. Any other --out is the user's and never replaced without it.
 DEMO_OUT = "runs/demo"

@@ -23,8 +23,10 @@ INSTALLED_AS = {"convert": "mlx_clip.convert", "torch_backend": "mlx_clip.torch_
 # Framework-free modules with no dependency above themselves: what `convert/` may stand on.
 # mlx_clip.model.interpolate: numpy maths of the position-embedding resize, which convert/resolution
 # applies to checkpoints and the MLX model at run time.
+# model.naflex: NaFlex's packed image batch is part of what the engines take (`naflex.pack`).
 CORE = {"mlx_clip.errors", "mlx_clip.version", "mlx_clip.model.config", "mlx_clip.engine.policy", "mlx_clip.model.tokenizer",
-        "mlx_clip.model.siglip_tokenizer", "mlx_clip.model.image_processing", "mlx_clip.model.interpolate", "mlx_clip.outputs"}
+        "mlx_clip.model.siglip_tokenizer", "mlx_clip.model.image_processing", "mlx_clip.model.interpolate", "mlx_clip.outputs",
+        "mlx_clip.model.naflex"}
 # What an engine may use of the toolkit besides the core and `convert/`: policy decided once for
 # both engines (LoRA sites, schedule constants), numpy maths, the built-in random initialisation.
 # engine.base: the orchestration both engines share (state file, phases, loading, timing).
