@@ -6,10 +6,12 @@ here, the same for both engines."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mlx_clip.engine.distributed import World
@@ -66,7 +68,7 @@ class Trainer:
         self.world = getattr(engine, "world", None) or World()
         self.log = RunLog(run.root, tensorboard=cfg.tensorboard) if self.world.is_main else SilentLog(run.metrics_path)
         self.resolutions = _resolutions(cfg, engine)
-        self.keep_best = KeepBest(cfg.keep_best, run, lambda folder: self.engine.save(folder, to="hf"))
+        self.keep_best = KeepBest(cfg.keep_best, run, self._save_model)
         self.baseline: dict | None = None  # metrics before training, for the forgetting budget
         self.stopped_early = False
         self.step = 0
@@ -151,7 +153,7 @@ class Trainer:
                     if self._forgetting_exceeded(result.evaluations[-1]["eval"], progress):
                         break
             self.save_checkpoint()
-            result.final_model = self.engine.save(self.run.final, to="hf") if self.world.is_main else self.run.final
+            result.final_model = self._save_model(self.run.final) if self.world.is_main else self.run.final
             if self.cfg.ema_decay:
                 result.final_ema = self._save_ema() if self.world.is_main else self.run.final_ema
         except TrainingStopped:  # Interrupted included: both have saved what they should
@@ -175,7 +177,18 @@ class Trainer:
 
     def _save_ema(self):
         with self.engine.ema_weights():
-            return self.engine.save(self.run.final_ema, to="hf")
+            return self._save_model(self.run.final_ema)
+
+    def _save_model(self, folder):
+        """A plain model folder (transformers' layout). NaFlex trained with --max-num-patches: its
+        preprocessor says that budget, so the model runs by default as it was tuned."""
+        saved = self.engine.save(folder, to="hf")
+        if self.cfg.max_num_patches is not None:
+            path = Path(saved) / "preprocessor_config.json"
+            processor = json.loads(path.read_text(encoding="utf-8"))
+            processor["max_num_patches"] = self.cfg.max_num_patches
+            path.write_text(json.dumps(processor, indent=2) + "\n", encoding="utf-8")
+        return saved
 
     def _patch_keep(self, batch):
         from mlx_clip.training.patch_dropout import keep_indices
