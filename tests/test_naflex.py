@@ -27,7 +27,9 @@ from mlx_clip.mlx_backend.siglip2 import antialiased_bilinear_matrix, position_w
 from mlx_clip.model.config import CLIPConfig
 from mlx_clip.model.naflex import naflex_inputs, naflex_patches, naflex_size, pack, patchify, stack_patches
 
-FEATURES_TOL = 1e-5  # image and text features, logits (values up to 3.6): measured max |difference| 1.7e-6
+# Image and text features, logits (values up to 3.6): measured max |difference| 1.7e-6 with float64
+# position weights, 8.3e-7 with the float32 ones the MLX graph computes now.
+FEATURES_TOL = 1e-5
 # Gradients: max |difference| over the largest |gradient| of the model (measured 4.7e-7), and each
 # tensor's relative L2 error (measured 2.7e-6, the pooling probe's), except the key biases, whose
 # exact gradient is 0 (softmax ignores a shift shared by all keys) and whose values are float noise.
@@ -167,13 +169,14 @@ def test_position_weights_equal_transformers_resize_with_padding():
 
 def test_weights_computed_in_the_graph_equal_the_float64_ones():
     """The MLX model resizes inside its graph (one compiled function for every mix of shapes);
-    its float32 weights against the float64 ones above: measured 1.2e-7, bound 1e-6."""
+    its float32 weights against the float64 ones above: measured 2.5e-7 (7.7e-7 for a 16-wide grid,
+    base's, at 256 patches), bound 3e-6."""
     from mlx_clip.mlx_backend.siglip2 import resize_weights
 
     grid, length = 5, 37
     shapes = np.array([[5, 7], [6, 6], [1, 37], [2, 3], [9, 4], [1, 1]], np.int64)
     ours = np.array(resize_weights(mx.array(shapes[:, 0]), mx.array(shapes[:, 1]), grid, length))
-    assert np.abs(ours - position_weights(shapes, grid, length)).max() <= 1e-6
+    assert np.abs(ours - position_weights(shapes, grid, length)).max() <= 3e-6
     assert np.isfinite(ours).all()
 
 
