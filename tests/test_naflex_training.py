@@ -164,3 +164,15 @@ def test_feature_caching_gives_the_full_batch_update(tmp_path, mixed_folders, en
     a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "cached")
     for name in a:
         np.testing.assert_allclose(b[name], a[name], rtol=0, atol=7e-6, err_msg=name)
+
+
+def test_resuming_with_another_patch_budget_names_it(tmp_path, mixed_folders):
+    """Another budget is other data: the checkpoint's run cannot go on with it."""
+    from mlx_clip.errors import CheckpointError
+    from mlx_clip.training.trainer import Interrupted
+
+    with pytest.raises(Interrupted):
+        run(naflex_config(tmp_path / "run", "mlx", mixed_folders, steps=4, save_every=2), stop_after=2)
+    with pytest.raises(CheckpointError, match=f"max_num_patches: checkpoint {BUDGET}, now 31"):
+        run(small_config(tmp_path / "run", "mlx", model="siglip2-naflex-tiny", data=str(mixed_folders),
+                         max_num_patches=31, val_fraction=0.25, steps=4, save_every=2, resume="latest"))
