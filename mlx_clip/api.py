@@ -157,6 +157,9 @@ def load(model: str | Path, backend: str = "mlx", *, device: str | None = None, 
     `max_num_patches`: NaFlex SigLIP 2's patch budget per image (default: the folder's)."""
     check_quantize(quantize)  # before a hub download or a built-in model is written
     folder = resolve(model, allow_pickle=allow_pickle)
+    config_file = folder / "config.json"
+    if max_num_patches is not None and config_file.is_file():  # before any weight is read
+        check_max_num_patches(CLIPConfig.from_file(config_file), max_num_patches)
     engine = load_backend(backend, folder, device=device, dtype=dtype, allow_pickle=allow_pickle,
                           image_size=image_size, quantize=quantize)
     return CLIP(engine, folder, max_num_patches)

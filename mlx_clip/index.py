@@ -1,9 +1,10 @@
 """`mlxclip index`: an image folder -> an exact-search index that `mlxclip serve --index` serves.
 
 An index folder holds `embeddings.safetensors` (one float32 row per image, L2-normalised),
-`index.json` (the model's fingerprint, and per row the image's path relative to the folder, its
-size and modification time) and `bad_images.txt`. Building again embeds only new or changed files
-(size or mtime differ), drops removed ones, and starts over if the model changed.
+`index.json` (the model's fingerprint, the --quantize and NaFlex patch budget the rows were
+embedded with, and per row the image's path relative to the folder, its size and modification
+time) and `bad_images.txt`. Building again embeds only new or changed files (size or mtime
+differ), drops removed ones, and starts over if the model, --quantize or the budget changed.
 
 The images indexed are those the server takes: files with an image's name whose bytes are JPEG,
 PNG or WebP (`serve/formats.py`, the server's own list). Any other, and any file that cannot be
@@ -139,12 +140,17 @@ def _stat(path: Path) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _previous(out: Path, fingerprint: str, quantize: int | None = None) -> dict[str, tuple[dict, np.ndarray]]:
-    """What an earlier build of `out` holds for this model: path -> (entry, embedding)."""
+def _previous(out: Path, fingerprint: str, quantize: int | None = None,
+              max_num_patches: int | None = None) -> dict[str, tuple[dict, np.ndarray]]:
+    """What an earlier build of `out` holds for this model, embedded as this build embeds (same
+    --quantize, same NaFlex patch budget): path -> (entry, embedding)."""
     if not (out / INDEX_FILE).exists():
         return {}
     old = ImageIndex.load(out)
-    if old.meta.get("model_fingerprint") != fingerprint or old.meta.get("quantize") != quantize:
+    # An index written before the budget was recorded reads as None: a square model's rows are
+    # reused, a NaFlex model's (budget unknown) embedded again.
+    if (old.meta.get("model_fingerprint") != fingerprint or old.meta.get("quantize") != quantize
+            or old.meta.get("max_num_patches") != max_num_patches):
         return {}
     return {e["path"]: (e, row) for e, row in zip(old.entries, old.embeddings)}
 
@@ -170,7 +176,9 @@ def _write(out: Path, entries: list[dict], rows: list[np.ndarray], bad: list[tup
 
 def build_index(image_dir: str | Path, model: str | Path, out: str | Path, *, backend: str = "mlx",
                 batch_size: int = 64, device: str | None = None, dtype: str | None = None,
-                allow_pickle: bool = False, progress: bool = True, quantize: int | None = None) -> IndexReport:
+                allow_pickle: bool = False, progress: bool = True, quantize: int | None = None,
+                max_num_patches: int | None = None) -> IndexReport:
+    """`max_num_patches`: NaFlex SigLIP 2's patch budget per image (default: the model folder's)."""
     from tqdm import tqdm
 
     from mlx_clip.api import load
@@ -186,12 +194,17 @@ def build_index(image_dir: str | Path, model: str | Path, out: str | Path, *, ba
     files = list_images(image_dir)
     if not files:
         raise DataError(f"{image_dir}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in it or below it")
-    clip = load(model, backend, device=device, dtype=dtype, allow_pickle=allow_pickle, quantize=quantize)
+    clip = load(model, backend, device=device, dtype=dtype, allow_pickle=allow_pickle, quantize=quantize,
+                max_num_patches=max_num_patches)
     fingerprint = model_fingerprint(clip.folder)
-    # Rows embedded with and without --quantize differ slightly: a rebuild reuses only its own kind.
-    previous = _previous(out, fingerprint, quantize)
+    # Rows embedded with and without --quantize differ slightly, and a NaFlex image sized to another
+    # patch budget is another input altogether: a rebuild reuses only rows embedded as it embeds.
+    # The budget recorded is the one in effect (the folder's when none is given), so a rebuild
+    # naming the folder's default reuses a build that named none.
+    previous = _previous(out, fingerprint, quantize, clip.max_num_patches)
     meta = {"format": FORMAT, "version": VERSION, "model": str(model), "model_fingerprint": fingerprint,
-            "quantize": quantize, "image_dir": str(image_dir.resolve()), "dim": clip.config.projection_dim}
+            "quantize": quantize, "max_num_patches": clip.max_num_patches, "image_dir": str(image_dir.resolve()),
+            "dim": clip.config.projection_dim}
 
     entries, rows, todo = [], [], []
     for path in files:

@@ -79,7 +79,7 @@ def test_config_that_is_not_clip(folder):
     import transformers
 
     (folder / "config.json").write_text(json.dumps(transformers.BertConfig().to_dict()))
-    with pytest.raises(ConfigError, match=r"config\.json is not a CLIP or SigLIP config \(model_type='bert'"):
+    with pytest.raises(ConfigError, match=r"config\.json is not a CLIP, SigLIP or SigLIP 2 config \(model_type='bert'"):
         read_checkpoint(folder)
 
 

@@ -164,7 +164,7 @@ def bad_model(kind: str, good: Path, tmp_path: Path) -> Path:
 
 
 MODEL_ERRORS = {
-    "bert-config": r"config\.json.*not a CLIP or SigLIP config.*bert",
+    "bert-config": r"config\.json.*not a CLIP, SigLIP or SigLIP 2 config.*bert",
     "corrupt-weights": r"model\.safetensors: not a valid safetensors file",
     "truncated-header": r"model\.safetensors: .*truncated",
     "shape-mismatch": r"model\.safetensors: tensor vision_model\..* has shape .*, expected ",

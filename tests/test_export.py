@@ -175,7 +175,7 @@ def broken(kind: str, tmp_path: Path) -> Path:
 BROKEN = {
     "truncated-weights": r"model\.safetensors: not a valid safetensors file .*truncated",
     "config-not-json": r"config\.json: not valid JSON",
-    "not-clip": r"config\.json is not a CLIP or SigLIP config \(model_type='bert'",
+    "not-clip": r"config\.json is not a CLIP, SigLIP or SigLIP 2 config \(model_type='bert'",
 }
 
 

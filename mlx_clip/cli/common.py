@@ -65,6 +65,13 @@ def quantize_option(help_text: str = QUANTIZE_HELP):
                         callback=lambda ctx, param, value: None if value is None else int(value), help=help_text)
 
 
+# Shared by the commands that embed images with a loaded model (embed, eval, serve, index); a budget
+# given for a square model is refused by `api.load` (`check_max_num_patches`) in one line.
+max_num_patches_option = click.option(
+    "--max-num-patches", type=click.IntRange(1), default=None,
+    help="NaFlex SigLIP 2 only: at most this many patches per image, each image keeping its aspect ratio "
+         "(default: the model folder's preprocessor)")
+
 pickle_option = click.option("--allow-pickle", is_flag=True,
                              help="Allow pytorch_model.bin (read with weights_only=True; never executes code).")
 

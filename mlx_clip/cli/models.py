@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import click
 
-from mlx_clip.cli.common import (backend_option, device_option, domain_errors, dtype_option, pickle_option,
-                                 quantize_option)
+from mlx_clip.cli.common import (backend_option, device_option, domain_errors, dtype_option,
+                                 max_num_patches_option, pickle_option, quantize_option)
 from mlx_clip.model.config import QUANTIZE_BITS, QUANTIZE_GROUP_SIZE
 
 
@@ -22,13 +22,14 @@ from mlx_clip.model.config import QUANTIZE_BITS, QUANTIZE_GROUP_SIZE
 @click.option("--image-size", type=click.IntRange(1), default=None,
               help="Run the model at this many pixels (position embeddings resampled).")
 @quantize_option()
+@max_num_patches_option
 @domain_errors
-def embed(model, images, texts, out, backend, device, dtype, allow_pickle, image_size, quantize):
+def embed(model, images, texts, out, backend, device, dtype, allow_pickle, image_size, quantize, max_num_patches):
     """Write L2-normalised image_embeds / text_embeds (float32, one row per input, in order)."""
     from mlx_clip.embed import embed as run
 
     arrays = run(model, images=images, texts=texts, out=out, backend=backend, device=device, dtype=dtype,
-                 allow_pickle=allow_pickle, image_size=image_size, quantize=quantize)
+                 allow_pickle=allow_pickle, image_size=image_size, quantize=quantize, max_num_patches=max_num_patches)
     click.echo(f"wrote {out}: image_embeds {arrays['image_embeds'].shape}, text_embeds {arrays['text_embeds'].shape}")
 
 

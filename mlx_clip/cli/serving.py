@@ -8,8 +8,8 @@ import sys
 import click
 
 from mlx_clip.api import IMAGE_BATCH
-from mlx_clip.cli.common import (backend_option, device_option, domain_errors, dtype_option, model_option,
-                                 pickle_option, quantize_option)
+from mlx_clip.cli.common import (backend_option, device_option, domain_errors, dtype_option,
+                                 max_num_patches_option, model_option, pickle_option, quantize_option)
 
 
 @click.command()
@@ -19,6 +19,7 @@ from mlx_clip.cli.common import (backend_option, device_option, domain_errors, d
 @dtype_option
 @pickle_option
 @quantize_option()
+@max_num_patches_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (loopback unless told).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--index", "index_dir", type=click.Path(file_okay=False), default=None,
@@ -46,9 +47,9 @@ from mlx_clip.cli.common import (backend_option, device_option, domain_errors, d
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
 @domain_errors
-def serve(model, backend, device, dtype, allow_pickle, quantize, host, port, index_dir, max_batch_size, max_wait_ms,
-          max_body_mb, max_items, max_labels, max_prompts, max_text_chars, max_concurrent_requests, max_image_pixels,
-          no_truncate, api_key, no_ui, log_level):
+def serve(model, backend, device, dtype, allow_pickle, quantize, max_num_patches, host, port, index_dir,
+          max_batch_size, max_wait_ms, max_body_mb, max_items, max_labels, max_prompts, max_text_chars,
+          max_concurrent_requests, max_image_pixels, no_truncate, api_key, no_ui, log_level):
     """HTTP API: embeddings (also OpenAI's /v1/embeddings), zero-shot classify, search; docs at /docs,
     a web page to search and classify at /. Ctrl-C or SIGTERM shuts it down cleanly (exit 0)."""
     from pathlib import Path
@@ -61,7 +62,8 @@ def serve(model, backend, device, dtype, allow_pickle, quantize, host, port, ind
                     max_prompts=max_prompts, max_text_chars=max_text_chars, max_image_pixels=max_image_pixels,
                     max_concurrent_requests=max_concurrent_requests, truncate=not no_truncate)
     settings = ServeSettings(model=model, backend=backend, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                             quantize=quantize, index=Path(index_dir) if index_dir else None,
+                             quantize=quantize, max_num_patches=max_num_patches,
+                             index=Path(index_dir) if index_dir else None,
                              max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, limits=limits,
                              api_key=api_key or None, ui=not no_ui)
     run(settings, host=host, port=port, log_level=log_level)
@@ -82,9 +84,10 @@ def serve(model, backend, device, dtype, allow_pickle, quantize, host, port, ind
 @dtype_option
 @pickle_option
 @quantize_option()
+@max_num_patches_option
 @click.option("--batch-size", type=click.IntRange(1), default=IMAGE_BATCH, show_default=True)
 @domain_errors
-def index(image_dir, model, out, backend, device, dtype, allow_pickle, quantize, batch_size):
+def index(image_dir, model, out, backend, device, dtype, allow_pickle, quantize, max_num_patches, batch_size):
     """Embed every image under IMAGE_DIR for `serve --index`; a rerun embeds only new or changed files.
     Images the server would refuse (not JPEG, PNG or WebP by their bytes, or unreadable) are
     skipped and listed. Ctrl-C keeps what was embedded (exit 130)."""
@@ -92,7 +95,8 @@ def index(image_dir, model, out, backend, device, dtype, allow_pickle, quantize,
 
     try:
         report = build_index(image_dir, model, out, backend=backend, device=device, dtype=dtype,
-                             allow_pickle=allow_pickle, batch_size=batch_size, quantize=quantize)
+                             allow_pickle=allow_pickle, batch_size=batch_size, quantize=quantize,
+                             max_num_patches=max_num_patches)
     except IndexInterrupted as stop:  # what was embedded is written: say how much
         click.echo(f"error: interrupted; kept {stop.kept} of {stop.total} images in {stop.out}; run the same command "
                    "again to embed the rest", err=True)

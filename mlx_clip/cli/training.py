@@ -7,8 +7,8 @@ import sys
 import click
 
 from mlx_clip.api import IMAGE_BATCH
-from mlx_clip.cli.common import (backend_option, device_option, domain_errors, dtype_option, pickle_option,
-                                 quantize_option)
+from mlx_clip.cli.common import (backend_option, device_option, domain_errors, dtype_option,
+                                 max_num_patches_option, pickle_option, quantize_option)
 
 
 def train_config_options(fn):
@@ -137,9 +137,10 @@ def wise_ft(zero_shot, fine_tuned, alpha, sweep, eval_target, eval_control, cont
 @dtype_option
 @pickle_option
 @quantize_option()
+@max_num_patches_option
 @domain_errors
 def eval_command(model, compare_models, data, control, templates, classes, tasks, image_column, caption_column,
-                 split, image_size, out, batch_size, backend, device, dtype, allow_pickle, quantize):
+                 split, image_size, out, batch_size, backend, device, dtype, allow_pickle, quantize, max_num_patches):
     """Zero-shot top-k, retrieval recall@K, linear probe; JSON (CLIP_benchmark's shape), Markdown, PNG."""
     from mlx_clip.evaluation import evaluate as ev
     from mlx_clip.api import resolve
@@ -153,7 +154,7 @@ def eval_command(model, compare_models, data, control, templates, classes, tasks
     common = dict(control=list(control) or None, backend=backend, templates=templates, classes=classes,
                   tasks=tasks, batch_size=batch_size, device=device, dtype=dtype, allow_pickle=allow_pickle,
                   image_column=image_column, caption_column=caption_column, image_size=image_size, split=split,
-                  quantize=quantize)
+                  quantize=quantize, max_num_patches=max_num_patches)
     if compare_models:
         base, finetuned = (resolve(m, allow_pickle=allow_pickle) for m in compare_models)
         click.echo(ev.compare(base, finetuned, list(data), out=out, **common).markdown.read_text())

@@ -271,7 +271,8 @@ def evaluate(model, data, *, backend: str = "mlx", templates=None, classes=None,
              tasks=None, control=None, batch_size: int = IMAGE_BATCH, val_fraction: float = 0.2, seed: int = 0,
              device: str | None = None, dtype: str | None = None, allow_pickle: bool = False,
              image_column: str | None = None, caption_column: str | None = None,
-             image_size: int | None = None, split: str | None = None, quantize: int | None = None) -> list[dict]:
+             image_size: int | None = None, split: str | None = None, quantize: int | None = None,
+             max_num_patches: int | None = None) -> list[dict]:
     """Evaluate `model` (folder, built-in name or hub id) on `data` (one or more dataset paths)
     and optional `control` domains; write `out` (a .json path, or a folder for eval.json) with its
     Markdown and figures. Returns the result dicts."""
@@ -279,7 +280,7 @@ def evaluate(model, data, *, backend: str = "mlx", templates=None, classes=None,
                      image_column=image_column, caption_column=caption_column, split=split)
     check_val_fraction(val_fraction)
     clip = load(model, backend, device=device, dtype=dtype, allow_pickle=allow_pickle, image_size=image_size,
-                quantize=quantize)
+                quantize=quantize, max_num_patches=max_num_patches)
     results = evaluate_clip(clip, jobs, model_name=str(model), batch_size=batch_size,
                             val_fraction=val_fraction, seed=seed)
     if out is not None:
@@ -300,7 +301,8 @@ def compare(base_model, finetuned_model, data, *, out: str | Path, backend: str 
             seed: int = 0, device: str | None = None, dtype: str | None = None,
             allow_pickle: bool = False, image_column: str | None = None,
             caption_column: str | None = None, image_size: int | None = None,
-            split: str | None = None, quantize: int | None = None) -> Comparison:
+            split: str | None = None, quantize: int | None = None,
+            max_num_patches: int | None = None) -> Comparison:
     """Evaluate both models on the same data (one at a time, so only one is in memory) and write,
     per dataset and task, the metric-by-metric table with fine-tuned − base and its figures;
     `compare.md` gathers the tables and links the figures."""
@@ -312,7 +314,7 @@ def compare(base_model, finetuned_model, data, *, out: str | Path, backend: str 
     runs = []
     for model in (base_model, finetuned_model):
         clip = load(model, backend, device=device, dtype=dtype, allow_pickle=allow_pickle, image_size=image_size,
-                    quantize=quantize)
+                    quantize=quantize, max_num_patches=max_num_patches)
         runs.append(evaluate_clip(clip, jobs, model_name=str(model), batch_size=batch_size,
                                   val_fraction=val_fraction, seed=seed))
         del clip

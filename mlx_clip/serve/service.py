@@ -41,6 +41,7 @@ class ServeSettings:
     dtype: str | None = None
     allow_pickle: bool = False
     quantize: int | None = None  # bits of the MLX engine's quantized Linears; None: float
+    max_num_patches: int | None = None  # NaFlex SigLIP 2's patch budget per image; None: the folder's
     index: Path | None = None
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
@@ -92,7 +93,7 @@ class ModelService:
     def _load(self) -> None:
         s = self.settings
         clip = load(s.model, s.backend, device=s.device, dtype=s.dtype, allow_pickle=s.allow_pickle,
-                    quantize=s.quantize)
+                    quantize=s.quantize, max_num_patches=s.max_num_patches)
         if s.index is not None:
             from mlx_clip.index import ImageIndex
 
