@@ -176,3 +176,19 @@ def test_resuming_with_another_patch_budget_names_it(tmp_path, mixed_folders):
     with pytest.raises(CheckpointError, match=f"max_num_patches: checkpoint {BUDGET}, now 31"):
         run(small_config(tmp_path / "run", "mlx", model="siglip2-naflex-tiny", data=str(mixed_folders),
                          max_num_patches=31, val_fraction=0.25, steps=4, save_every=2, resume="latest"))
+
+
+def test_lp_ft_ema_and_layer_decay_train_alike_in_both_engines(tmp_path, mixed_folders):
+    """The recipes read the towers by their parameter names, which NaFlex shares with SigLIP: LP-FT's
+    probe phase, the EMA written to final-ema/, and layer decay, together, as the 30-step parity
+    bound (2e-4 relative) over their 6 steps."""
+    import transformers
+
+    losses = {}
+    for engine in ("mlx", "torch"):
+        out = tmp_path / engine
+        result = run(naflex_config(out, engine, mixed_folders, steps=6, save_every=0, strategy="lp-ft", lp_steps=2,
+                                   ema_decay=0.9, layer_decay=0.75))
+        losses[engine] = np.array(result.train.losses)
+        assert transformers.Siglip2Model.from_pretrained(out / "final-ema").config.model_type == "siglip2"
+    assert np.abs(losses["mlx"] - losses["torch"]).max() <= 2e-4 * np.abs(losses["torch"]).max()
