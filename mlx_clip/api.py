@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlx_clip.engine.policy import check_patch_budget
 from mlx_clip.engine.protocol import Backend, load_backend
 from mlx_clip.model.builtin import builtin_configs, materialize
 from mlx_clip.model.config import CLIPConfig, check_quantize, read_json
@@ -79,17 +80,6 @@ def folder_max_num_patches(folder: Path, config: CLIPConfig) -> int:
     return check_int(f"{path}: max_num_patches", value, minimum=1)
 
 
-def check_max_num_patches(config: CLIPConfig, max_num_patches: int | None, where: str = "--max-num-patches") -> None:
-    """Refuse a patch budget for a model that has none (CLIP, SigLIP: square images)."""
-    if max_num_patches is None:
-        return
-    if not config.is_naflex:
-        raise ConfigError(f"{where} {max_num_patches}: only NaFlex SigLIP 2 models (model_type 'siglip2') take a "
-                          f"patch budget; this model is {config.model_type!r} and takes square images: use "
-                          "--image-size")
-    check_int(where, max_num_patches, minimum=1)
-
-
 @dataclass(frozen=True)
 class SquareProcessor:
     """CLIP's and SigLIP's transform: a resize (and CLIP's center crop) to `image_size`."""
@@ -106,7 +96,7 @@ class SquareProcessor:
 def image_processor(folder: Path, config: CLIPConfig, max_num_patches: int | None = None):
     """One image (PIL) -> what the engines take for it, as the folder's preprocessor says: square
     (H, W, 3) pixels, or NaFlex's packed patches within `max_num_patches` (default: the folder's)."""
-    check_max_num_patches(config, max_num_patches)
+    check_patch_budget(config, max_num_patches)
     mean, std, crop = preprocessor_settings(folder)
     if config.is_naflex:
         return NaflexProcessor(config.vision_config.patch_size, max_num_patches or folder_max_num_patches(folder, config),
@@ -159,7 +149,7 @@ def load(model: str | Path, backend: str = "mlx", *, device: str | None = None, 
     folder = resolve(model, allow_pickle=allow_pickle)
     config_file = folder / "config.json"
     if max_num_patches is not None and config_file.is_file():  # before any weight is read
-        check_max_num_patches(CLIPConfig.from_file(config_file), max_num_patches)
+        check_patch_budget(CLIPConfig.from_file(config_file), max_num_patches)
     engine = load_backend(backend, folder, device=device, dtype=dtype, allow_pickle=allow_pickle,
                           image_size=image_size, quantize=quantize)
     return CLIP(engine, folder, max_num_patches)

@@ -66,7 +66,7 @@ def quantize_option(help_text: str = QUANTIZE_HELP):
 
 
 # Shared by the commands that embed images with a loaded model (embed, eval, serve, index); a budget
-# given for a square model is refused by `api.load` (`check_max_num_patches`) in one line.
+# given for a square model is refused by `api.load` (`policy.check_patch_budget`) in one line.
 max_num_patches_option = click.option(
     "--max-num-patches", type=click.IntRange(1), default=None,
     help="NaFlex SigLIP 2 only: at most this many patches per image, each image keeping its aspect ratio "

@@ -163,6 +163,19 @@ def for_model(cfg, config):
     return cfg if cfg.loss is not None else dataclasses.replace(cfg, loss=default_loss(config))
 
 
+def check_patch_budget(config, max_num_patches: int | None, where: str = "--max-num-patches") -> None:
+    """Refuse a patch budget for a model that has none (CLIP, SigLIP: square images)."""
+    from mlx_clip.errors import ConfigError, check_int
+
+    if max_num_patches is None:
+        return
+    if not config.is_naflex:
+        raise ConfigError(f"{where} {max_num_patches}: only NaFlex SigLIP 2 models (model_type 'siglip2') take a "
+                          f"patch budget; this model is {config.model_type!r} and takes square images: use "
+                          "--image-size")
+    check_int(where, max_num_patches, minimum=1)
+
+
 def check_family_options(cfg, config) -> None:
     """NaFlex SigLIP 2 sizes each image to its own patch grid within --max-num-patches: the options
     that set a square size, or drop patches of one, have no meaning there, and a patch budget has
@@ -170,10 +183,7 @@ def check_family_options(cfg, config) -> None:
     from mlx_clip.errors import ConfigError
 
     if not config.is_naflex:
-        if cfg.max_num_patches is not None:
-            raise ConfigError(f"--max-num-patches {cfg.max_num_patches}: only NaFlex SigLIP 2 models (model_type "
-                              f"'siglip2') take a patch budget; this model is {config.model_type!r}, which takes "
-                              "square images (--image-size)")
+        check_patch_budget(config, cfg.max_num_patches)
         return
     # --memory-budget's probe steps on square-grid stand-ins of the model's own patch count, which
     # need not be the run's budget: it would size the run on the wrong batch.

@@ -168,7 +168,9 @@ def make_train_step(module: TrainModule, optimizer: optim.Adam, cfg, plan: Train
         clip = module.clip
         if compute_dtype is not None:
             clip.update(tree_map(lambda p: p.astype(compute_dtype), clip.parameters()))
-            pixels = pixels.astype(compute_dtype)
+            # NaFlex's packed grids must stay exact (bfloat16 counts to 256); its tower casts the patches.
+            if not clip.config.is_naflex:
+                pixels = pixels.astype(compute_dtype)
         image = normalize(towers(clip.get_image_features, pixels, extras.get("keep")).astype(mx.float32))
         text = normalize(towers(clip.get_text_features, ids).astype(mx.float32))
         negatives = None
