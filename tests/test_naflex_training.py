@@ -192,3 +192,12 @@ def test_lp_ft_ema_and_layer_decay_train_alike_in_both_engines(tmp_path, mixed_f
         losses[engine] = np.array(result.train.losses)
         assert transformers.Siglip2Model.from_pretrained(out / "final-ema").config.model_type == "siglip2"
     assert np.abs(losses["mlx"] - losses["torch"]).max() <= 2e-4 * np.abs(losses["torch"]).max()
+
+
+@pytest.mark.parametrize("engine", ["mlx", "torch"])
+def test_square_pixels_given_to_a_naflex_engine_are_named(engine):
+    from mlx_clip.api import load
+
+    clip = load("siglip2-naflex-tiny", engine)
+    with pytest.raises(ConfigError, match=r"takes images as patches .* shape \(2, 64, 64, 3\)"):
+        clip.engine.encode_images(np.zeros((2, 64, 64, 3), np.float32))

@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_clip.convert.layout import mlx_to_torch, torch_to_mlx
 from mlx_clip.convert.writer import mlx_metadata, write_model_folder, write_side_files
 from mlx_clip.model.config import CLIPConfig
+from mlx_clip.model.naflex import check_packed
 from mlx_clip.engine.base import MODEL, OPTIM, PROBE_FLAG, STATE_FILE, EngineBase, Training, prefixed, unprefixed
 from mlx_clip.mlx_backend import runtime
 from mlx_clip.mlx_backend.runtime import configure
@@ -137,6 +138,8 @@ class MLXBackend(EngineBase):
 
     # --- inference --------------------------------------------------------------------------
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        if self.config.is_naflex:  # square pixels would fail deep inside the tower
+            check_packed(pixels, self.config.vision_config.patch_dim)
         with self.split.evaluating(len(pixels)):
             return np.array(self._image_features(mx.array(pixels)))
 
