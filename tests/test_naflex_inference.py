@@ -39,24 +39,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def hf_siglip2(vocab_size: int):
-    """Unusual sizes; biases, norms, scale and bias moved off transformers' constant starts."""
-    import transformers
+    """Unusual sizes (`test_naflex.py`'s builder: biases, norms, scale and bias moved off
+    transformers' constant starts), with the built-in tokenizer's vocabulary."""
+    from tests.test_naflex import hf_siglip2 as build
 
-    torch.manual_seed(3)
-    config = transformers.Siglip2Config(
-        text_config=dict(vocab_size=vocab_size, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
-                         num_attention_heads=5, max_position_embeddings=11, projection_size=48,
-                         bos_token_id=None, eos_token_id=1),
-        vision_config=dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=3,
-                           patch_size=PATCH, num_patches=16))
-    model = transformers.Siglip2Model(config).eval().float()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias") or name in ("logit_scale", "logit_bias"):
-                param.normal_(0.0, 0.1)
-            elif "norm" in name:
-                param.normal_(1.0, 0.1)
-    return model
+    return build(3, {"text": dict(vocab_size=vocab_size, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
+                                  num_attention_heads=5, max_position_embeddings=11, projection_size=48),
+                     "vision": dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=3,
+                                    patch_size=PATCH, num_patches=16)})
 
 
 @pytest.fixture(scope="module")

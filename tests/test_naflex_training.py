@@ -16,7 +16,7 @@ from PIL import Image
 from mlx_clip.errors import ConfigError
 from mlx_clip.model.naflex import unpack
 from tests.test_naflex import photos
-from tests.train_helpers import assert_same_weights, final_weights, run, small_config
+from tests.train_helpers import assert_resume_is_exact, final_weights, run, small_config
 
 BUDGET = 23  # patches per image: odd, below the 8x8 position grid, so images are resized and padded
 # (width, height) crops: square, wide, tall, a thin strip each way, a small one.
@@ -92,17 +92,8 @@ def test_engines_agree_over_30_steps_on_mixed_aspect_ratios(tmp_path, mixed_fold
 @pytest.mark.parametrize("engine", ["mlx", "torch"])
 def test_resume_is_bit_identical(tmp_path, mixed_folders, engine):
     """With --augment, so the crop each image gets must be drawn again the same way."""
-    from mlx_clip.training.trainer import Interrupted
-
-    def config(out, **extra):
-        return naflex_config(out, engine, mixed_folders, steps=8, augment=True, **extra)
-
-    full = run(config(tmp_path / "full"))
-    with pytest.raises(Interrupted):
-        run(config(tmp_path / "cut"), stop_after=4)
-    resumed = run(config(tmp_path / "cut", resume="latest"))
-    assert resumed.train.losses == full.train.losses[4:]
-    assert_same_weights(final_weights(tmp_path / "cut"), final_weights(tmp_path / "full"))
+    assert_resume_is_exact(lambda out, **extra: naflex_config(out, engine, mixed_folders, steps=8, augment=True,
+                                                              **extra), tmp_path)
 
 
 @pytest.mark.parametrize("strategy", ["lora", "lock-image"])

@@ -267,18 +267,10 @@ def test_engines_agree_over_30_steps_and_the_sigmoid_loss_is_the_default(tmp_pat
 
 @pytest.mark.parametrize("engine", ["mlx", "torch"])
 def test_resume_is_bit_identical(tmp_path, engine):
-    from mlx_clip.training.trainer import Interrupted
-    from tests.train_helpers import assert_same_weights, final_weights, run, small_config
+    from tests.train_helpers import assert_resume_is_exact, small_config
 
-    def config(out, **extra):
-        return small_config(out, engine, model="siglip-tiny", steps=8, **extra)
-
-    full = run(config(tmp_path / "full"))
-    with pytest.raises(Interrupted):
-        run(config(tmp_path / "cut"), stop_after=4)
-    resumed = run(config(tmp_path / "cut", resume="latest"))
-    assert resumed.train.losses == full.train.losses[4:]
-    assert_same_weights(final_weights(tmp_path / "cut"), final_weights(tmp_path / "full"))
+    assert_resume_is_exact(lambda out, **extra: small_config(out, engine, model="siglip-tiny", steps=8, **extra),
+                           tmp_path)
 
 
 @pytest.mark.parametrize("strategy", ["lora", "lock-image", "lock-text"])

@@ -28,3 +28,18 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].tobytes() == b[name].tobytes(), name
+
+
+def assert_resume_is_exact(config, root, stop_after: int = 4) -> None:
+    """`config(out, **extra)` -> a TrainConfig: the run cut after `stop_after` steps and resumed
+    logs the uninterrupted run's later losses and ends with its final weights, bit for bit."""
+    import pytest
+
+    from mlx_clip.training.trainer import Interrupted
+
+    full = run(config(root / "full"))
+    with pytest.raises(Interrupted):
+        run(config(root / "cut"), stop_after=stop_after)
+    resumed = run(config(root / "cut", resume="latest"))
+    assert resumed.train.losses == full.train.losses[stop_after:]
+    assert_same_weights(final_weights(root / "cut"), final_weights(root / "full"))

@@ -234,19 +234,18 @@ class SiglipTextConfig(_TowerConfig):
 
 
 @dataclass
-class SiglipVisionConfig(_VisionChecks, _TowerConfig):
-    """`transformers.SiglipVisionConfig`: patches without a class token, pooled by the
-    multihead-attention head (`vision_use_head`)."""
+class _SiglipVision(_TowerConfig):
+    """What both SigLIP vision towers share (transformers' fields and defaults): patches without a
+    class token, pooled by the multihead-attention head (`vision_use_head`)."""
 
-    MODEL_TYPE = "siglip_vision_model"
     SECTION = "vision_config"
+    ARCHITECTURE = ""
 
     hidden_size: int = 768
     intermediate_size: int = 3072
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
     num_channels: int = 3
-    image_size: int = 224
     patch_size: int = 16
     hidden_act: str = "gelu_pytorch_tanh"
     layer_norm_eps: float = 1e-6
@@ -257,7 +256,17 @@ class SiglipVisionConfig(_VisionChecks, _TowerConfig):
         super().validate()
         if self.vision_use_head is not True:
             raise ConfigError("vision_config.vision_use_head must be true: without the attention-pooling head "
-                              f"SiglipModel has no image embedding, got {self.vision_use_head!r}")
+                              f"{self.ARCHITECTURE} has no image embedding, got {self.vision_use_head!r}")
+
+
+@dataclass
+class SiglipVisionConfig(_VisionChecks, _SiglipVision):
+    """`transformers.SiglipVisionConfig`: a square image of `image_size`."""
+
+    MODEL_TYPE = "siglip_vision_model"
+    ARCHITECTURE = "SiglipModel"
+
+    image_size: int = 224
 
     @property
     def num_positions(self) -> int:
@@ -272,24 +281,14 @@ class Siglip2TextConfig(SiglipTextConfig):
 
 
 @dataclass
-class Siglip2VisionConfig(_TowerConfig):
+class Siglip2VisionConfig(_SiglipVision):
     """`transformers.Siglip2VisionConfig` (NaFlex): no image size; `num_patches` position embeddings
     form a square grid, resized to each image's patch grid (`mlx_clip/model/naflex.py`)."""
 
     MODEL_TYPE = "siglip2_vision_model"
-    SECTION = "vision_config"
+    ARCHITECTURE = "Siglip2Model"
 
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    num_channels: int = 3
-    patch_size: int = 16
-    hidden_act: str = "gelu_pytorch_tanh"
-    layer_norm_eps: float = 1e-6
-    vision_use_head: bool = True
     num_patches: int = 256
-    extras: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def _normalize(cls, known: dict[str, Any]) -> dict[str, Any]:
@@ -307,9 +306,6 @@ class Siglip2VisionConfig(_TowerConfig):
         if math.isqrt(self.num_patches) ** 2 != self.num_patches:
             raise ConfigError(f"vision_config.num_patches must be a square number (the position embeddings are a "
                               f"square grid), got {self.num_patches}")
-        if self.vision_use_head is not True:
-            raise ConfigError("vision_config.vision_use_head must be true: without the attention-pooling head "
-                              f"Siglip2Model has no image embedding, got {self.vision_use_head!r}")
 
     @property
     def grid(self) -> int:
@@ -458,27 +454,24 @@ def tiny_config(**overrides: Any) -> CLIPConfig:
 def siglip_tiny_config(vocab_size: int = 1024, **overrides: Any) -> CLIPConfig:
     """A small SigLIP for tests and the built-in demo: 2 layers of width 64 per tower, 16-token
     text, 32 px images in 8 px patches."""
+    return _tiny_sigmoid_family("siglip", vocab_size, {"image_size": 32}, overrides)
+
+
+def siglip2_naflex_tiny_config(vocab_size: int = 1024, **overrides: Any) -> CLIPConfig:
+    """A small NaFlex SigLIP 2 for tests and the built-in demo: siglip_tiny_config's towers, with
+    8 px patches on a 4x4 position grid (a 32 px square's)."""
+    return _tiny_sigmoid_family("siglip2", vocab_size, {"num_patches": 16}, overrides)
+
+
+def _tiny_sigmoid_family(model_type: str, vocab_size: int, grid: dict[str, int], overrides: dict[str, Any]) -> CLIPConfig:
     # Token ids of `siglip_tokenizer.build_demo_tokenizer`: `</s>` (1) ends and pads every row.
     text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=2, max_position_embeddings=16, pad_token_id=1, eos_token_id=1,
                 bos_token_id=None)
-    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=32, patch_size=8)
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, patch_size=8,
+                  **grid)
     text.update(overrides.pop("text", {}))
     vision.update(overrides.pop("vision", {}))
-    return CLIPConfig(text_config=SiglipTextConfig(**text), vision_config=SiglipVisionConfig(**vision),
-                      model_type="siglip", **overrides)
-
-
-def siglip2_naflex_tiny_config(vocab_size: int = 1024, **overrides: Any) -> CLIPConfig:
-    """A small NaFlex SigLIP 2 for tests and the built-in demo: 2 layers of width 64 per tower,
-    16-token text, 8 px patches on a 4x4 position grid (a 32 px square's)."""
-    text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=16, pad_token_id=1, eos_token_id=1,
-                bos_token_id=None)
-    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                  patch_size=8, num_patches=16)
-    text.update(overrides.pop("text", {}))
-    vision.update(overrides.pop("vision", {}))
-    return CLIPConfig(text_config=Siglip2TextConfig(**text), vision_config=Siglip2VisionConfig(**vision),
-                      model_type="siglip2", **overrides)
+    text_class, vision_class, _ = _TOWERS[model_type]
+    return CLIPConfig(text_config=text_class(**text), vision_config=vision_class(**vision), model_type=model_type,
+                      **overrides)
