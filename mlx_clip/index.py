@@ -88,7 +88,10 @@ class ImageIndex:
         return len(self.entries)
 
     @classmethod
-    def load(cls, folder: str | Path, *, expect_model: str | Path | None = None) -> "ImageIndex":
+    def load(cls, folder: str | Path, *, expect_model: str | Path | None = None,
+             expect_budget: int | None = None) -> "ImageIndex":
+        """`expect_model`, `expect_budget` (NaFlex's patch budget): what the rows must have been
+        embedded with to be compared with the server's queries."""
         folder = Path(folder)
         meta_path, emb_path = folder / INDEX_FILE, folder / EMBEDDINGS_FILE
         if not meta_path.is_file() or not emb_path.is_file():
@@ -112,6 +115,12 @@ class ImageIndex:
         if expect_model is not None and meta.get("model_fingerprint") != model_fingerprint(expect_model):
             raise ConfigError(f"{folder}: built with another model ({meta.get('model')}); rebuild it with "
                               f"`mlxclip index --model` for the model being served")
+        built_at = meta.get("max_num_patches")
+        if expect_budget is not None and built_at != expect_budget:
+            # An image sized to another budget is another input: its query would not find itself.
+            raise ConfigError(f"{folder}: its images were embedded at --max-num-patches {built_at}, the server embeds "
+                              f"at {expect_budget}; serve with --max-num-patches {built_at}, or rebuild it with "
+                              f"`mlxclip index --max-num-patches {expect_budget}`")
         return cls(embeddings.astype(np.float32, copy=False), entries, meta)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

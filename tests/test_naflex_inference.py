@@ -217,6 +217,19 @@ def test_server_embeds_each_aspect_ratio_as_transformers_and_searches(folder, ph
         assert results[0]["path"] == "coffee-strip.png" and results[0]["score"] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_an_index_embedded_at_another_budget_is_refused_by_the_server(folder, photos, tmp_path):
+    from mlx_clip.index import build_index
+
+    index = tmp_path / "idx"
+    build_index(photos[0].parent, folder, index, max_num_patches=ODD_BUDGET, progress=False)
+    with InProcessServer(model=str(folder), index=index, ui=False) as client:  # the folder's budget, 40
+        health = client.get("/health")
+        assert health.status_code == 503
+        message = health.json()["error"]
+        assert f"--max-num-patches {ODD_BUDGET}, the server embeds at {FOLDER_BUDGET}" in message
+        assert "\n" not in message
+
+
 def test_server_with_a_budget_for_a_clip_model_reports_why_it_did_not_load():
     with InProcessServer(model="tiny", max_num_patches=30, ui=False) as client:
         health = client.get("/health")

@@ -99,7 +99,7 @@ class ModelService:
 
             from mlx_clip.serve.thumbnails import Thumbnails
 
-            self.index = ImageIndex.load(s.index, expect_model=clip.folder)
+            self.index = ImageIndex.load(s.index, expect_model=clip.folder, expect_budget=clip.max_num_patches)
             self.thumbnails = Thumbnails(self.index, s.limits.max_image_pixels)
         self.clip = clip
 
