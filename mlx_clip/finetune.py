@@ -16,9 +16,10 @@ from mlx_clip.data.fingerprint import fingerprint
 from mlx_clip.data.loader import BatchLoader
 from mlx_clip.data.records import Dataset, load_dataset, split_samples
 from mlx_clip.engine.distributed import launched
-from mlx_clip.engine.policy import format_layer_decay_table
+from mlx_clip.engine.policy import check_family_options, format_layer_decay_table
 from mlx_clip.errors import ConfigError, DataError
 from mlx_clip.outputs import check_folder, overlap, refuse_overlap
+from mlx_clip.model.config import CLIPConfig
 from mlx_clip.model.tokenizer import load_tokenizer
 from mlx_clip.training.held_out import CONTROL_TOP1, VAL_IMAGE_R1, VAL_TEXT_R1, VAL_TOP1
 from mlx_clip.training.options import TrainConfig
@@ -278,6 +279,8 @@ def _build(cfg: TrainConfig, data: DomainData, run: RunFolder, progress, evaluat
     """Model, engine, loader and trainer: everything that can still refuse the run, before its
     folder is touched."""
     folder = resolve(cfg.model, allow_pickle=cfg.allow_pickle)
+    if (folder / "config.json").is_file():  # the family's refusals before any weight is read or probe run
+        check_family_options(cfg, CLIPConfig.from_file(folder / "config.json"))
     if cfg.memory_budget:
         cfg = _within_budget(cfg, folder, run, echo, data)
     tokenizer = load_tokenizer(folder)

@@ -113,15 +113,15 @@ def test_two_processes_train_as_one(tmp_path, engine, loss):
     assert state["world_size"] == 2
 
 
-@pytest.mark.parametrize("model", [("siglip-tiny",), ("siglip2-naflex-tiny", "--max-num-patches", "23")])
-def test_siglip_models_and_naflex_packed_batches(tmp_path, model):
-    """SigLIP-family models, and NaFlex SigLIP 2's packed patches (mask and grid in each row) cut by
-    rows across the ranks as square pixels are. MLX only, for the suite's time. Unlike CLIP (above),
-    a SigLIP-family model's 2 ranks are not bit-identical to its 1 process with 2 streams (found
-    when NaFlex was added; siglip-tiny alike, so not NaFlex's): measured up to 3.6e-7 relative on
-    losses and 1.1e-6 absolute on weights; bounds as against torch's plain run, 1e-5 (9x the weights')."""
-    one_process(finetune_args("mlx", tmp_path / "one", "--model", *model))
-    two_processes("mlx", finetune_args("mlx", tmp_path / "two", "--model", *model))
+def test_naflex_packed_batches_shard_like_pixels(tmp_path):
+    """NaFlex SigLIP 2's packed patches (mask and grid in each row) cut by rows across the ranks as
+    square pixels are. MLX only, for the suite's time. Unlike CLIP (above), a SigLIP-family model's
+    2 ranks are not bit-identical to its 1 process with 2 streams (found when NaFlex was added;
+    siglip-tiny alike, measured by hand, so not NaFlex's): measured up to 3.6e-7 relative on losses
+    and 1.1e-6 absolute on weights; bounds as against torch's plain run, 1e-5 (9x the weights')."""
+    model = ("--model", "siglip2-naflex-tiny", "--max-num-patches", "23")
+    one_process(finetune_args("mlx", tmp_path / "one", *model))
+    two_processes("mlx", finetune_args("mlx", tmp_path / "two", *model))
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 11))
     reference, got = weights(tmp_path / "one"), weights(tmp_path / "two")
