@@ -9,6 +9,7 @@ beside each)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from PIL import Image
 
-from mlx_clip.errors import ConfigError
+from mlx_clip.errors import ConfigError, check_int
 from tests.helpers import rel_err
-from mlx_clip.mlx_backend.siglip2 import antialiased_bilinear_matrix, position_weights
 from mlx_clip.model.config import CLIPConfig
 from mlx_clip.model.naflex import naflex_inputs, naflex_patches, naflex_size, pack, patchify, stack_patches
 
@@ -39,6 +39,55 @@ GRAD_REL_TOL = 3e-5
 # Resized float32 position grids vs torch (measured 2.4e-6): torch's float32 kernels compute the
 # filter centres in float32 (about 1e-6 off for a 16-wide grid); ours come from float64 weights.
 WEIGHTS_TOL = 2e-5
+
+
+# The float64 reference of the position resize the MLX tower computes in its graph.
+
+def antialiased_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) float64 matrix M with M @ x the resize of x along its first axis by torch's
+    `F.interpolate(mode="bilinear", align_corners=False, antialias=True)`: a triangle filter
+    widened by the scale when shrinking (aten/src/ATen/native/cpu/UpSampleKernel.cpp,
+    `_compute_weights_aa`), each row normalized to sum 1."""
+    check_int("in_size", in_size, minimum=1)
+    check_int("out_size", out_size, minimum=1)
+    scale = in_size / out_size
+    support = scale if scale >= 1.0 else 1.0  # bilinear's half-width 1, widened when shrinking
+    inverse = 1.0 / scale if scale >= 1.0 else 1.0
+    matrix = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        first = max(int(center - support + 0.5), 0)  # int() truncates, as the C++ cast
+        last = min(int(center + support + 0.5), in_size)
+        taps = np.arange(first, last)
+        weights = np.maximum(0.0, 1.0 - np.abs((taps - center + 0.5) * inverse))
+        matrix[i, first:last] = weights / weights.sum()
+    return matrix
+
+
+def _grid_weights(grid: int, rows: int, cols: int) -> np.ndarray:
+    """(rows * cols, grid * grid): output (r, c) = sum over (i, j) of A_rows[r, i] A_cols[c, j]
+    table[i, j], both grids flattened row-major."""
+    weights = np.kron(antialiased_bilinear_matrix(grid, rows), antialiased_bilinear_matrix(grid, cols))
+    return weights
+
+
+def position_weights(spatial_shapes: np.ndarray | Sequence[Sequence[int]], grid: int, length: int) -> np.ndarray:
+    """(B, length, grid * grid) float32 W such that W @ table, with `table` the (grid * grid, D)
+    position embeddings, is each image's embeddings resized to its (rows, cols) and padded to
+    `length`. Padding rows repeat the image's first position, as transformers'
+    `Siglip2VisionEmbeddings.resize_positional_embeddings` does (the mask hides them anyway).
+    Computed in float64: transformers' float32 weights are ~1e-6 off for a 16-wide grid."""
+    shapes = np.asarray(spatial_shapes).reshape(-1, 2)
+    out = np.zeros((len(shapes), length, grid * grid), np.float32)
+    for index, (rows, cols) in enumerate(shapes.tolist()):
+        if rows < 1 or cols < 1 or rows * cols > length:
+            raise ConfigError(f"spatial_shapes[{index}] must be a positive grid of at most {length} patches, "
+                              f"got {rows}x{cols}")
+        weights = _grid_weights(grid, rows, cols)
+        out[index, :rows * cols] = weights
+        out[index, rows * cols:] = weights[0]
+    return out
+
 
 
 def photos() -> dict[str, Image.Image]:

@@ -18,15 +18,14 @@ The config is `mlx_clip.model.config.CLIPConfig` of model_type "siglip2".
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from functools import lru_cache
+from collections.abc import Mapping
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_clip.errors import ConfigError, check_int
+from mlx_clip.errors import ConfigError
 from mlx_clip.mlx_backend import cpu_math
 from mlx_clip.mlx_backend.model import CLIPEncoder, Linear, use_cpu_math
 from mlx_clip.mlx_backend.siglip import (MultiheadAttention, SiglipMultiheadAttentionPoolingHead,
@@ -37,57 +36,10 @@ from mlx_clip.mlx_backend.siglip import (MultiheadAttention, SiglipMultiheadAtte
 _MASKED = -1e30
 
 
-def antialiased_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out, in) float64 matrix M with M @ x the resize of x along its first axis by torch's
-    `F.interpolate(mode="bilinear", align_corners=False, antialias=True)`: a triangle filter
-    widened by the scale when shrinking (aten/src/ATen/native/cpu/UpSampleKernel.cpp,
-    `_compute_weights_aa`), each row normalized to sum 1."""
-    check_int("in_size", in_size, minimum=1)
-    check_int("out_size", out_size, minimum=1)
-    scale = in_size / out_size
-    support = scale if scale >= 1.0 else 1.0  # bilinear's half-width 1, widened when shrinking
-    inverse = 1.0 / scale if scale >= 1.0 else 1.0
-    matrix = np.zeros((out_size, in_size), np.float64)
-    for i in range(out_size):
-        center = scale * (i + 0.5)
-        first = max(int(center - support + 0.5), 0)  # int() truncates, as the C++ cast
-        last = min(int(center + support + 0.5), in_size)
-        taps = np.arange(first, last)
-        weights = np.maximum(0.0, 1.0 - np.abs((taps - center + 0.5) * inverse))
-        matrix[i, first:last] = weights / weights.sum()
-    return matrix
-
-
-@lru_cache(maxsize=1024)
-def _grid_weights(grid: int, rows: int, cols: int) -> np.ndarray:
-    """(rows * cols, grid * grid): output (r, c) = sum over (i, j) of A_rows[r, i] A_cols[c, j]
-    table[i, j], both grids flattened row-major."""
-    weights = np.kron(antialiased_bilinear_matrix(grid, rows), antialiased_bilinear_matrix(grid, cols))
-    weights.flags.writeable = False
-    return weights
-
-
-def position_weights(spatial_shapes: np.ndarray | Sequence[Sequence[int]], grid: int, length: int) -> np.ndarray:
-    """(B, length, grid * grid) float32 W such that W @ table, with `table` the (grid * grid, D)
-    position embeddings, is each image's embeddings resized to its (rows, cols) and padded to
-    `length`. Padding rows repeat the image's first position, as transformers'
-    `Siglip2VisionEmbeddings.resize_positional_embeddings` does (the mask hides them anyway).
-    Computed in float64: transformers' float32 weights are ~1e-6 off for a 16-wide grid."""
-    shapes = np.asarray(spatial_shapes).reshape(-1, 2)
-    out = np.zeros((len(shapes), length, grid * grid), np.float32)
-    for index, (rows, cols) in enumerate(shapes.tolist()):
-        if rows < 1 or cols < 1 or rows * cols > length:
-            raise ConfigError(f"spatial_shapes[{index}] must be a positive grid of at most {length} patches, "
-                              f"got {rows}x{cols}")
-        weights = _grid_weights(grid, rows, cols)
-        out[index, :rows * cols] = weights
-        out[index, rows * cols:] = weights[0]
-    return out
-
-
 def _axis_weights(index: mx.array, size: mx.array, grid: int) -> mx.array:
     """(B, L) output positions along one axis of (B, 1) sizes -> (B, L, grid) resize weights: the
-    rows of `antialiased_bilinear_matrix(grid, size)`, in float32. Outside the filter's support the
+    rows of torch's antialiased bilinear resize from `grid` to `size` (aten's `_compute_weights_aa`),
+    in float32. Outside the filter's support the
     triangle is 0, which is what torch's clamped tap range leaves out, so no range is needed."""
     scale = grid / size
     inverse = mx.where(scale >= 1.0, 1.0 / scale, 1.0)
@@ -99,8 +51,8 @@ def _axis_weights(index: mx.array, size: mx.array, grid: int) -> mx.array:
 
 def resize_weights(rows: mx.array, cols: mx.array, grid: int, length: int) -> mx.array:
     """(B,) patch rows and columns per image -> (B, length, grid * grid) float32 W such that
-    W @ table is each image's position embeddings resized to its grid (`position_weights`, computed
-    in the graph). Padding positions take the first position's weights, as transformers does."""
+    W @ table is each image's position embeddings resized to its grid (held by tests to a float64
+    reference and to transformers' `resize_positional_embeddings`). Padding positions take the first position's weights, as transformers does."""
     position = mx.arange(length, dtype=mx.float32)[None, :]  # (1, L)
     # An all-padding row (a zero-filled probe) has a 0x0 grid: sized 1x1, so it stays finite.
     rows = mx.maximum(rows.astype(mx.float32), 1.0)[:, None]  # (B, 1)
